@@ -1,0 +1,5 @@
+import sys
+
+from samg.cli import main
+
+sys.exit(main())
