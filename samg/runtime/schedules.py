@@ -1,0 +1,227 @@
+"""Noise schedules: numpy re-implementations of diffusers' timestep/sigma math.
+
+Everything is expressed k-diffusion style as a decreasing list of sigmas ending in the final sigma,
+plus the model timestep fed at each step. For DDPM-family models sigma is the variance-exploding
+noise level `sqrt((1 - alpha_bar) / alpha_bar)` and the sampler variable is `x_t * sqrt(1 + sigma^2)`;
+for flow models sigma is the interpolation weight and the sampler variable is `x_t` itself.
+The formulas follow diffusers 0.42 (EulerDiscreteScheduler, DDIMScheduler,
+DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler) so that CFG runs match diffusers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+
+from samg.errors import SamgError
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """What a sampler needs: sigmas (steps + 1, decreasing), model timesteps (steps), start scale."""
+
+    sigmas: np.ndarray  # float64 [steps + 1]
+    timesteps: np.ndarray  # float64 [steps]: the model's own timestep value at sigmas[i]
+    init_noise_sigma: float  # initial sampler variable = standard normal noise * this
+    kind: str  # "discrete" (VP model, VE sampler variable) or "flow"
+
+    def to_model_latents(self, x: np.ndarray) -> np.ndarray:
+        """Convert the final sampler variable back to the model's latent space."""
+        if self.kind == "discrete":
+            return x / np.sqrt(1.0 + float(self.sigmas[-1]) ** 2)
+        return x
+
+    def timestep_for(self, sigma: float) -> float:
+        """The model timestep for a sigma of this schedule (exact table lookup: no re-interpolation)."""
+        hits = np.nonzero(self.sigmas[:-1] == sigma)[0]
+        if hits.size:
+            return float(self.timesteps[hits[0]])
+        raise ValueError(f"sigma {sigma} is not a step of this schedule")
+
+
+# ---------------------------------------------------------------- discrete (DDPM family) schedules
+
+
+def betas(num_train_timesteps: int, beta_start: float, beta_end: float, beta_schedule: str) -> np.ndarray:
+    n = num_train_timesteps
+    if beta_schedule == "linear":
+        return np.linspace(beta_start, beta_end, n, dtype=np.float32)
+    if beta_schedule == "scaled_linear":
+        return np.linspace(beta_start**0.5, beta_end**0.5, n, dtype=np.float32) ** 2
+    if beta_schedule == "squaredcos_cap_v2":
+        t = np.arange(n + 1) / n
+        alpha_bar = np.cos((t + 0.008) / 1.008 * np.pi / 2) ** 2
+        return np.minimum(1 - alpha_bar[1:] / alpha_bar[:-1], 0.999)
+    raise SamgError(f"unknown beta_schedule {beta_schedule!r} in samg.json: use linear, scaled_linear or squaredcos_cap_v2")
+
+
+def rescale_zero_terminal_snr(b: np.ndarray) -> np.ndarray:
+    """Lin et al. 2023, Algorithm 1 (as diffusers' rescale_zero_terminal_snr)."""
+    sqrt_ab = np.sqrt(np.cumprod(1.0 - b))
+    first, last = sqrt_ab[0], sqrt_ab[-1]
+    sqrt_ab = (sqrt_ab - last) * first / (first - last)
+    ab = sqrt_ab**2
+    alphas = np.concatenate([ab[:1], ab[1:] / ab[:-1]])
+    return 1.0 - alphas
+
+
+def alphas_cumprod(cfg: Mapping[str, Any]) -> np.ndarray:
+    b = betas(
+        int(cfg.get("num_train_timesteps", 1000)),
+        float(cfg.get("beta_start", 0.0001)),
+        float(cfg.get("beta_end", 0.02)),
+        str(cfg.get("beta_schedule", "linear")),
+    )
+    zero_snr = bool(cfg.get("rescale_betas_zero_snr", False))
+    if zero_snr:
+        b = rescale_zero_terminal_snr(b)
+    # float32 like diffusers (its betas are float32 tensors): small sigmas depend on this rounding
+    ac = np.cumprod((1.0 - b).astype(np.float32), dtype=np.float32)
+    if zero_snr:
+        ac[-1] = 2.0**-24  # as diffusers: near zero so that the first sigma is finite
+    return ac
+
+
+def train_sigmas(ac: np.ndarray) -> np.ndarray:
+    """sigma(t) for t = 0..T-1 (increasing)."""
+    return np.sqrt((1.0 - ac) / ac).astype(np.float64)
+
+
+def sigma_to_t(sigma: np.ndarray | float, log_sigmas: np.ndarray) -> np.ndarray:
+    """Piecewise-linear interpolation of t in log-sigma (diffusers' `_sigma_to_t`)."""
+    sigma = np.asarray(sigma, dtype=np.float64)
+    log_sigma = np.log(np.maximum(sigma, 1e-10))
+    dists = log_sigma - log_sigmas[:, None]
+    low = np.cumsum(dists.reshape(len(log_sigmas), -1) >= 0, axis=0).argmax(axis=0)
+    low = low.clip(max=len(log_sigmas) - 2)
+    w = (log_sigmas[low] - log_sigma.reshape(-1)) / (log_sigmas[low] - log_sigmas[low + 1])
+    w = np.clip(w, 0.0, 1.0)
+    return ((1 - w) * low + w * (low + 1)).reshape(sigma.shape)
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> np.ndarray:
+    ramp = np.linspace(0, 1, n)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (hi + ramp * (lo - hi)) ** rho
+
+
+def spaced_timesteps(spacing: str, steps: int, num_train: int, steps_offset: int) -> np.ndarray:
+    """Timesteps of EulerDiscreteScheduler/DDIMScheduler for `timestep_spacing` (Lin et al. Table 2)."""
+    if spacing == "linspace":
+        return np.linspace(0, num_train - 1, steps)[::-1].copy()
+    if spacing == "leading":
+        ratio = num_train // steps
+        return (np.arange(0, steps) * ratio).round()[::-1].astype(np.float64) + steps_offset
+    if spacing == "trailing":
+        return np.round(np.arange(num_train, 0, -num_train / steps)) - 1.0
+    raise SamgError(f"unknown timestep_spacing {spacing!r} in samg.json: use leading, trailing or linspace")
+
+
+def euler_schedule(cfg: Mapping[str, Any], steps: int, *, karras: bool = False) -> Schedule:
+    """EulerDiscreteScheduler (also Euler ancestral): interpolated sigmas, final sigma 0."""
+    ac = alphas_cumprod(cfg)
+    num_train = len(ac)
+    spacing = str(cfg.get("timestep_spacing", "leading"))
+    ts = spaced_timesteps(spacing, steps, num_train, int(cfg.get("steps_offset", 0)))
+    full = train_sigmas(ac)
+    log_full = np.log(full)
+    sig = np.interp(ts, np.arange(num_train), full)
+    if karras:
+        sig = karras_sigmas(float(sig[-1]), float(sig[0]), steps)
+        ts = sigma_to_t(sig, log_full)
+    sig = np.concatenate([sig, [0.0]])
+    max_sigma = float(sig.max())
+    # diffusers' quirk: the starting noise is scaled by sqrt(sigma^2 + 1) for "leading" spacing
+    init = max_sigma if spacing in ("linspace", "trailing") else (max_sigma**2 + 1) ** 0.5
+    return Schedule(sig, ts.astype(np.float64), init, "discrete")
+
+
+def ddim_schedule(cfg: Mapping[str, Any], steps: int) -> Schedule:
+    """DDIMScheduler with eta 0: it is exactly Euler on these sigmas (sigma at integer timesteps)."""
+    ac = alphas_cumprod(cfg)
+    num_train = len(ac)
+    spacing = str(cfg.get("timestep_spacing", "leading"))
+    ts = spaced_timesteps(spacing, steps, num_train, int(cfg.get("steps_offset", 0)))
+    if spacing == "linspace":
+        ts = ts.round()
+    ts = ts.astype(np.int64)
+    prev = ts - num_train // steps  # DDIM's own "previous timestep" rule, even for trailing spacing
+    final_ac = 1.0 if bool(cfg.get("set_alpha_to_one", True)) else float(ac[0])  # diffusers default: True
+    ac_at = np.where(prev >= 0, ac[np.clip(prev, 0, None)], final_ac)
+    sig_now = np.sqrt((1 - ac[ts]) / ac[ts])
+    sig_next = np.sqrt((1 - ac_at) / ac_at)
+    # DDIM steps from t to prev; consecutive steps meet exactly when prev == next t (leading spacing)
+    sig = np.concatenate([sig_now, sig_next[-1:]])
+    if not np.allclose(sig_next[:-1], sig_now[1:]):
+        raise SamgError("DDIM with this timestep_spacing skips timesteps: use --sampler euler")
+    return Schedule(sig, ts.astype(np.float64), float(np.sqrt(1 + sig[0] ** 2)), "discrete")
+
+
+def dpm_schedule(cfg: Mapping[str, Any], steps: int, *, karras: bool = False) -> Schedule:
+    """DPMSolverMultistepScheduler's timesteps/sigmas (its own spacing rules, final sigma 0)."""
+    ac = alphas_cumprod(cfg)
+    num_train = len(ac)
+    spacing = str(cfg.get("timestep_spacing", "linspace"))
+    last = num_train  # lambda_min_clipped = -inf (diffusers default) clips nothing
+    if spacing == "linspace":
+        ts = np.linspace(0, last - 1, steps + 1).round()[::-1][:-1].astype(np.int64)
+    elif spacing == "leading":
+        ratio = last // (steps + 1)
+        ts = (np.arange(0, steps + 1) * ratio).round()[::-1][:-1].astype(np.int64) + int(cfg.get("steps_offset", 0))
+    elif spacing == "trailing":
+        ts = np.arange(last, 0, -num_train / steps).round().astype(np.int64) - 1
+    else:
+        raise SamgError(f"unknown timestep_spacing {spacing!r} in samg.json: use leading, trailing or linspace")
+    full = train_sigmas(ac)
+    if karras:
+        sig = karras_sigmas(float(full[0]), float(full[-1]), steps)
+        ts = sigma_to_t(sig, np.log(full)).round()
+    else:
+        sig = np.interp(ts, np.arange(num_train), full)
+    sig = np.concatenate([sig, [0.0]])
+    return Schedule(sig, ts.astype(np.float64), float(np.sqrt(1 + sig[0] ** 2)), "discrete")
+
+
+# ---------------------------------------------------------------- flow matching
+
+
+def shift_sigmas(s: np.ndarray, shift: float) -> np.ndarray:
+    return shift * s / (1 + (shift - 1) * s)
+
+
+def flow_schedule(cfg: Mapping[str, Any], steps: int) -> Schedule:
+    """FlowMatchEulerDiscreteScheduler (static shift). Like diffusers, the end points of the
+    training schedule are already shifted and then the inference sigmas are shifted again."""
+    num_train = int(cfg.get("num_train_timesteps", 1000))
+    shift = float(cfg.get("shift", 1.0))
+    sigma_max = float(shift_sigmas(np.array(1.0), shift))
+    sigma_min = float(shift_sigmas(np.array(1.0 / num_train), shift))
+    ts = np.linspace(sigma_max * num_train, sigma_min * num_train, steps)
+    sig = shift_sigmas(ts / num_train, shift)
+    return Schedule(np.concatenate([sig, [0.0]]), sig * num_train, 1.0, "flow")
+
+
+def make_schedule(cfg: Mapping[str, Any], sampler: str, steps: int, *, karras: bool = False) -> Schedule:
+    """The schedule diffusers' matching scheduler would use for `sampler` (see samplers.SAMPLERS)."""
+    if steps < 1:
+        raise SamgError(f"steps must be at least 1, got {steps}: pass --steps N with N >= 1")
+    kind = cfg.get("kind", "discrete")
+    if kind == "flow":
+        if sampler not in ("flow_euler", "euler"):
+            raise SamgError(f"sampler {sampler!r} does not apply to a flow-matching model: use --sampler flow_euler")
+        return flow_schedule(cfg, steps)
+    if kind != "discrete":
+        raise SamgError(f"unknown scheduler kind {kind!r} in samg.json: re-export the model")
+    if sampler == "flow_euler":
+        raise SamgError("flow_euler needs a flow-matching model: use --sampler euler, euler_a, ddim or dpmpp_2m")
+    if sampler == "ddim":
+        if karras:
+            raise SamgError("--karras does not apply to ddim: use --sampler euler or dpmpp_2m with --karras")
+        return ddim_schedule(cfg, steps)
+    if sampler == "dpmpp_2m":
+        return dpm_schedule(cfg, steps, karras=karras)
+    if sampler in ("euler", "euler_a"):
+        return euler_schedule(cfg, steps, karras=karras)
+    raise SamgError(f"unknown sampler {sampler!r}: use euler, euler_a, ddim, dpmpp_2m or flow_euler")

@@ -1,0 +1,94 @@
+"""samg's numpy schedules against diffusers' schedulers (diffusers is imported in tests only)."""
+
+import numpy as np
+import pytest
+
+from samg.errors import SamgError
+from samg.runtime import schedules
+
+diffusers = pytest.importorskip("diffusers")
+
+SD15 = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+            timestep_spacing="leading", steps_offset=1, rescale_betas_zero_snr=False)
+CONFIGS = [
+    SD15,
+    dict(SD15, timestep_spacing="trailing", steps_offset=0, rescale_betas_zero_snr=True),
+    dict(SD15, beta_schedule="linear", beta_start=0.0001, beta_end=0.02, timestep_spacing="linspace"),
+]
+
+
+def _diffusers_kwargs(cfg):
+    return {k: v for k, v in cfg.items() if k != "kind"}
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+@pytest.mark.parametrize("steps", [1, 3, 7, 25])
+@pytest.mark.parametrize("karras", [False, True])
+def test_euler_matches_diffusers(cfg, steps, karras):
+    if karras and steps == 1:
+        pytest.skip("karras needs two sigmas")
+    ref = diffusers.EulerDiscreteScheduler(**_diffusers_kwargs(cfg), use_karras_sigmas=karras)
+    ref.set_timesteps(steps)
+    ours = schedules.euler_schedule(cfg, steps, karras=karras)
+    np.testing.assert_allclose(ours.sigmas, ref.sigmas.numpy(), rtol=2e-5, atol=1e-6)
+    np.testing.assert_allclose(ours.timesteps, ref.timesteps.numpy(), rtol=1e-4, atol=1e-3)
+    assert ours.init_noise_sigma == pytest.approx(float(ref.init_noise_sigma), rel=2e-5)
+
+
+@pytest.mark.parametrize("cfg", [SD15, dict(SD15, set_alpha_to_one=False)])
+@pytest.mark.parametrize("steps", [1, 4, 30])
+def test_ddim_timesteps_and_alphas_match_diffusers(cfg, steps):
+    ref = diffusers.DDIMScheduler(**_diffusers_kwargs(cfg), clip_sample=False)
+    ref.set_timesteps(steps)
+    ours = schedules.ddim_schedule(cfg, steps)
+    np.testing.assert_array_equal(ours.timesteps, ref.timesteps.numpy())
+    ac = ref.alphas_cumprod.double().numpy()
+    t = ref.timesteps.numpy()
+    np.testing.assert_allclose(ours.sigmas[:-1], np.sqrt((1 - ac[t]) / ac[t]), rtol=2e-5)
+    final = float(ref.final_alpha_cumprod)
+    np.testing.assert_allclose(ours.sigmas[-1], np.sqrt((1 - final) / final), rtol=2e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("steps", [2, 5, 20])
+@pytest.mark.parametrize("karras", [False, True])
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
+def test_dpmpp_matches_diffusers(steps, karras, spacing):
+    cfg = dict(SD15, timestep_spacing=spacing)
+    ref = diffusers.DPMSolverMultistepScheduler(**_diffusers_kwargs(cfg), use_karras_sigmas=karras)
+    ref.set_timesteps(steps)
+    ours = schedules.dpm_schedule(cfg, steps, karras=karras)
+    np.testing.assert_allclose(ours.sigmas, ref.sigmas.numpy(), rtol=2e-5, atol=1e-6)
+    np.testing.assert_allclose(ours.timesteps, ref.timesteps.numpy(), atol=1e-3)
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+@pytest.mark.parametrize("steps", [1, 4, 28])
+def test_flow_matches_diffusers(shift, steps):
+    ref = diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+    ref.set_timesteps(steps)
+    ours = schedules.flow_schedule({"kind": "flow", "shift": shift, "num_train_timesteps": 1000}, steps)
+    np.testing.assert_allclose(ours.sigmas, ref.sigmas.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ours.timesteps, ref.timesteps.numpy(), rtol=1e-5, atol=1e-3)
+
+
+def test_sigma_to_t_inverts_training_sigmas():
+    full = schedules.train_sigmas(schedules.alphas_cumprod(SD15))
+    t = np.array([0.0, 10.0, 500.0, 999.0, 123.25])
+    sig = np.exp(np.interp(t, np.arange(1000), np.log(full)))
+    np.testing.assert_allclose(schedules.sigma_to_t(sig, np.log(full)), t, atol=1e-6)
+
+
+def test_zero_snr_ends_at_near_zero_alpha():
+    ac = schedules.alphas_cumprod(dict(SD15, rescale_betas_zero_snr=True))
+    assert ac[-1] == 2.0**-24 and np.all(np.diff(ac) < 0)
+
+
+def test_bad_requests_raise_samg_error():
+    with pytest.raises(SamgError, match="steps"):
+        schedules.make_schedule(SD15, "euler", 0)
+    with pytest.raises(SamgError, match="flow_euler"):
+        schedules.make_schedule(SD15, "flow_euler", 4)
+    with pytest.raises(SamgError, match="flow"):
+        schedules.make_schedule({"kind": "flow", "shift": 3.0}, "ddim", 4)
+    with pytest.raises(SamgError, match="sampler"):
+        schedules.make_schedule(SD15, "heun", 4)
