@@ -1,1 +1,50 @@
-"""samg.guidance."""
+"""samg.guidance: pure reference guidance rules for numpy arrays and torch tensors.
+
+These are the truth every native implementation (ONNX function body, ORT custom op, TensorRT
+plugin, CUDA kernel) is tested against; the formulas are written out in docs/guidance-op.md
+("Rules"). Each rule takes ``(pred_uncond, pred_cond, ...)``, computes in float32 and returns the
+input's array type and dtype. Importing this package does not import torch.
+
+Main entry points::
+
+    samg_v1(u, c, w_min, w_max, *, tau=1.0, sharpness=4.0, smooth=0, channel_axis=1)
+    samg_scale_map(...)  -> w(p), float32, shape [B, 1, *S] (channel axis of size 1)
+    cfg(u, c, scale)
+    get_rule(name)(u, c, step=..., sigma=..., state=..., **params)
+    effective_scale(name, u, c, **params) -> mean_p w(p) per sample, [B]
+"""
+
+from samg.guidance.apg import APGState, apg
+from samg.guidance.registry import REQUIRED, RULES, GuidanceRule, effective_scale, get_rule, rule_names
+from samg.guidance.rules import (
+    CfgppOutput,
+    cfg,
+    cfg_rescale,
+    cfg_zero_star,
+    cfgpp,
+    cfgpp_ddim_step,
+    guidance_interval,
+    in_guidance_interval,
+)
+from samg.guidance.schedules import SCHEDULES, get_schedule, scheduled
+from samg.guidance.spatial import (
+    EPS,
+    SMOOTH_WEIGHTS,
+    bound_scale_map,
+    linear_scale_map,
+    quantile_scale_map,
+    samg_bound,
+    samg_linear,
+    samg_quantile,
+    samg_scale_map,
+    samg_v1,
+    smooth3x3,
+)
+
+__all__ = [
+    "APGState", "apg", "REQUIRED", "RULES", "GuidanceRule", "effective_scale", "get_rule", "rule_names",
+    "CfgppOutput", "cfg", "cfg_rescale", "cfg_zero_star", "cfgpp", "cfgpp_ddim_step", "guidance_interval",
+    "in_guidance_interval", "SCHEDULES", "get_schedule", "scheduled", "EPS", "SMOOTH_WEIGHTS",
+    "bound_scale_map", "linear_scale_map", "quantile_scale_map", "samg_bound", "samg_linear",
+    "samg_quantile", "samg_scale_map", "samg_v1", "smooth3x3",
+]
