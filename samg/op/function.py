@@ -1,0 +1,248 @@
+"""The ONNX function body of `samg::GuidanceCombine` (standard ops only) and model helpers.
+
+The body is written in the ONNX textual syntax (`onnx.parser`) so that it reads like the math in
+docs/guidance-op.md. Attribute values reach the body through `Constant <value_*: ... = @attr>`
+nodes (`ref_attr_name`), so one function serves every tau/sharpness/smooth/channel_axis.
+"""
+
+from __future__ import annotations
+
+from samg.errors import SamgError, check, require
+from samg.op.schema import (
+    DEFAULT_CHANNEL_AXIS,
+    DEFAULT_SHARPNESS,
+    DEFAULT_SMOOTH,
+    DEFAULT_TAU,
+    DOMAIN,
+    EPSILON,
+    INPUT_NAMES,
+    OP_TYPE,
+    OP_VERSION,
+    OUTPUT_NAMES,
+    RANKS,
+    SMOOTH_WEIGHTS,
+    register_schema,
+    validate_attributes,
+)
+
+MIN_OPSET = 13  # ReduceSum with `axes` as an input
+# What onnxruntime 1.31 reads (onnx 1.23 writes IR 14 by default).
+STANDALONE_IR_VERSION = 10
+
+_FLOAT = 1  # onnx.TensorProto.FLOAT
+_BOOL = 9  # onnx.TensorProto.BOOL
+
+# Steps: fp32 delta -> energy over channels -> per-sample normalization -> sigmoid membership m
+# (flattened to [B, N] so the body is rank-agnostic) -> optional smoothing of m per frame ->
+# w = w_max - (w_max - w_min) m -> out = u + w delta, cast back to the input dtype.
+# In the text syntax `float[]` is a float tensor of unknown shape (`float` alone means a scalar).
+_BODY = """
+<domain: "{domain}", opset_import: ["" : {opset}]>
+{op_type} <tau: float = {tau}, sharpness: float = {sharpness}, smooth: int = {smooth}, channel_axis: int = {channel_axis}>
+    ({inputs}) => ({outputs})
+{{
+    tau_value = Constant <value_float: float = @tau> ()
+    sharpness_value = Constant <value_float: float = @sharpness> ()
+    smooth_value = Constant <value_int: int = @smooth> ()
+    channel_axis_value = Constant <value_int: int = @channel_axis> ()
+    one_dim = Constant <value_ints: ints = [1]> ()
+    channel_axes = Reshape (channel_axis_value, one_dim)
+    smooth_on = Cast <to = {bool}> (smooth_value)
+
+    u = Cast <to = {float}> (pred_uncond)
+    c = Cast <to = {float}> (pred_cond)
+    delta = Sub (c, u)
+    delta_sq = Mul (delta, delta)
+    energy = ReduceSum <keepdims = 1> (delta_sq, channel_axes)
+    energy_shape = Shape (energy)
+
+    flat_shape = Constant <value_ints: ints = [0, -1]> ()
+    energy_flat = Reshape (energy, flat_shape)
+{mean_line}
+    epsilon = Constant <value_float: float = {epsilon}> ()
+    mean_eps = Add (energy_mean, epsilon)
+    energy_norm = Div (energy_flat, mean_eps)
+    above_tau = Sub (energy_norm, tau_value)
+    logits = Mul (above_tau, sharpness_value)
+    membership = Sigmoid (logits)
+
+    membership_used = If (smooth_on) <
+        then_branch = smooth_branch () => (float[] membership_smoothed) {{
+            last_two_start = Constant <value_ints: ints = [-2]> ()
+            last_two_end = Constant <value_ints: ints = [{int64_max}]> ()
+            height_width = Slice (energy_shape, last_two_start, last_two_end)
+            frames_head = Constant <value_ints: ints = [-1, 1]> ()
+            frames_shape = Concat <axis = 0> (frames_head, height_width)
+            frames = Reshape (membership, frames_shape)
+            reflect_pads = Constant <value_ints: ints = [0, 0, 1, 1, 0, 0, 1, 1]> ()
+            padded = Pad <mode = "reflect"> (frames, reflect_pads)
+            kernel_h = Constant <value: tensor = float[1, 1, 3, 1] {{{w0}, {w1}, {w2}}}> ()
+            kernel_w = Constant <value: tensor = float[1, 1, 1, 3] {{{w0}, {w1}, {w2}}}> ()
+            smoothed_h = Conv (padded, kernel_h)
+            smoothed_hw = Conv (smoothed_h, kernel_w)
+            membership_flat_shape = Shape (membership)
+            membership_smoothed = Reshape (smoothed_hw, membership_flat_shape)
+        }},
+        else_branch = plain_branch () => (float[] membership_plain) {{
+            membership_plain = Identity (membership)
+        }}
+    >
+
+    first = Constant <value_ints: ints = [0]> ()
+    second = Constant <value_ints: ints = [1]> ()
+    third = Constant <value_ints: ints = [2]> ()
+    w_min = Slice (scales, first, second, second)
+    w_max = Slice (scales, second, third, second)
+    w_range = Sub (w_max, w_min)
+    w_drop = Mul (w_range, membership_used)
+    weight_flat = Sub (w_max, w_drop)
+    weight = Reshape (weight_flat, energy_shape)
+
+    guidance = Mul (weight, delta)
+    out = Add (u, guidance)
+    guided = CastLike (out, pred_uncond)
+}}
+"""
+
+# ReduceMean took `axes` as an attribute before opset 18 and as an input from 18 on.
+_MEAN_AXES_INPUT = """\
+    mean_axes = Constant <value_ints: ints = [1]> ()
+    energy_mean = ReduceMean <keepdims = 1> (energy_flat, mean_axes)"""
+_MEAN_AXES_ATTRIBUTE = """\
+    energy_mean = ReduceMean <keepdims = 1, axes = [1]> (energy_flat)"""
+
+
+def _float_literal(value: float) -> str:
+    """A float in a form the ONNX text parser reads back exactly (always with a dot or exponent)."""
+    text = repr(float(value))
+    return text if any(ch in text for ch in ".eEn") else text + ".0"
+
+
+def function_proto(opset: int = 18):
+    """The op's FunctionProto (standard ops of the default domain at `opset`, fp32 math inside)."""
+    onnx = require("onnx", "to build the GuidanceCombine function body")
+    check(
+        isinstance(opset, int) and opset >= MIN_OPSET,
+        f"GuidanceCombine function body needs ONNX opset >= {MIN_OPSET}, got {opset!r}: export with opset 17 or 18",
+    )
+    text = _BODY.format(
+        domain=DOMAIN,
+        opset=opset,
+        op_type=OP_TYPE,
+        tau=_float_literal(DEFAULT_TAU),
+        sharpness=_float_literal(DEFAULT_SHARPNESS),
+        smooth=DEFAULT_SMOOTH,
+        channel_axis=DEFAULT_CHANNEL_AXIS,
+        inputs=", ".join(INPUT_NAMES),
+        outputs=", ".join(OUTPUT_NAMES),
+        mean_line=_MEAN_AXES_INPUT if opset >= 18 else _MEAN_AXES_ATTRIBUTE,
+        epsilon=_float_literal(EPSILON),
+        int64_max=2**63 - 1,
+        w0=_float_literal(SMOOTH_WEIGHTS[0]),
+        w1=_float_literal(SMOOTH_WEIGHTS[1]),
+        w2=_float_literal(SMOOTH_WEIGHTS[2]),
+        float=_FLOAT,
+        bool=_BOOL,
+    )
+    return onnx.parser.parse_function(text)
+
+
+def _default_opset(model) -> int:
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return int(entry.version)
+    raise SamgError("the ONNX model has no default-domain opset import: re-export it with opset 17 or 18")
+
+
+def _uses_op(model) -> bool:
+    """Whether any node (also inside subgraphs) is a samg::GuidanceCombine."""
+    def nodes_of(graph):
+        for node in graph.node:
+            yield node
+            for attribute in node.attribute:
+                if attribute.g.node:
+                    yield from nodes_of(attribute.g)
+                for sub in attribute.graphs:
+                    yield from nodes_of(sub)
+
+    return any(n.domain == DOMAIN and n.op_type == OP_TYPE for n in nodes_of(model.graph))
+
+
+def attach_function(model) -> None:
+    """Add the function body and the `samg` opset import to `model` in place (idempotent).
+
+    The body is built for the model's own default-domain opset, as ONNX requires.
+    """
+    strip_function(model)
+    model.functions.append(function_proto(_default_opset(model)))
+    if not any(entry.domain == DOMAIN for entry in model.opset_import):
+        entry = model.opset_import.add()
+        entry.domain = DOMAIN
+        entry.version = OP_VERSION
+    # Model-local functions need IR >= 8 (IR >= 9 for the attribute defaults in the body).
+    model.ir_version = max(model.ir_version, 9)
+
+
+def strip_function(model) -> None:
+    """Remove the GuidanceCombine body so runtimes use their plugin/custom op instead (in place)."""
+    keep = [f for f in model.functions if not (f.domain == DOMAIN and f.name == OP_TYPE)]
+    if len(keep) != len(model.functions):
+        del model.functions[:]
+        model.functions.extend(keep)
+
+
+def make_standalone_model(
+    rank: int = 4,
+    dtype: str = "float32",
+    tau: float = DEFAULT_TAU,
+    sharpness: float = DEFAULT_SHARPNESS,
+    smooth: int = DEFAULT_SMOOTH,
+    channel_axis: int = DEFAULT_CHANNEL_AXIS,
+    *,
+    opset: int = 18,
+    with_function: bool = True,
+):
+    """A model with one GuidanceCombine node and dynamic dims (for tests, custom ops and plugins).
+
+    Inputs `pred_uncond`, `pred_cond` (`dtype`, rank `rank`), `scales` [B, 2] float32; output
+    `guided`. `with_function=False` leaves the body out (plugin / custom-op library path).
+    """
+    onnx = require("onnx", "to build a GuidanceCombine model")
+    helper = onnx.helper
+    validate_attributes(tau=tau, sharpness=sharpness, smooth=smooth, channel_axis=channel_axis)
+    check(rank in RANKS, f"GuidanceCombine models are rank 4 or 5, got rank={rank!r}")
+    check(
+        not (channel_axis == 2 and rank != 5),
+        "GuidanceCombine channel_axis=2 needs rank 5 ([B,F,C,H,W])",
+    )
+    elem_types = {
+        "float32": onnx.TensorProto.FLOAT,
+        "float16": onnx.TensorProto.FLOAT16,
+        "bfloat16": onnx.TensorProto.BFLOAT16,
+    }
+    check(dtype in elem_types, f"GuidanceCombine dtype must be one of {sorted(elem_types)}, got {dtype!r}")
+    register_schema()
+    dims = ["B"] + [f"d{i}" for i in range(1, rank)]
+    u_info = helper.make_tensor_value_info(INPUT_NAMES[0], elem_types[dtype], dims)
+    c_info = helper.make_tensor_value_info(INPUT_NAMES[1], elem_types[dtype], dims)
+    scales_info = helper.make_tensor_value_info(INPUT_NAMES[2], onnx.TensorProto.FLOAT, ["B", 2])
+    out_info = helper.make_tensor_value_info(OUTPUT_NAMES[0], elem_types[dtype], dims)
+    node = helper.make_node(
+        OP_TYPE,
+        list(INPUT_NAMES),
+        list(OUTPUT_NAMES),
+        domain=DOMAIN,
+        tau=float(tau),
+        sharpness=float(sharpness),
+        smooth=int(smooth),
+        channel_axis=int(channel_axis),
+    )
+    graph = helper.make_graph([node], "guidance_combine", [u_info, c_info, scales_info], [out_info])
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(DOMAIN, OP_VERSION)],
+    )
+    model.ir_version = STANDALONE_IR_VERSION
+    if with_function:
+        attach_function(model)
+    return model
