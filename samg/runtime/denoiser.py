@@ -1,0 +1,150 @@
+"""Turn a guided eps / v / flow network (a Runner over the exported denoiser) into a k-diffusion
+denoiser `denoise(x, sigma) -> x0`.
+
+Sampler variable and conversions (see schedules.py):
+- epsilon: model input `x / sqrt(1 + s^2)`, `x0 = x - s * eps`
+- v_prediction: model input `x / sqrt(1 + s^2)`, `x0 = x / (1 + s^2) - s / sqrt(1 + s^2) * v`
+- flow: model input `x`, `x0 = x - s * v`
+
+A fused export combines the two predictions inside the graph from `guidance_scales [B, 2]`
+(w_min, w_max) fed on every call; a raw export returns both predictions and the rule runs here,
+from samg.guidance. Rules a fused graph cannot express are refused with the fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from samg.engines.base import Runner
+from samg.errors import SamgError
+from samg.runtime.schedules import Schedule
+
+# Rules the fused graph computes exactly: (w_min, w_max) per step; interval feeds (1, 1) outside
+# its sigma range, which makes the guided output equal to the conditional prediction.
+FUSED_RULES = ("samg", "cfg", "interval")
+SPATIAL_RULES = ("samg", "samg-quantile", "samg-bound", "samg-linear")  # rules taking w_min and w_max
+PREDICTION_TYPES = ("epsilon", "v_prediction", "flow")
+
+
+@dataclass
+class Guidance:
+    """Which rule and how strong. `w_min == w_max` for single-scale rules; `options` holds the
+    rule's own keyword parameters (e.g. phi, lam, sigma_lo/sigma_hi, eta, momentum)."""
+
+    rule: str = "samg"
+    w_min: float = 7.5
+    w_max: float = 7.5
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        from samg.guidance import get_rule
+
+        get_rule(self.rule)  # SamgError naming the known rules
+        if not (np.isfinite(self.w_min) and np.isfinite(self.w_max)):
+            raise SamgError("guidance scales must be finite numbers: check --scale / --w-min / --w-max")
+        if self.w_min > self.w_max:
+            raise SamgError(f"--w-min {self.w_min} is above --w-max {self.w_max}: swap them")
+        if self.rule not in SPATIAL_RULES and self.w_min != self.w_max:
+            raise SamgError(f"guidance {self.rule!r} takes one scale: pass --scale W instead of --w-min/--w-max")
+
+
+def _x0_from(prediction_type: str, out: np.ndarray, x: np.ndarray, sigma: float) -> np.ndarray:
+    if prediction_type in ("epsilon", "flow"):
+        return x - sigma * out
+    # v_prediction
+    return x / (1.0 + sigma**2) - (sigma / np.sqrt(1.0 + sigma**2)) * out
+
+
+def _model_input_scale(prediction_type: str, sigma: float) -> float:
+    return 1.0 if prediction_type == "flow" else 1.0 / np.sqrt(1.0 + sigma**2)
+
+
+class Denoiser:
+    """`denoise(x, sigma) -> x0` over a runner; callable, one instance per generation (APG keeps state)."""
+
+    def __init__(self, runner: Runner, *, prediction_type: str, export_guidance: str, schedule: Schedule,
+                 conditioning: dict[str, np.ndarray], guidance: Guidance, combine: dict[str, Any] | None = None,
+                 scale_schedule: Callable[[int, float], tuple[float, float]] | None = None):
+        if prediction_type not in PREDICTION_TYPES:
+            raise SamgError(f"unknown prediction_type {prediction_type!r} in samg.json: re-export the model")
+        guidance.validate()
+        if export_guidance == "fused" and guidance.rule not in FUSED_RULES:
+            raise SamgError(
+                f"guidance {guidance.rule!r} cannot run on a fused export (it combines in the graph): "
+                "re-export with --guidance raw, or use --guidance samg, cfg or interval"
+            )
+        if export_guidance not in ("fused", "raw"):
+            raise SamgError(f"unknown export guidance {export_guidance!r} in samg.json: re-export the model")
+        self.runner = runner
+        self.prediction_type = prediction_type
+        self.fused = export_guidance == "fused"
+        self.schedule = schedule
+        self.conditioning = conditioning
+        self.guidance = guidance
+        self.combine = dict(combine or {})
+        # per-step (w_min, w_max): a guidance-weight schedule may override the constant scales
+        self.scale_schedule = scale_schedule
+        self.renoise_x0: np.ndarray | None = None
+        self._apg_state = None
+        self.calls = 0
+
+    # -- scales -------------------------------------------------------------------------------
+    def scales_at(self, step: int, sigma: float) -> tuple[float, float]:
+        if self.scale_schedule is not None:
+            return tuple(float(v) for v in self.scale_schedule(step, sigma))  # type: ignore[return-value]
+        g = self.guidance
+        if g.rule == "interval":
+            from samg.guidance import in_guidance_interval
+
+            lo, hi = g.options.get("sigma_lo", 0.28), g.options.get("sigma_hi", 5.42)
+            if not in_guidance_interval(sigma, lo, hi):
+                return 1.0, 1.0
+        return g.w_min, g.w_max
+
+    # -- the call -------------------------------------------------------------------------------
+    def __call__(self, x: np.ndarray, sigma: float) -> np.ndarray:
+        batch = x.shape[0]
+        step = int(np.nonzero(self.schedule.sigmas[:-1] == sigma)[0][0]) if sigma in self.schedule.sigmas[:-1] else self.calls
+        feeds = {
+            "latents": (x * _model_input_scale(self.prediction_type, sigma)).astype(np.float32),
+            "timestep": np.full((batch,), self.schedule.timestep_for(sigma), np.float32),
+            **self.conditioning,
+        }
+        w_min, w_max = self.scales_at(step, sigma)
+        self.calls += 1
+        self.renoise_x0 = None
+        if self.fused:
+            feeds["guidance_scales"] = np.tile(np.array([[w_min, w_max]], np.float32), (batch, 1))
+            guided = np.asarray(self.runner.run(feeds)["guided"], np.float32)
+            return _x0_from(self.prediction_type, guided, x, sigma)
+        outs = self.runner.run(feeds)
+        u = np.asarray(outs["pred_uncond"], np.float32)
+        c = np.asarray(outs["pred_cond"], np.float32)
+        return self._host_combine(u, c, x, sigma, step, w_min, w_max)
+
+    def _host_combine(self, u, c, x, sigma, step, w_min, w_max) -> np.ndarray:
+        from samg.guidance import get_rule
+
+        rule, pt = get_rule(self.guidance.rule), self.prediction_type
+        params = dict(self.guidance.options)
+        for name in rule.params:  # scales and the fused graph's attributes, by parameter name
+            if name == "w_min":
+                params[name] = w_min
+            elif name in ("w_max", "scale", "lam"):
+                params[name] = w_max
+            elif name in ("tau", "sharpness", "smooth", "channel_axis") and name in self.combine:
+                params.setdefault(name, self.combine[name])
+        if rule.needs_state and self._apg_state is None:
+            self._apg_state = rule.new_state()
+        if rule.space == "x0":  # APG: combine denoised predictions
+            u, c = _x0_from(pt, u, x, sigma), _x0_from(pt, c, x, sigma)
+        out = rule(u, c, step=step, sigma=sigma, state=self._apg_state, **params)
+        if rule.space == "x0":
+            return np.asarray(out, np.float32)
+        if rule.returns_uncond:  # CFG++: x0 from the guided prediction, re-noise along u
+            self.renoise_x0 = _x0_from(pt, np.asarray(out.uncond, np.float32), x, sigma)
+            out = out.guided
+        return _x0_from(pt, np.asarray(out, np.float32), x, sigma)

@@ -1,0 +1,126 @@
+"""Samplers, k-diffusion style: plain functions `sample_x(denoise, x, sigmas, *, callback, rng)`.
+
+`denoise(x, sigma) -> x0` works on the sampler variable (see schedules.py). Each step checks the
+new latents for NaN/Inf and names the step. A denoiser may expose `renoise_x0` (set on each call,
+None when unused): the x0 whose noise direction re-noises the next state (CFG++ uses the
+unconditional x0 there); the deterministic samplers honour it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from samg.errors import SamgError
+from samg.io import check_finite
+
+Denoise = Callable[[np.ndarray, float], np.ndarray]
+Callback = Callable[[int, np.ndarray, np.ndarray], None]
+
+
+def _check(x: np.ndarray, i: int, n: int) -> None:
+    check_finite("latents", x, f"after step {i + 1}/{n}")
+
+
+def _renoise_x0(denoise: Denoise, denoised: np.ndarray) -> np.ndarray:
+    other = getattr(denoise, "renoise_x0", None)
+    return denoised if other is None else other
+
+
+def sample_euler(denoise: Denoise, x: np.ndarray, sigmas: np.ndarray, *, callback: Callback | None = None,
+                 rng: np.random.Generator | None = None) -> np.ndarray:
+    """Euler (first order, deterministic). With DDIM's sigmas this is DDIM (eta 0); with flow
+    sigmas and a flow denoiser it is flow-matching Euler."""
+    n = len(sigmas) - 1
+    for i in range(n):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        denoised = denoise(x, sigma)
+        d = (x - _renoise_x0(denoise, denoised)) / sigma
+        x = denoised + d * sigma_next  # == x + d*(sigma_next - sigma) when nothing re-noises differently
+        _check(x, i, n)
+        if callback is not None:
+            callback(i, x, denoised)
+    return x
+
+
+sample_ddim = sample_euler
+sample_flow_euler = sample_euler
+
+
+def ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tuple[float, float]:
+    """(sigma_down, sigma_up) for an ancestral step (k-diffusion / diffusers EulerAncestral)."""
+    if not eta:
+        return sigma_to, 0.0
+    sigma_up = min(sigma_to, eta * (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5)
+    return (sigma_to**2 - sigma_up**2) ** 0.5, sigma_up
+
+
+def sample_euler_ancestral(denoise: Denoise, x: np.ndarray, sigmas: np.ndarray, *, callback: Callback | None = None,
+                           rng: np.random.Generator | None = None, eta: float = 1.0) -> np.ndarray:
+    if rng is None:
+        raise SamgError("euler_a needs a random generator: pass a seed")
+    n = len(sigmas) - 1
+    for i in range(n):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        denoised = denoise(x, sigma)
+        sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
+        x = x + (x - denoised) / sigma * (sigma_down - sigma)
+        if sigma_up > 0:
+            x = x + rng.standard_normal(x.shape).astype(x.dtype) * sigma_up
+        _check(x, i, n)
+        if callback is not None:
+            callback(i, x, denoised)
+    return x
+
+
+def sample_dpmpp_2m(denoise: Denoise, x: np.ndarray, sigmas: np.ndarray, *, callback: Callback | None = None,
+                    rng: np.random.Generator | None = None) -> np.ndarray:
+    """DPM-Solver++ 2M (midpoint form; first order on the first step, and the final step to
+    sigma 0 returns x0, as diffusers' DPMSolverMultistepScheduler with final_sigmas_type "zero")."""
+    n = len(sigmas) - 1
+    old_denoised = None
+    h_last = None
+    for i in range(n):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        denoised = denoise(x, sigma)
+        if sigma_next == 0:
+            x = denoised
+        else:
+            t, t_next = -np.log(sigma), -np.log(sigma_next)
+            h = t_next - t
+            if old_denoised is None:
+                d = denoised
+            else:
+                r = h_last / h
+                d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
+            x = (sigma_next / sigma) * x - np.expm1(-h) * d
+            h_last = h
+        old_denoised = denoised
+        _check(x, i, n)
+        if callback is not None:
+            callback(i, x, denoised)
+    return x
+
+
+SAMPLERS: dict[str, Callable[..., np.ndarray]] = {
+    "euler": sample_euler,
+    "euler_a": sample_euler_ancestral,
+    "ddim": sample_ddim,
+    "dpmpp_2m": sample_dpmpp_2m,
+    "flow_euler": sample_flow_euler,
+}
+
+# Samplers whose update can re-noise with another x0 (needed by CFG++).
+DETERMINISTIC_FIRST_ORDER = ("euler", "ddim", "flow_euler")
+
+
+def get_sampler(name: str) -> Callable[..., np.ndarray]:
+    try:
+        return SAMPLERS[name]
+    except KeyError:
+        raise SamgError(f"unknown sampler {name!r}: use one of {', '.join(SAMPLERS)}") from None
+
+
+def default_sampler(prediction_type: str) -> str:
+    return "flow_euler" if prediction_type == "flow" else "euler"
