@@ -1,0 +1,667 @@
+"""`samg export`: load a diffusers pipeline, trace its denoiser / text encoders / VAE decoder to ONNX,
+check ONNX Runtime against torch, and write the export folder described in docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import io
+import os
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from samg.errors import SamgError, check, require
+from samg.models.specs import ModelSpec, get_spec
+
+DENOISER_FILE = "denoiser.onnx"
+TEXT_ENCODER_FILE = "text_encoder.onnx"
+VAE_FILE = "vae_decoder.onnx"
+MANIFEST_FILE = "samg.json"
+# Protobuf's hard limit; larger models keep their weights in NAME.onnx.data.
+_PROTO_LIMIT = 2**31 - 2**20
+TOLERANCE = {"float32": 1e-3, "float16": 5e-2}
+TRACE_BATCH = 2
+
+
+@dataclass
+class ExportOptions:
+    model: str
+    out: str
+    model_path: str | None = None
+    tiny: bool = False
+    guidance: str = "fused"
+    opset: int = 18
+    dtype: str = "float32"
+    height: int | None = None
+    width: int | None = None
+    frames: int | None = None
+    tau: float = 1.0
+    sharpness: float = 4.0
+    smooth: int = 0
+    validate: bool = True
+    quiet: bool = False
+    seed: int = 0
+
+
+@dataclass
+class Sizes:
+    """Pixel and latent sizes the graphs are traced at."""
+
+    height: int
+    width: int
+    frames: int | None
+    latent_height: int
+    latent_width: int
+    latent_frames: int | None
+    multiple: int  # pixel height/width must be multiples of this
+
+
+@dataclass
+class Component:
+    """One exported graph: its file, the torch module it came from, and its I/O description."""
+
+    name: str
+    file: str
+    module: Any
+    input_names: list[str]
+    output_names: list[str]
+    dynamic_axes: dict[str, dict[int, str]]
+    shapes: dict[str, list]  # symbolic shapes for the manifest
+    dtypes: dict[str, str]
+    make_inputs: Any  # (batch, scale) -> tuple of torch inputs; scale 0 = traced size, 1 = second size
+    check_scales: tuple[int, ...] = (0,)
+    validation: dict = field(default_factory=dict)
+
+
+# --- progress ---------------------------------------------------------------------------------------
+
+
+class _Progress:
+    def __init__(self, total: int, quiet: bool):
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=total, disable=quiet, file=sys.stderr, unit="step", leave=False)
+        self.quiet = quiet
+
+    def stage(self, text: str) -> None:
+        self._bar.set_description(f"samg export: {text}")
+
+    def done(self) -> None:
+        self._bar.update(1)
+
+    def close(self) -> None:
+        self._bar.close()
+
+    def log(self, text: str) -> None:
+        if not self.quiet:
+            self._bar.write(f"samg export: {text}", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _quiet_libraries():
+    """Keep library chatter (deprecations, tracer warnings, loading bars) off the user's screen."""
+    diffusers = require("diffusers")
+    transformers = require("transformers")
+    previous = (diffusers.utils.logging.get_verbosity(), transformers.utils.logging.get_verbosity())
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            yield
+        finally:
+            diffusers.utils.logging.set_verbosity(previous[0])
+            transformers.utils.logging.set_verbosity(previous[1])
+            diffusers.utils.logging.enable_progress_bar()
+            transformers.utils.logging.enable_progress_bar()
+
+
+# --- loading ----------------------------------------------------------------------------------------
+
+
+def _check_options(opts: ExportOptions, spec: ModelSpec) -> None:
+    from samg.op.schema import validate_attributes
+
+    check(opts.guidance in ("fused", "raw"), f"--guidance must be fused or raw, got {opts.guidance!r}")
+    check(opts.dtype in TOLERANCE, f"--dtype must be float32 or float16, got {opts.dtype!r}")
+    check(17 <= opts.opset <= 21, f"--opset must be between 17 and 21 (default 18), got {opts.opset}")
+    check(not (opts.tiny and opts.model_path), "--tiny and --model-path exclude each other: pass one of them")
+    validate_attributes(tau=opts.tau, sharpness=opts.sharpness, smooth=opts.smooth, channel_axis=spec.channel_axis)
+    for flag in ("height", "width", "frames"):
+        value = getattr(opts, flag)
+        check(value is None or value > 0, f"--{flag} must be a positive integer, got {value}")
+    check(
+        opts.frames is None or spec.is_video,
+        f"--frames is for video models; {spec.name} makes images: drop --frames",
+    )
+
+
+def _load_pipeline(spec: ModelSpec, source: str, kind: str, dtype):
+    diffusers = require("diffusers", "to export models")
+    pipeline_class = getattr(diffusers, spec.pipeline_class)
+    if kind != "hub":
+        folder = Path(source)
+        check(folder.is_dir(), f"model folder {folder} does not exist: pass --model-path DIR of a diffusers model")
+        check(
+            (folder / "model_index.json").is_file(),
+            f"{folder} is not a diffusers pipeline folder (no model_index.json): "
+            "pass the folder written by save_pretrained",
+        )
+    extra = {}
+    params = inspect.signature(pipeline_class.__init__).parameters
+    for optional in ("safety_checker", "feature_extractor", "image_encoder"):
+        if optional in params:
+            extra[optional] = None  # not part of generation; skip loading them
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            pipe = pipeline_class.from_pretrained(source, torch_dtype=dtype, **extra)
+    except Exception as exc:  # noqa: BLE001 - any loader failure is a bad model source for the user
+        reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        if kind == "hub":
+            raise SamgError(
+                f"cannot load {spec.hub_id} from the Hugging Face hub ({reason}): pass --model-path DIR "
+                "(a local diffusers folder) or --tiny (a tiny random model)"
+            ) from None
+        raise SamgError(
+            f"cannot load a {spec.pipeline_class} from {source} ({reason}): pass a complete folder "
+            "written by save_pretrained"
+        ) from None
+    for te in spec.text_encoders:
+        check(
+            getattr(pipe, te.encoder, None) is not None and getattr(pipe, te.tokenizer, None) is not None,
+            f"{source} has no {te.encoder}/{te.tokenizer}: {spec.name} needs all its text encoders",
+        )
+    return pipe
+
+
+def _config_size(spec: ModelSpec, denoiser_config, vae_factor: int) -> tuple[int, int, int | None]:
+    """The model's native pixel size (from its config, so bundled/tiny models get their own)."""
+    if "sample_height" in denoiser_config:  # CogVideoX
+        height = denoiser_config["sample_height"] * vae_factor
+        width = denoiser_config["sample_width"] * vae_factor
+        return height, width, denoiser_config.get("sample_frames", spec.default_frames)
+    sample = denoiser_config.get("sample_size")
+    if sample is None:
+        return spec.default_height, spec.default_width, spec.default_frames
+    h, w = (sample, sample) if isinstance(sample, int) else tuple(sample)
+    return h * vae_factor, w * vae_factor, spec.default_frames
+
+
+def _denoiser_multiple(denoiser_config) -> int:
+    """How many latent pixels one step of the denoiser's own grid spans."""
+    if "patch_size" in denoiser_config:
+        return int(denoiser_config["patch_size"])
+    return 2 ** (len(denoiser_config["block_out_channels"]) - 1)
+
+
+def _resolve_sizes(spec: ModelSpec, pipe, opts: ExportOptions) -> Sizes:
+    denoiser = getattr(pipe, spec.denoiser_component)
+    vae_factor = _vae_factor(pipe)
+    native_h, native_w, native_f = _config_size(spec, denoiser.config, vae_factor)
+    height = opts.height or native_h
+    width = opts.width or native_w
+    frames = opts.frames or native_f
+    multiple = vae_factor * _denoiser_multiple(denoiser.config)
+    for flag, value in (("height", height), ("width", width)):
+        check(
+            value % multiple == 0,
+            f"--{flag} {value} is not a multiple of {multiple} ({spec.name} needs multiples of {multiple} pixels)",
+        )
+    latent_frames = None
+    if spec.is_video:
+        check(
+            (frames - 1) % spec.temporal_factor == 0,
+            f"--frames {frames} must be 1 + a multiple of {spec.temporal_factor} for {spec.name}",
+        )
+        latent_frames = spec.latent_frames(frames)
+    if "pos_embed_max_size" in denoiser.config and denoiser.config["pos_embed_max_size"]:
+        largest = denoiser.config["pos_embed_max_size"] * denoiser.config["patch_size"] * vae_factor
+        check(
+            max(height, width) <= largest,
+            f"--height/--width at most {largest} for this {spec.name} model (position embedding size)",
+        )
+    return Sizes(height, width, frames, height // vae_factor, width // vae_factor, latent_frames, multiple)
+
+
+def _vae_factor(pipe) -> int:
+    factor = getattr(pipe, "vae_scale_factor_spatial", None) or getattr(pipe, "vae_scale_factor", None)
+    return int(factor)
+
+
+# --- components ------------------------------------------------------------------------------------
+
+
+def _latent_shape(spec: ModelSpec, channels: int, batch, frames, height, width) -> list:
+    dims = {"B": batch, "C": channels, "F": frames, "H": height, "W": width}
+    return [dims[axis] for axis in spec.layout]
+
+
+def _second_size(sizes: Sizes, spec: ModelSpec) -> tuple[int, int]:
+    """A different latent size (for checking dynamic resolution): one grid step larger, non-square."""
+    step = sizes.multiple // (sizes.height // sizes.latent_height)
+    return sizes.latent_height + 2 * step, sizes.latent_width + step
+
+
+def _denoiser_component(spec, pipe, sizes: Sizes, opts: ExportOptions, torch, dtype) -> Component:
+    from samg.export.wrappers import Denoiser
+
+    model = getattr(pipe, spec.denoiser_component)
+    channels = model.config["in_channels"]
+    extras: dict[str, Any] = {"spatial_factor": _vae_factor(pipe)}
+    if getattr(model.config, "use_rotary_positional_embeddings", False):
+        # CogVideoX-5b style RoPE: constant for the (static) traced size, computed like the pipeline.
+        extras["image_rotary_emb"] = pipe._prepare_rotary_positional_embeddings(
+            sizes.height, sizes.width, sizes.latent_frames, torch.device("cpu")
+        )
+    fused = opts.guidance == "fused"
+    combine = dict(tau=opts.tau, sharpness=opts.sharpness, smooth=opts.smooth, channel_axis=spec.channel_axis)
+    module = Denoiser(model, spec, fused=fused, combine=combine, extras=extras).eval()
+    dynamic_res = spec.dynamic_resolution
+    cond_shapes = _conditioning_shapes(spec, pipe, torch, dtype)
+
+    def make_inputs(batch: int, scale: int):
+        gen = torch.Generator().manual_seed(1234 + 10 * scale + batch)
+        lh, lw = (sizes.latent_height, sizes.latent_width) if scale == 0 else _second_size(sizes, spec)
+        shape = _latent_shape(spec, channels, batch, sizes.latent_frames, lh, lw)
+        latents = torch.randn(shape, generator=gen).to(dtype)
+        timestep = torch.rand(batch, generator=gen) * 999.0
+        cond = [torch.randn([2 * batch, *s], generator=gen).to(dtype) for s in cond_shapes.values()]
+        inputs = [latents, timestep, *cond]
+        if fused:
+            w_min = 1.0 + 4.0 * torch.rand(batch, generator=gen)
+            w_max = w_min + 4.0 * torch.rand(batch, generator=gen)
+            inputs.append(torch.stack([w_min, w_max], dim=1))
+        return tuple(inputs)
+
+    latent_axes = {0: "B"}
+    symbolic = _latent_shape(spec, channels, "B", sizes.latent_frames, sizes.latent_height, sizes.latent_width)
+    if dynamic_res:
+        latent_axes.update({spec.layout.index("H"): "H", spec.layout.index("W"): "W"})
+        symbolic = _latent_shape(spec, channels, "B", sizes.latent_frames, "H", "W")
+    if spec.dynamic_frames:
+        latent_axes[spec.layout.index("F")] = "F"
+        symbolic[spec.layout.index("F")] = "F"
+    names = ["latents", "timestep", *cond_shapes]
+    outputs = ["guided"] if fused else ["pred_uncond", "pred_cond"]
+    axes = {"latents": latent_axes, "timestep": {0: "B"}, **{n: {0: "2B"} for n in cond_shapes}}
+    shapes = {"latents": symbolic, "timestep": ["B"], **{n: ["2B", *s] for n, s in cond_shapes.items()}}
+    if fused:
+        names.append("guidance_scales")
+        axes["guidance_scales"] = {0: "B"}
+        shapes["guidance_scales"] = ["B", 2]
+    for out in outputs:
+        axes[out] = dict(latent_axes)
+        shapes[out] = list(symbolic)
+    dtypes = {n: opts.dtype for n in [*names, *outputs]}
+    dtypes["timestep"] = "float32"
+    if fused:
+        dtypes["guidance_scales"] = "float32"
+    return Component(
+        "denoiser", DENOISER_FILE, module, names, outputs, axes, shapes, dtypes, make_inputs,
+        check_scales=(0, 1) if dynamic_res else (0,),
+    )
+
+
+def _conditioning_shapes(spec: ModelSpec, pipe, torch, dtype) -> dict[str, list[int]]:
+    """Per-prompt shapes of the text encoder outputs, found by running the text encoder once."""
+    text = _text_encoder_module(spec, pipe)
+    ids = [torch.zeros(1, te.max_length, dtype=torch.int64) for te in _tokenizer_entries(spec, pipe)]
+    with torch.no_grad():
+        outputs = text(*ids)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    return {name: list(out.shape[1:]) for name, out in zip(spec.conditioning, outputs)}
+
+
+@dataclass
+class _TokenizerEntry:
+    spec_entry: Any
+    tokenizer: Any
+    max_length: int
+    file: str
+
+
+def _tokenizer_entries(spec: ModelSpec, pipe) -> list[_TokenizerEntry]:
+    entries = []
+    for te in spec.text_encoders:
+        tokenizer = getattr(pipe, te.tokenizer)
+        limit = getattr(tokenizer, "model_max_length", None)
+        # CLIP pipelines use tokenizer.model_max_length; T5 ones a fixed max_sequence_length.
+        max_length = te.max_length if not limit or limit > 100_000 else min(te.max_length, int(limit))
+        entries.append(_TokenizerEntry(te, tokenizer, max_length, f"{te.tokenizer}/tokenizer.json"))
+    return entries
+
+
+def _text_encoder_module(spec: ModelSpec, pipe):
+    from samg.export.wrappers import TextEncoder
+
+    return TextEncoder([getattr(pipe, te.encoder) for te in spec.text_encoders], spec).eval()
+
+
+def _text_component(spec, pipe, torch) -> Component:
+    entries = _tokenizer_entries(spec, pipe)
+    module = _text_encoder_module(spec, pipe)
+    names = [e.spec_entry.input_name for e in entries]
+    cond_shapes = _conditioning_shapes(spec, pipe, torch, None)
+
+    def make_inputs(batch: int, scale: int):
+        gen = torch.Generator().manual_seed(99 + batch)
+        return tuple(
+            torch.randint(0, len(e.tokenizer), (batch, e.max_length), generator=gen, dtype=torch.int64)
+            for e in entries
+        )
+
+    outputs = list(spec.conditioning)
+    axes = {**{n: {0: "N"} for n in names}, **{n: {0: "N"} for n in outputs}}
+    shapes = {**{e.spec_entry.input_name: ["N", e.max_length] for e in entries},
+              **{n: ["N", *cond_shapes[n]] for n in outputs}}
+    dtypes = {**{n: "int64" for n in names}, **{n: str(getattr(pipe, spec.text_encoders[0].encoder).dtype).replace("torch.", "") for n in outputs}}
+    return Component("text_encoder", TEXT_ENCODER_FILE, module, names, outputs, axes, shapes, dtypes, make_inputs)
+
+
+def _vae_component(spec, pipe, sizes: Sizes, opts: ExportOptions, torch, dtype) -> Component:
+    from samg.export.wrappers import VaeDecoder
+
+    module = VaeDecoder(pipe.vae).eval()
+    channels = pipe.vae.config["latent_channels"]
+    joint = spec.vae_frames == "joint"
+    factor = _vae_factor(pipe)
+
+    def make_inputs(batch: int, scale: int):
+        gen = torch.Generator().manual_seed(77 + 10 * scale + batch)
+        lh, lw = (sizes.latent_height, sizes.latent_width) if scale == 0 else _second_size(sizes, spec)
+        shape = [batch, channels, sizes.latent_frames, lh, lw] if joint else [batch, channels, lh, lw]
+        return (torch.randn(shape, generator=gen).to(dtype),)
+
+    if joint:
+        # The 3-D VAE is traced at the export size: its causal temporal convs are unrolled per frame.
+        in_shape = ["N", channels, sizes.latent_frames, sizes.latent_height, sizes.latent_width]
+        out_shape = ["N", 3, sizes.frames, sizes.height, sizes.width]
+        in_axes, out_axes = {0: "N"}, {0: "N"}
+    else:
+        in_shape = ["N", channels, "h", "w"] if spec.dynamic_resolution else ["N", channels, sizes.latent_height, sizes.latent_width]
+        out_shape = ["N", 3, f"h*{factor}", f"w*{factor}"] if spec.dynamic_resolution else ["N", 3, sizes.height, sizes.width]
+        in_axes = {0: "N", 2: "h", 3: "w"} if spec.dynamic_resolution else {0: "N"}
+        out_axes = {0: "N", 2: "height", 3: "width"} if spec.dynamic_resolution else {0: "N"}
+    return Component(
+        "vae_decoder", VAE_FILE, module, ["latents"], ["images"],
+        {"latents": in_axes, "images": out_axes},
+        {"latents": in_shape, "images": out_shape},
+        {"latents": opts.dtype, "images": opts.dtype},
+        make_inputs,
+        check_scales=(0, 1) if spec.dynamic_resolution and not joint else (0,),
+    )
+
+
+# --- ONNX export and validation -------------------------------------------------------------------
+
+
+def _export_onnx(component: Component, folder: Path, opts: ExportOptions, torch, onnx) -> None:
+    path = folder / component.file
+    inputs = component.make_inputs(TRACE_BATCH, 0)
+    with torch.no_grad():
+        torch.onnx.export(
+            component.module,
+            inputs,
+            str(path),
+            input_names=component.input_names,
+            output_names=component.output_names,
+            dynamic_axes=component.dynamic_axes,
+            opset_version=opts.opset,
+            dynamo=False,
+            do_constant_folding=True,
+        )
+    model = onnx.load(str(path))
+    if component.name == "denoiser" and opts.guidance == "fused":
+        from samg.op import attach_function
+
+        attach_function(model)
+    _save_onnx(model, path, onnx)
+
+
+def _save_onnx(model, path: Path, onnx) -> None:
+    for stale in path.parent.glob(path.name + "*"):
+        stale.unlink()
+    weight_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
+    if weight_bytes > _PROTO_LIMIT:
+        onnx.save_model(
+            model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+            location=path.name + ".data", size_threshold=1024,
+        )
+    else:
+        onnx.save_model(model, str(path))
+
+
+def _validate(component: Component, folder: Path, opts: ExportOptions, torch, ort, progress: _Progress) -> None:
+    import numpy as np
+
+    session = ort.InferenceSession(str(folder / component.file), providers=["CPUExecutionProvider"])
+    worst = 0.0
+    checked = []
+    tolerance = TOLERANCE[opts.dtype]
+    for scale in component.check_scales:
+        batch = TRACE_BATCH if scale == 0 else 1
+        for b in sorted({batch, 3}) if component.name == "text_encoder" else (batch,):
+            inputs = component.make_inputs(b, scale)
+            with torch.no_grad():
+                expected = component.module(*inputs)
+            expected = expected if isinstance(expected, tuple) else (expected,)
+            feeds = {n: t.numpy() for n, t in zip(component.input_names, inputs)}
+            got = session.run(component.output_names, feeds)
+            for name, want, have in zip(component.output_names, expected, got):
+                want = want.float().numpy()
+                check(
+                    tuple(have.shape) == tuple(want.shape),
+                    f"exported {component.name} gives {name} of shape {have.shape}, torch {want.shape}: "
+                    "this model cannot be exported at this size; try the model's native --height/--width",
+                )
+                err = float(np.max(np.abs(have.astype(np.float32) - want))) if want.size else 0.0
+                # Relative to the output's magnitude, so large-valued outputs are judged fairly.
+                err /= max(1.0, float(np.max(np.abs(want))))
+                worst = max(worst, err)
+            checked.append([list(t.shape) for t in inputs[:1]][0])
+    component.validation = {"max_abs_err": worst, "tolerance": tolerance, "checked_shapes": checked}
+    progress.log(f"{component.name}: ONNX Runtime vs torch max error {worst:.2e} (tolerance {tolerance:g})")
+    check(
+        np.isfinite(worst) and worst <= tolerance,
+        f"exported {component.name} differs from torch by {worst:.3g} (tolerance {tolerance:g}): "
+        "export with --dtype float32, or report this model",
+    )
+
+
+# --- manifest -------------------------------------------------------------------------------------
+
+
+def _scheduler_recipe(spec: ModelSpec, pipe) -> dict:
+    config = dict(pipe.scheduler.config)
+    recipe = {"kind": spec.scheduler["kind"]}
+    for key, default in spec.scheduler.items():
+        if key != "kind":
+            value = config.get(key, default)
+            recipe[key] = value if value is not None else default
+    recipe["class"] = type(pipe.scheduler).__name__
+    if spec.prediction_type != "flow":
+        recipe["prediction_type"] = config.get("prediction_type", spec.prediction_type)
+    return recipe
+
+
+def _versions() -> dict:
+    import samg
+
+    versions = {"samg": samg.__version__}
+    for module in ("torch", "diffusers", "transformers", "onnx", "onnxruntime"):
+        versions[module] = getattr(sys.modules.get(module) or require(module), "__version__", "unknown")
+    return versions
+
+
+def _manifest(spec, pipe, opts, sizes, source, components, tokenizers, folder) -> dict:
+    from samg.io import sha256_file
+    from samg.op import DOMAIN, OP_TYPE, OP_VERSION
+
+    denoiser, text, vae = components
+    by_name = lambda c, names: {n: {"shape": c.shapes[n], "dtype": c.dtypes[n]} for n in names}  # noqa: E731
+    vae_note = {
+        "none": "image VAE: input [N, C, h, w]",
+        "per_frame": "2-D image VAE run per frame: the runtime moves frames into the batch ([B*F, C, h, w])",
+        "joint": "3-D VAE over the whole clip at the exported size: input [N, C, F, h, w] "
+        "(the runtime permutes [B, F, C, H, W] latents to [B, C, F, H, W])",
+    }[spec.vae_frames]
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.parts[len(folder.parts)] != "source")
+    prediction = spec.prediction_type
+    if prediction != "flow":
+        prediction = pipe.scheduler.config.get("prediction_type", prediction)
+    return {
+        "format": "samg-export",
+        "format_version": 1,
+        "model": spec.name,
+        "family": spec.family,
+        "source": source,
+        "prediction_type": prediction,
+        "guidance": opts.guidance,
+        "combine": {
+            "domain": DOMAIN, "op": OP_TYPE, "version": OP_VERSION, "tau": opts.tau,
+            "sharpness": opts.sharpness, "smooth": opts.smooth, "channel_axis": spec.channel_axis,
+        },
+        "latent": {
+            "layout": spec.layout,
+            "channels": getattr(pipe, spec.denoiser_component).config["in_channels"],
+            "spatial_factor": _vae_factor(pipe),
+            "temporal_factor": spec.temporal_factor,
+            "height": sizes.height,
+            "width": sizes.width,
+            "frames": sizes.frames,
+            "dynamic_resolution": spec.dynamic_resolution,
+            "dynamic_frames": spec.dynamic_frames,
+            "latent_height": sizes.latent_height,
+            "latent_width": sizes.latent_width,
+            "latent_frames": sizes.latent_frames,
+            "size_multiple": sizes.multiple,
+        },
+        "scheduler": _scheduler_recipe(spec, pipe),
+        "vae": {
+            "file": VAE_FILE,
+            "runtime": "onnx",
+            "scaling_factor": float(pipe.vae.config.get("scaling_factor") or spec.vae_scaling_factor),
+            "shift_factor": float(pipe.vae.config.get("shift_factor") or 0.0),
+            "frames": spec.vae_frames,
+            "note": vae_note,
+            "inputs": by_name(vae, vae.input_names),
+            "outputs": by_name(vae, vae.output_names),
+        },
+        "text_encoder": {
+            "file": TEXT_ENCODER_FILE,
+            "tokenizers": tokenizers,
+            "outputs": list(spec.conditioning),
+            "output_shapes": by_name(text, text.output_names),
+            "force_zeros_for_empty_prompt": bool(
+                getattr(pipe.config, "force_zeros_for_empty_prompt", spec.force_zeros_for_empty_prompt)
+                if spec.force_zeros_for_empty_prompt else False
+            ),
+        },
+        "denoiser": {
+            "file": DENOISER_FILE,
+            "class": spec.denoiser_class,
+            "inputs": by_name(denoiser, denoiser.input_names),
+            "outputs": by_name(denoiser, denoiser.output_names),
+        },
+        "opset": opts.opset,
+        "dtype": opts.dtype,
+        "versions": _versions(),
+        "files": {p.relative_to(folder).as_posix(): sha256_file(p) for p in files},
+        "validation": {c.name: c.validation for c in components if c.validation},
+    }
+
+
+def _save_tokenizers(spec: ModelSpec, pipe, folder: Path) -> list[dict]:
+    tokenizers = require("tokenizers", "to save tokenizers")
+    saved = []
+    for entry in _tokenizer_entries(spec, pipe):
+        tok = entry.tokenizer
+        backend = getattr(tok, "backend_tokenizer", None)
+        check(
+            backend is not None,
+            f"{spec.name} {entry.spec_entry.tokenizer} is a slow tokenizer: save the model with a fast "
+            "(tokenizers-backed) tokenizer",
+        )
+        # A copy that pads and truncates like the pipeline, so runtimes only call encode().
+        copy = tokenizers.Tokenizer.from_str(backend.to_str())
+        copy.enable_truncation(entry.max_length)
+        copy.enable_padding(length=entry.max_length, pad_id=tok.pad_token_id, pad_token=tok.pad_token)
+        path = folder / entry.file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        copy.save(str(path))
+        saved.append({
+            "file": entry.file,
+            "max_length": entry.max_length,
+            "pad_id": int(tok.pad_token_id),
+            "pad_token": tok.pad_token,
+            "input": entry.spec_entry.input_name,
+        })
+    return saved
+
+
+# --- entry point ----------------------------------------------------------------------------------
+
+
+def export(opts: ExportOptions) -> Path:
+    """Run the whole export; returns the output folder. Raises SamgError with nothing left behind."""
+    from samg.io import atomic_dir, atomic_write_json
+
+    spec = get_spec(opts.model)
+    _check_options(opts, spec)
+    torch = require("torch", "to export models")
+    onnx = require("onnx", "to export models")
+    ort = require("onnxruntime", "to validate exported models")
+    dtype = {"float32": torch.float32, "float16": torch.float16}[opts.dtype]
+    out = Path(opts.out)
+    check(not out.is_file(), f"--out {out} is a file: pass a folder path")
+    progress = _Progress(total=6 + (3 if opts.validate else 0), quiet=opts.quiet)
+    try:
+        with _quiet_libraries(), atomic_dir(out) as folder:
+            if opts.tiny:
+                progress.stage("building tiny model")
+                tiny = spec.build_tiny(opts.seed)
+                tiny.save_pretrained(str(folder / "source"))
+                source = {"kind": "tiny", "path": "source", "hub_id": spec.hub_id}
+                load_from, kind = str(folder / "source"), "tiny"
+            elif opts.model_path or spec.bundled:
+                load_from = str(Path(opts.model_path or spec.default_source).resolve())
+                source = {"kind": "path", "path": load_from, "hub_id": spec.hub_id}
+                kind = "path"
+            else:
+                load_from, kind = spec.hub_id, "hub"
+                source = {"kind": "hub", "path": None, "hub_id": spec.hub_id}
+            progress.done()
+            progress.stage("loading pipeline")
+            pipe = _load_pipeline(spec, load_from, kind, dtype)
+            sizes = _resolve_sizes(spec, pipe, opts)
+            progress.done()
+            components = [
+                _denoiser_component(spec, pipe, sizes, opts, torch, dtype),
+                _text_component(spec, pipe, torch),
+                _vae_component(spec, pipe, sizes, opts, torch, dtype),
+            ]
+            for component in components:
+                progress.stage(f"exporting {component.name}")
+                _export_onnx(component, folder, opts, torch, onnx)
+                progress.done()
+            tokenizers = _save_tokenizers(spec, pipe, folder)
+            if opts.validate:
+                for component in components:
+                    progress.stage(f"validating {component.name}")
+                    _validate(component, folder, opts, torch, ort, progress)
+                    progress.done()
+            progress.stage("writing manifest")
+            manifest = _manifest(spec, pipe, opts, sizes, source, components, tokenizers, folder)
+            atomic_write_json(folder / MANIFEST_FILE, manifest)
+            progress.done()
+    finally:
+        progress.close()
+    if not opts.quiet:
+        print(f"samg export: wrote {out} ({spec.name}, {opts.guidance} guidance)", file=sys.stderr)
+    return out
