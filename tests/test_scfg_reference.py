@@ -1,0 +1,161 @@
+"""S-CFG reference pinned against small cases computed by hand (see the comments for the arithmetic)."""
+
+import math
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from samg.errors import SamgError
+from samg.scfg.reference import (
+    blur3x3,
+    complete_self_attention,
+    scfg_combine,
+    scfg_rate,
+    semantic_masks,
+)
+
+E = math.exp(-1.0)
+K0, K1 = E / (1 + 2 * E), 1 / (1 + 2 * E)  # 1-D blur weights: [K0, K1, K0]
+ALPHA = 2 * K0  # on a length-2 axis with reflect padding, blur maps [a, b] -> [(1-ALPHA)a + ALPHA b, ...]
+
+
+def test_blur_weights_and_reflect_padding():
+    x = torch.zeros(1, 5, 5)
+    x[0, 2, 2] = 1.0
+    out = blur3x3(x)[0]
+    assert out[2, 2].item() == pytest.approx(K1 * K1, rel=1e-6)
+    assert out[1, 2].item() == pytest.approx(K0 * K1, rel=1e-6)
+    assert out[1, 1].item() == pytest.approx(K0 * K0, rel=1e-6)
+    assert out.sum().item() == pytest.approx(1.0, rel=1e-6)
+    # reflect (mirror without repeating the edge): a 1 at the border row gets K0 from its mirror twice
+    edge = torch.zeros(1, 3, 3)
+    edge[0, 0, :] = 1.0
+    assert blur3x3(edge)[0, 1, 1].item() == pytest.approx(K0, rel=1e-6)
+    assert blur3x3(edge)[0, 0, 1].item() == pytest.approx(K1, rel=1e-6)
+
+
+def test_self_attention_completion_quirk_and_corrected():
+    swap = torch.tensor([[0.0, 1.0], [1.0, 0.0]])  # P^2 = I, P^3 = P, P^4 = I
+    eye = torch.eye(2)
+    # the code: (S + 3 S^2)/4 = (P + 3I)/4
+    assert torch.allclose(complete_self_attention(swap), (swap + 3 * eye) / 4)
+    # true average of powers: (P + I + P + I)/4 = (P + I)/2
+    assert torch.allclose(complete_self_attention(swap, corrected=True), (swap + eye) / 2)
+
+
+def _cross(top, bottom):
+    """Cross-attention probs of a 2x2 level whose rows are constant: [N=4, T] (row-major locations)."""
+    return torch.tensor([top, top, bottom, bottom])
+
+
+def _level(uncond_top, uncond_bottom, cond_top, cond_bottom):
+    """One level (2x2, one layer, identity self-attention), batch [uncond, cond]."""
+    cross = torch.stack([_cross(uncond_top, uncond_bottom), _cross(cond_top, cond_bottom)])[:, None]
+    self_ = torch.eye(4).expand(2, 1, 4, 4).clone()  # S~ = I in both modes, so A = cross
+    return self_, cross
+
+
+# Tokens: 0 = start of text, 1 = "cat", 2 = "sky". Hand computation (maps constant along width, so only
+# the vertical blur acts; a map [a, b] with mean m normalizes to [((1-ALPHA)a + ALPHA b)/m, ...]):
+#  cond tokens: SOT [.4,.6] -> [.970, 1.030]; cat [.5,.1] -> [1.102, .898]; sky [.1,.3] -> [.924, 1.076]
+#    => top row: cat, bottom row: sky.
+#  uncond fore: SOT [.9,.2] -> [1.097, .903]; others [.1,.8] -> [.882, 1.118] => foreground = bottom row.
+#  cond fore:   SOT [.4,.6] -> [.970, 1.030]; others [.6,.4] -> [1.030, .970] => foreground = top row.
+UNCOND = ([0.9, 0.05, 0.05], [0.2, 0.4, 0.4])
+COND = ([0.4, 0.5, 0.1], [0.6, 0.1, 0.3])
+
+
+def test_hand_computed_normalized_values():
+    # spot-check the arithmetic used in the comment above against the formula itself
+    top = ((1 - ALPHA) * 0.5 + ALPHA * 0.1) / 0.3
+    assert top == pytest.approx(1.1015, abs=1e-4)
+    assert (0.1 * (1 - ALPHA) + 0.3 * ALPHA) / 0.2 == pytest.approx(0.9239, abs=1e-4)
+
+
+@pytest.mark.parametrize("corrected, fore_row", [(False, 1), (True, 0)])
+def test_token_and_foreground_masks(corrected, fore_row):
+    self_, cross = _level(*UNCOND, *COND)
+    token_mask, fore_mask = semantic_masks([self_], [cross], (4, 4), corrected=corrected)
+    assert token_mask.shape == (1, 3, 2, 2) and fore_mask.shape == (1, 1, 2, 2)
+    expected_tokens = torch.zeros(1, 3, 2, 2)
+    expected_tokens[0, 1, 0, :] = 1  # top row -> "cat"
+    expected_tokens[0, 2, 1, :] = 1  # bottom row -> "sky"
+    assert torch.equal(token_mask, expected_tokens)
+    expected_fore = torch.zeros(1, 1, 2, 2)
+    expected_fore[0, 0, fore_row, :] = 1  # quirk: from the uncond half; corrected: from the cond half
+    assert torch.equal(fore_mask, expected_fore)
+
+
+def test_a_coarser_level_that_is_uniform_does_not_move_the_masks():
+    # a 1x1 level upsamples to a constant map, normalizing to 1 for every token: same argmax
+    self_, cross = _level(*UNCOND, *COND)
+    coarse_self = torch.ones(2, 1, 1, 1)
+    coarse_cross = torch.full((2, 1, 1, 3), 1 / 3)
+    masks_one = semantic_masks([self_], [cross], (4, 4))
+    masks_two = semantic_masks([self_, coarse_self], [cross, coarse_cross], (4, 4))
+    assert all(torch.equal(a, b) for a, b in zip(masks_one, masks_two))
+
+
+def _delta_top_norm1_bottom_norm5():
+    delta = torch.zeros(1, 2, 4, 4)
+    delta[0, 0, :2] = 1.0  # norm 1 in the top half
+    delta[0, 0, 2:], delta[0, 1, 2:] = 3.0, 4.0  # norm 5 in the bottom half
+    return delta
+
+
+def _rows(values):
+    return torch.tensor(values, dtype=torch.float32)[:, None].expand(4, 4)
+
+
+@pytest.mark.parametrize(
+    "corrected, scale, rows",
+    [
+        # fore = bottom (norm 5): rate_cat = 5/1 -> clamp 3 -> cap 15/7.5 = 2; rate_sky = 5/5 = 1.
+        # rows [2, 2, 1, 1], blurred vertically with reflect: [2, 2 - K0, 1 + K0, 1]
+        (False, 7.5, [2.0, 2 - K0, 1 + K0, 1.0]),
+        # w = 2: cap 15/2 = 7.5 is loose, so rate_cat = 3: rows [3, 3, 1, 1] -> [3, 3 - 2K0, 1 + 2K0, 1]
+        (False, 2.0, [3.0, 3 - 2 * K0, 1 + 2 * K0, 1.0]),
+        # fore = top (norm 1): rate_cat = 1, rate_sky = 1/5 -> clamp 0.8: rows [1,1,.8,.8]
+        (True, 7.5, [1.0, 1 - 0.2 * K0, 0.8 + 0.2 * K0, 0.8]),
+    ],
+)
+def test_rate_and_guided_output_by_hand(corrected, scale, rows):
+    self_, cross = _level(*UNCOND, *COND)
+    delta = _delta_top_norm1_bottom_norm5()
+    u = torch.randn(1, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    c = u + delta
+    out, rate = scfg_combine(u, c, [self_], [cross], scale, corrected=corrected, return_rate=True)
+    expected_rate = _rows(rows)
+    assert torch.allclose(rate[0, 0], expected_rate, atol=1e-5)
+    assert torch.allclose(out, u + scale * expected_rate * delta, atol=1e-5)
+
+
+def test_rate_from_masks_matches_the_direct_function():
+    token_mask = torch.zeros(1, 3, 2, 2)
+    token_mask[0, 1, 0], token_mask[0, 2, 1] = 1, 1
+    fore = torch.zeros(1, 1, 2, 2)
+    fore[0, 0, 1] = 1
+    rate = scfg_rate(_delta_top_norm1_bottom_norm5(), token_mask, fore, 7.5)
+    assert torch.allclose(rate[0, 0], _rows([2.0, 2 - K0, 1 + K0, 1.0]), atol=1e-6)
+
+
+def test_per_sample_scales_and_dtype():
+    self_, cross = _level(*UNCOND, *COND)
+    self2, cross2 = (torch.cat([t[:1], t[:1], t[1:], t[1:]]) for t in (self_, cross))  # B = 2
+    delta = _delta_top_norm1_bottom_norm5().expand(2, 2, 4, 4)
+    u = torch.zeros(2, 2, 4, 4, dtype=torch.float16)
+    out = scfg_combine(u, u + delta.half(), [self2], [cross2], torch.tensor([[7.5, 7.5], [2.0, 2.0]]))
+    assert out.dtype == torch.float16
+    assert torch.allclose(out[0].float(), 7.5 * _rows([2.0, 2 - K0, 1 + K0, 1.0]) * delta[0], atol=2e-2)
+    assert torch.allclose(out[1].float(), 2.0 * _rows([3.0, 3 - 2 * K0, 1 + 2 * K0, 1.0]) * delta[1], atol=2e-2)
+
+
+def test_zero_delta_returns_uncond_and_bad_shapes_raise():
+    self_, cross = _level(*UNCOND, *COND)
+    u = torch.randn(1, 2, 4, 4)
+    assert torch.equal(scfg_combine(u, u.clone(), [self_], [cross], 7.5), u)
+    with pytest.raises(SamgError, match="does not fit"):
+        scfg_combine(torch.zeros(1, 2, 6, 6), torch.zeros(1, 2, 6, 6), [self_], [cross], 7.5, factors=[2])
+    with pytest.raises(SamgError, match="batch 2B"):
+        scfg_combine(torch.zeros(2, 2, 4, 4), torch.zeros(2, 2, 4, 4), [self_], [cross], 7.5)
