@@ -45,15 +45,26 @@ _BODY = """
     sharpness_value = Constant <value_float: float = @sharpness> ()
     smooth_value = Constant <value_int: int = @smooth> ()
     channel_axis_value = Constant <value_int: int = @channel_axis> ()
-    one_dim = Constant <value_ints: ints = [1]> ()
-    channel_axes = Reshape (channel_axis_value, one_dim)
     smooth_on = Cast <to = {bool}> (smooth_value)
 
     u = Cast <to = {float}> (pred_uncond)
     c = Cast <to = {float}> (pred_cond)
     delta = Sub (c, u)
     delta_sq = Mul (delta, delta)
-    energy = ReduceSum <keepdims = 1> (delta_sq, channel_axes)
+    # TensorRT's parser needs reduce axes that are constants themselves (not derived from an
+    # attribute), so each channel_axis value gets its own branch; the condition folds at build.
+    two = Constant <value_int: int = 2> ()
+    channel_axis_is_two = Equal (channel_axis_value, two)
+    energy = If (channel_axis_is_two) <
+        then_branch = channel_axis_two () => (float[] energy_axis_two) {{
+            axes_two = Constant <value_ints: ints = [2]> ()
+            energy_axis_two = ReduceSum <keepdims = 1> (delta_sq, axes_two)
+        }},
+        else_branch = channel_axis_one () => (float[] energy_axis_one) {{
+            axes_one = Constant <value_ints: ints = [1]> ()
+            energy_axis_one = ReduceSum <keepdims = 1> (delta_sq, axes_one)
+        }}
+    >
     energy_shape = Shape (energy)
 
     flat_shape = Constant <value_ints: ints = [0, -1]> ()
