@@ -123,7 +123,7 @@ class Pipeline:
         lat = self.latent
         height = int(lat["height"] if height is None else height)
         width = int(lat["width"] if width is None else width)
-        f = int(lat["spatial_factor"])
+        f = int(lat.get("size_multiple") or lat["spatial_factor"])  # the denoiser may need more than the VAE factor
         if height <= 0 or width <= 0 or height % f or width % f:
             raise SamgError(f"height and width must be positive multiples of {f}, got {height}x{width}: e.g. --height {max(f, height // f * f)}")
         if not lat.get("dynamic_resolution", False) and (height, width) != (lat["height"], lat["width"]):

@@ -1,0 +1,104 @@
+"""`samg generate DIR --prompt ... --out PATH`: images (PNG, a grid for several) or video (GIF/MP4)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+SAMPLER_NAMES = ("euler", "euler_a", "ddim", "dpmpp_2m", "flow_euler")
+BACKEND_NAMES = ("onnxruntime", "torch", "tensorrt", "null")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("export_dir", metavar="DIR", help="export folder (written by samg export)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--guidance", default="samg",
+                   help="samg (default), cfg, interval (fused or raw exports); samg-quantile, samg-bound, "
+                        "samg-linear, cfg-rescale, apg, cfgpp, cfg-zero-star (raw exports only)")
+    p.add_argument("--scale", type=float, default=None,
+                   help="guidance scale W (default 7.5); for samg alone it means w_min=(1+W)/2, w_max=W")
+    p.add_argument("--w-min", type=float, default=None, help="SAMG scale on high-energy detail")
+    p.add_argument("--w-max", type=float, default=None, help="SAMG scale on flat regions")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--sampler", choices=SAMPLER_NAMES, default=None,
+                   help="default: euler (flow_euler for flow-matching models)")
+    p.add_argument("--karras", action="store_true", help="Karras sigmas (euler, euler_a, dpmpp_2m)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--frames", type=int, default=None, help="video models: number of frames")
+    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--backend", choices=BACKEND_NAMES, default="onnxruntime")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--fps", type=int, default=8, help="video output frame rate")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--out", required=True, help="output .png, or .gif/.mp4 for video")
+
+
+def image_grid(images):
+    """[N, H, W, 3] -> one [rows*H, cols*W, 3] image, as square as possible."""
+    import numpy as np
+
+    n, h, w, c = images.shape
+    cols = int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    grid = np.zeros((rows * h, cols * w, c), images.dtype)
+    for i, img in enumerate(images):
+        r, col = divmod(i, cols)
+        grid[r * h:(r + 1) * h, col * w:(col + 1) * w] = img
+    return grid
+
+
+def write_output(images, out: Path, fps: int = 8) -> None:
+    """PNG for images (grid when several); GIF/MP4 for video (frames of the first clips, side by side)."""
+    from samg.errors import SamgError, require
+    from samg.io import atomic_path
+
+    suffix = out.suffix.lower()
+    video = images.ndim == 5
+    if video:
+        if suffix not in (".gif", ".mp4"):
+            raise SamgError(f"a video model writes .gif or .mp4, not {suffix or 'no suffix'}: e.g. --out clip.gif")
+        import numpy as np
+
+        frames = np.stack([image_grid(images[:, f]) for f in range(images.shape[1])])
+        iio = require("imageio", "to write video")
+        with atomic_path(out) as tmp:
+            if suffix == ".mp4":
+                try:
+                    iio.v3.imwrite(tmp, frames, extension=".mp4", fps=fps)
+                except Exception as exc:  # no ffmpeg/pyav plugin installed
+                    raise SamgError(f"cannot write MP4 here ({str(exc).splitlines()[0][:120]}): use --out clip.gif, "
+                                    "or pip install imageio-ffmpeg") from None
+            else:
+                iio.v3.imwrite(tmp, frames, extension=".gif", duration=1000 / fps, loop=0)
+        return
+    if suffix != ".png":
+        raise SamgError(f"an image model writes .png, not {suffix or 'no suffix'}: e.g. --out image.png")
+    pil = require("PIL.Image", "to write PNG files")
+    with atomic_path(out) as tmp:
+        pil.fromarray(image_grid(images)).save(tmp, format="PNG")
+
+
+def run(args: argparse.Namespace) -> int:
+    from samg.errors import SamgError
+    from samg.runtime.pipeline import Pipeline, read_manifest
+
+    out = Path(args.out)
+    video = read_manifest(args.export_dir)["latent"]["layout"] != "BCHW"
+    allowed = (".gif", ".mp4") if video else (".png",)
+    if out.suffix.lower() not in allowed:  # refuse before spending minutes sampling
+        raise SamgError(f"--out must end in {' or '.join(allowed)} for this model, got {out.name}")
+    pipe = Pipeline.load(args.export_dir, backend=args.backend, device=args.device)
+    images = pipe(
+        args.prompt, args.negative_prompt, guidance=args.guidance, scale=args.scale, w_min=args.w_min,
+        w_max=args.w_max, steps=args.steps, sampler=args.sampler, karras=args.karras, seed=args.seed,
+        height=args.height, width=args.width, frames=args.frames, num_images=args.num_images,
+        progress=not args.quiet,
+    )
+    write_output(images, out, fps=args.fps)
+    if not args.quiet:
+        print(f"samg generate: wrote {out}", file=sys.stderr)
+    return 0
