@@ -1,0 +1,539 @@
+"""Building TensorRT / TensorRT-RTX engines from an export folder, with an engine cache.
+
+One engine per component (text_encoder, denoiser, vae_decoder), written to `DIR/engines/` as
+`<component>.engine` with a JSON record `<component>.engine.json` beside it. The record holds the
+cache key: ONNX content hash, TensorRT flavour and version, GPU compute capability ("any" for an
+ahead-of-time TensorRT-RTX build) and the build flags (precision, combine path, profiles). A
+rebuild with the same key reuses the engine in place or from the engine cache folder.
+
+Networks are strongly typed (TensorRT-RTX has no other kind), so precision comes from the ONNX
+dtypes; a requested precision that differs from the export's dtype is refused.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+
+from samg.engines.trt_loader import cache_root, flavour_of, load_trt
+from samg.engines.trt_profiles import ShapeRequest, input_profiles, symbol_ranges
+from samg.errors import SamgError, check, require
+from samg.io import atomic_write_bytes, atomic_write_json, sha256_file
+
+ENGINE_FORMAT = "samg-engine"
+ENGINE_FORMAT_VERSION = 1
+COMPONENTS = ("text_encoder", "denoiser", "vae_decoder")
+PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+COMBINE_PATHS = ("function", "plugin")
+PLUGIN_ID = "samg::GuidanceCombine"
+# Messages TensorRT-RTX logs as errors on a machine without a GPU although an ahead-of-time build
+# works; they are left out of failure reports so that the real cause stands out.
+_CPU_ONLY_NOISE = ("CUDA driver version is insufficient", "cudaError 35", "no CUDA-capable device")
+
+
+@dataclass
+class BuildOptions:
+    flavour: str | None = None  # "tensorrt" | "tensorrt-rtx" | None (auto)
+    combine: str = "function"
+    precision: str | None = None  # None: the export's dtype
+    shapes: ShapeRequest = field(default_factory=ShapeRequest)
+    components: tuple[str, ...] = COMPONENTS
+    out_dir: Path | None = None  # default: DIR/engines
+    cache_dir: Path | None = None  # default: <samg cache>/engines
+    timing_cache: Path | None = None  # default: <cache dir>/timing-<flavour>-<version>.cache
+    use_cache: bool = True
+    quiet: bool = False
+
+
+@dataclass
+class BuildResult:
+    component: str
+    engine_path: Path
+    record: dict
+    status: str  # "built" | "up-to-date" | "from-cache"
+    seconds: float
+
+    @property
+    def cache_hit(self) -> bool:
+        return self.status != "built"
+
+
+# --------------------------------------------------------------------------------------------
+# Logging: TensorRT's messages collected so failures show the builder's own words.
+
+
+def make_logger(trt: ModuleType, echo: bool = False):
+    """A trt.ILogger that keeps every warning/error (and echoes them to stderr when `echo`)."""
+
+    class CollectingLogger(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+            self.messages: list[tuple[str, str]] = []
+
+        def log(self, severity, msg):
+            if severity > trt.ILogger.Severity.WARNING:
+                return
+            level = "W" if severity == trt.ILogger.Severity.WARNING else "E"
+            self.messages.append((level, msg))
+            if echo:
+                print(f"  [TensorRT {level}] {msg}", file=sys.stderr)
+
+        def mark(self) -> int:
+            return len(self.messages)
+
+        def report(self, since: int = 0) -> str:
+            lines = [
+                f"  [{level}] {msg.strip()}"
+                for level, msg in self.messages[since:]
+                if not any(noise in msg for noise in _CPU_ONLY_NOISE)
+            ]
+            return "\n".join(lines[-20:]) if lines else "  (TensorRT logged no error)"
+
+    return CollectingLogger()
+
+
+# --------------------------------------------------------------------------------------------
+# Reading the export.
+
+
+def load_manifest(export_dir: Path) -> dict:
+    path = export_dir / "samg.json"
+    check(export_dir.is_dir(), f"{export_dir} is not a folder: pass an export folder written by `samg export`")
+    check(path.is_file(), f"{export_dir} has no samg.json: pass a folder written by `samg export`")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise SamgError(f"{path} is not valid JSON ({exc}): re-run `samg export`") from None
+    check(
+        manifest.get("format") == "samg-export",
+        f"{path} is not a samg export manifest (format={manifest.get('format')!r}): re-run `samg export`",
+    )
+    return manifest
+
+
+def component_files(manifest: dict, export_dir: Path) -> dict[str, Path]:
+    """component -> ONNX file, for the components this export has as ONNX graphs."""
+    files = {}
+    for component, section in (("text_encoder", "text_encoder"), ("denoiser", "denoiser"), ("vae_decoder", "vae")):
+        info = manifest.get(section) or {}
+        if not info.get("file") or info.get("runtime", "onnx") != "onnx":
+            continue
+        files[component] = export_dir / info["file"]
+    return files
+
+
+def onnx_input_dims(model) -> dict[str, list[int | str | None]]:
+    """Graph inputs (not initializers) -> dims: int when fixed, dim_param (or None) when not."""
+    initializers = {init.name for init in model.graph.initializer}
+    shapes = {}
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        dims = []
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.HasField("dim_value") and dim.dim_value > 0:
+                dims.append(int(dim.dim_value))
+            else:
+                dims.append(dim.dim_param or None)
+        shapes[value.name] = dims
+    return shapes
+
+
+def external_data_files(model, onnx_path: Path) -> list[Path]:
+    """Files holding the model's external weights (top-level initializers, as exporters write them)."""
+    locations = set()
+    for tensor in model.graph.initializer:
+        if tensor.data_location == 1:  # onnx.TensorProto.EXTERNAL
+            locations.update(entry.value for entry in tensor.external_data if entry.key == "location")
+    return [onnx_path.parent / loc for loc in sorted(locations)]
+
+
+def uses_combine(model) -> bool:
+    from samg.op.schema import DOMAIN, OP_TYPE
+
+    return any(node.domain == DOMAIN and node.op_type == OP_TYPE for node in model.graph.node)
+
+
+def check_precision(manifest: dict, precision: str | None) -> str:
+    """The precision to build (fp32/fp16/bf16): the export's dtype; a different request is refused."""
+    dtype = manifest.get("dtype", "float32")
+    export_precision = {v: k for k, v in PRECISIONS.items()}.get(dtype)
+    check(export_precision is not None, f"samg.json dtype {dtype!r} is not one of {sorted(PRECISIONS.values())}")
+    if precision is None:
+        return export_precision
+    check(precision in PRECISIONS, f"--precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    check(
+        precision == export_precision,
+        f"--precision {precision} does not match the export's dtype {dtype}: TensorRT networks are strongly "
+        f"typed and take precision from the ONNX dtypes; re-export with `samg export --dtype {PRECISIONS[precision]}` "
+        f"or build with --precision {export_precision}",
+    )
+    return precision
+
+
+# --------------------------------------------------------------------------------------------
+# Cache keys and records.
+
+
+def compute_capability(trt: ModuleType) -> str:
+    """"any" for TensorRT-RTX ahead-of-time builds; the GPU's "sm_XY" for standard TensorRT."""
+    if flavour_of(trt) == "tensorrt-rtx":
+        return "any"
+    return gpu_compute_capability() or "unknown"
+
+
+def gpu_compute_capability() -> str | None:
+    """The first GPU's compute capability via the CUDA driver API, or None without one."""
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    device, major, minor = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
+    if cuda.cuInit(0) != 0 or cuda.cuDeviceGet(ctypes.byref(device), 0) != 0:
+        return None
+    # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75, _MINOR = 76
+    if cuda.cuDeviceGetAttribute(ctypes.byref(major), 75, device) != 0:
+        return None
+    if cuda.cuDeviceGetAttribute(ctypes.byref(minor), 76, device) != 0:
+        return None
+    return f"sm_{major.value}{minor.value}"
+
+
+def cache_key(fields: dict) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def read_record(engine_path: Path) -> dict:
+    """The JSON record beside an engine, checked for format; SamgError if missing or broken."""
+    record_path = record_path_of(engine_path)
+    check(engine_path.is_file(), f"{engine_path} does not exist: build it with `samg build EXPORT_DIR`")
+    check(
+        record_path.is_file(),
+        f"{engine_path} has no build record {record_path.name} beside it: rebuild it with `samg build`",
+    )
+    try:
+        record = json.loads(record_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise SamgError(f"{record_path} is not valid JSON ({exc}): rebuild with `samg build`") from None
+    check(
+        record.get("format") == ENGINE_FORMAT and record.get("format_version") == ENGINE_FORMAT_VERSION,
+        f"{record_path} is not a samg engine record of version {ENGINE_FORMAT_VERSION}: rebuild with `samg build`",
+    )
+    return record
+
+
+def record_path_of(engine_path: Path) -> Path:
+    return engine_path.with_name(engine_path.name + ".json")
+
+
+def verify_engine(engine_path: str | os.PathLike, trt: ModuleType | None = None) -> dict:
+    """Check an engine file against its record (and the installed TensorRT); return the record.
+
+    Refuses, with a SamgError naming the fix: a missing/unreadable record, a truncated or altered
+    engine (size/hash), an engine of the other TensorRT flavour or another version, or one built
+    for another GPU.
+    """
+    engine_path = Path(engine_path)
+    record = read_record(engine_path)
+    size = engine_path.stat().st_size
+    check(
+        size == record.get("engine_bytes"),
+        f"{engine_path} is {size} bytes but was built as {record.get('engine_bytes')}: the file is truncated "
+        "or replaced; rebuild with `samg build`",
+    )
+    check(
+        sha256_file(engine_path) == record.get("engine_sha256"),
+        f"{engine_path} does not match its build record (hash differs): the file is corrupt; rebuild with `samg build`",
+    )
+    if trt is not None:
+        flavour, version = flavour_of(trt), trt.__version__
+        check(
+            record["trt"]["flavour"] == flavour and record["trt"]["version"] == version,
+            f"{engine_path} was built with {record['trt']['flavour']} {record['trt']['version']} but this is "
+            f"{flavour} {version}: rebuild with `samg build --trt {flavour}`",
+        )
+        wanted = record.get("compute_capability", "any")
+        if wanted not in ("any", "unknown"):
+            here = gpu_compute_capability()
+            check(
+                here in (None, wanted),
+                f"{engine_path} was built for {wanted} but this GPU is {here}: rebuild on this machine",
+            )
+    return record
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing and building.
+
+
+def parse_network(trt: ModuleType, builder, logger, onnx_path: Path, combine: str):
+    """Parse `onnx_path` into a strongly typed network; for `combine="plugin"` from a copy without
+    the GuidanceCombine function body, so the parser maps the node to the registered plugin.
+
+    Returns (network, parser): the parser must outlive the network's use.
+    """
+    from samg.engines.plugin_trt import register_plugin
+
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    mark = logger.mark()
+    if combine == "plugin":
+        register_plugin(trt)
+        with _stripped_copy(onnx_path) as stripped:
+            ok = parser.parse_from_file(str(stripped))
+    else:
+        ok = parser.parse_from_file(str(onnx_path))
+    if not ok:
+        errors = [parser.get_error(i).desc() for i in range(parser.num_errors)]
+        detail = "\n".join(f"  [parser] {e}" for e in errors) or logger.report(mark)
+        raise SamgError(f"TensorRT could not parse {onnx_path.name}:\n{detail}")
+    return network, parser
+
+
+class _stripped_copy:
+    """A temporary copy of an ONNX file with the GuidanceCombine body removed.
+
+    Written next to the original so that relative external-data paths still resolve.
+    """
+
+    def __init__(self, onnx_path: Path):
+        self.onnx_path = onnx_path
+        self.path: Path | None = None
+
+    def __enter__(self) -> Path:
+        onnx = require("onnx", "to prepare the plugin path")
+        from samg.op import function as op_function
+
+        model = onnx.load(str(self.onnx_path), load_external_data=False)
+        op_function.strip_function(model)
+        fd, name = tempfile.mkstemp(prefix=f".{self.onnx_path.stem}.plugin-", suffix=".onnx", dir=self.onnx_path.parent)
+        os.close(fd)
+        self.path = Path(name)
+        self.path.write_bytes(model.SerializeToString())
+        return self.path
+
+    def __exit__(self, *exc) -> None:
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+
+def plugin_layer_count(trt: ModuleType, network) -> int:
+    plugin_types = {getattr(trt.LayerType, n) for n in ("PLUGIN", "PLUGIN_V2", "PLUGIN_V3") if hasattr(trt.LayerType, n)}
+    return sum(1 for i in range(network.num_layers) if network.get_layer(i).type in plugin_types)
+
+
+def network_io(network) -> tuple[list[str], list[str]]:
+    inputs = [network.get_input(i).name for i in range(network.num_inputs)]
+    outputs = [network.get_output(i).name for i in range(network.num_outputs)]
+    return inputs, outputs
+
+
+def build_serialized(
+    trt: ModuleType,
+    builder,
+    network,
+    logger,
+    profiles: dict[str, dict[str, list[int]]],
+    timing_cache: Path | None,
+    name: str,
+) -> bytes:
+    """Build the engine; the timing cache is read before and written back after."""
+    config = builder.create_builder_config()
+    profile = builder.create_optimization_profile()
+    inputs, _ = network_io(network)
+    for input_name in inputs:
+        check(input_name in profiles, f"{name}: the network input {input_name!r} has no profile (internal mismatch)")
+        shapes = profiles[input_name]
+        profile.set_shape(input_name, shapes["min"], shapes["opt"], shapes["max"])
+    config.add_optimization_profile(profile)
+    cache_bytes = timing_cache.read_bytes() if timing_cache and timing_cache.is_file() else b""
+    cache = config.create_timing_cache(cache_bytes)
+    if cache is None:  # an unreadable timing cache file: start afresh rather than fail
+        cache = config.create_timing_cache(b"")
+    config.set_timing_cache(cache, ignore_mismatch=True)
+    mark = logger.mark()
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise SamgError(f"TensorRT could not build the {name} engine:\n{logger.report(mark)}")
+    if timing_cache is not None:
+        try:
+            atomic_write_bytes(timing_cache, bytes(config.get_timing_cache().serialize()))
+        except OSError as exc:
+            print(f"samg build: warning: could not write the timing cache {timing_cache}: {exc}", file=sys.stderr)
+    return bytes(serialized)
+
+
+# --------------------------------------------------------------------------------------------
+# The whole export.
+
+
+def _say(options: BuildOptions, text: str) -> None:
+    if not options.quiet:
+        print(f"samg build: {text}", file=sys.stderr, flush=True)
+
+
+def build_export(export_dir: str | os.PathLike, options: BuildOptions | None = None) -> list[BuildResult]:
+    """Build (or reuse from cache) one engine per component of an export folder."""
+    options = options or BuildOptions()
+    onnx = require("onnx", "to read the exported models")
+    export_dir = Path(export_dir)
+    manifest = load_manifest(export_dir)
+    check(options.combine in COMBINE_PATHS, f"--combine {options.combine!r}: use function or plugin")
+    precision = check_precision(manifest, options.precision)
+    if options.combine == "plugin":
+        check(
+            precision in ("fp32", "fp16"),
+            f"the GuidanceCombine plugin supports fp32 and fp16, not {precision}: use --combine function",
+        )
+    trt = load_trt(options.flavour)
+    flavour, version = flavour_of(trt), trt.__version__
+    files = component_files(manifest, export_dir)
+    unknown = [c for c in options.components if c not in COMPONENTS]
+    check(not unknown, f"unknown component(s) {unknown}: choose from {', '.join(COMPONENTS)}")
+    wanted = [c for c in COMPONENTS if c in options.components and c in files]
+    check(wanted, f"{export_dir} has none of the components {', '.join(options.components)} as ONNX files")
+
+    out_dir = options.out_dir or export_dir / "engines"
+    cache_dir = options.cache_dir or cache_root() / "engines"
+    timing_cache = options.timing_cache or cache_dir / f"timing-{flavour}-{version}.cache"
+    models = {}
+    for component in wanted:
+        path = files[component]
+        check(path.is_file(), f"{path} is missing from the export: re-run `samg export`")
+        models[component] = onnx.load(str(path), load_external_data=False)
+
+    default_tokens = _default_tokens(manifest, models.get("denoiser"))
+    ranges = symbol_ranges(manifest, options.shapes, default_tokens)
+    logger = make_logger(trt)
+    capability = compute_capability(trt)
+    results = []
+    for component in wanted:
+        path, model = files[component], models[component]
+        combine = options.combine if component == "denoiser" and uses_combine(model) else "none"
+        profiles = input_profiles(manifest, component, onnx_input_dims(model), ranges)
+        hashed = [path, *external_data_files(model, path)]
+        key_fields = {
+            "format_version": ENGINE_FORMAT_VERSION,
+            "component": component,
+            "onnx_sha256": [sha256_file(p) for p in hashed],
+            "trt": {"flavour": flavour, "version": version},
+            "compute_capability": capability,
+            "precision": precision,
+            "combine": combine,
+            "profiles": profiles,
+        }
+        key = cache_key(key_fields)
+        engine_path = out_dir / f"{component}.engine"
+        started = time.perf_counter()
+        status = _reuse(engine_path, key, cache_dir) if options.use_cache else None
+        if status is None:
+            _say(options, f"{component}: building with {flavour} {version} (combine={combine}, {precision}) ...")
+            builder = trt.Builder(logger)
+            network, _parser = parse_network(trt, builder, logger, path, combine)
+            _check_plugin_layers(trt, network, combine, path)
+            engine = build_serialized(trt, builder, network, logger, profiles, timing_cache, component)
+            inputs, outputs = network_io(network)
+            record = {
+                "format": ENGINE_FORMAT,
+                "format_version": ENGINE_FORMAT_VERSION,
+                "key": key,
+                **key_fields,
+                "onnx": path.name,
+                "inputs": inputs,
+                "outputs": outputs,
+                "plugins": [PLUGIN_ID] if combine == "plugin" else [],
+                "engine_bytes": len(engine),
+                "engine_sha256": "sha256:" + hashlib.sha256(engine).hexdigest(),
+                "build_seconds": round(time.perf_counter() - started, 3),
+                "samg_version": _samg_version(),
+            }
+            _write_engine(engine_path, engine, record)
+            if options.use_cache:
+                _store_in_cache(cache_dir, key, engine_path)
+            status = "built"
+        seconds = time.perf_counter() - started
+        record = read_record(engine_path)
+        words = {"built": "built", "up-to-date": "cache hit (engine up to date)", "from-cache": "cache hit (copied from the engine cache)"}
+        _say(options, f"{component}: {words[status]} in {seconds:.1f} s -> {engine_path}")
+        results.append(BuildResult(component, engine_path, record, status, seconds))
+    return results
+
+
+def _default_tokens(manifest: dict, denoiser_model) -> int | None:
+    """Token length L of the denoiser's conditioning when the export leaves it symbolic."""
+    declared = ((manifest.get("denoiser") or {}).get("inputs") or {}).get("encoder_hidden_states", {})
+    shape = declared.get("shape") or []
+    if len(shape) >= 2 and isinstance(shape[1], int):
+        return shape[1]
+    if denoiser_model is not None:
+        dims = onnx_input_dims(denoiser_model).get("encoder_hidden_states") or []
+        if len(dims) >= 2 and isinstance(dims[1], int):
+            return dims[1]
+    lengths = [t.get("max_length") for t in (manifest.get("text_encoder") or {}).get("tokenizers", [])]
+    lengths = [n for n in lengths if isinstance(n, int)]
+    return max(lengths) if lengths else None
+
+
+def _check_plugin_layers(trt: ModuleType, network, combine: str, path: Path) -> None:
+    count = plugin_layer_count(trt, network)
+    expected = 1 if combine == "plugin" else 0
+    if count != expected:
+        raise SamgError(
+            f"{path.name}: expected {expected} GuidanceCombine plugin layer(s) for combine={combine}, the parser "
+            f"made {count}: re-export with `samg export` (one GuidanceCombine node with its function body)"
+        )
+
+
+def _reuse(engine_path: Path, key: str, cache_dir: Path) -> str | None:
+    """"up-to-date" when the engine in place has `key`, "from-cache" when copied from the cache."""
+    if _valid_with_key(engine_path, key):
+        return "up-to-date"
+    cached = cache_dir / f"{key}.engine"
+    if _valid_with_key(cached, key):
+        out_record = read_record(cached)
+        out_record = {**out_record}
+        _write_engine(engine_path, cached.read_bytes(), out_record)
+        return "from-cache"
+    return None
+
+
+def _valid_with_key(engine_path: Path, key: str) -> bool:
+    try:
+        return verify_engine(engine_path).get("key") == key
+    except SamgError:
+        return False
+
+
+def _write_engine(engine_path: Path, engine: bytes, record: dict) -> None:
+    # The record goes last: an engine without a matching record is never taken as valid.
+    record_path = record_path_of(engine_path)
+    record_path.unlink(missing_ok=True)
+    atomic_write_bytes(engine_path, engine)
+    atomic_write_json(record_path, record)
+
+
+def _store_in_cache(cache_dir: Path, key: str, engine_path: Path) -> None:
+    try:
+        cached = cache_dir / f"{key}.engine"
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+            shutil.copyfile(engine_path, Path(tmp) / "e")
+            os.replace(Path(tmp) / "e", cached)
+        atomic_write_json(record_path_of(cached), read_record(engine_path))
+    except OSError as exc:
+        print(f"samg build: warning: could not store the engine in the cache {cache_dir}: {exc}", file=sys.stderr)
+
+
+def _samg_version() -> str:
+    from samg import __version__
+
+    return __version__

@@ -1,0 +1,145 @@
+"""CUDA source of the GuidanceCombine kernels that the TensorRT plugin launches (via CuPy).
+
+The math is samg-v1 from docs/guidance-op.md. Predictions are viewed as `[B, O, C, I]`: channels
+`C` at `channel_axis`, `O` = the dims between batch and channels, `I` = the dims after them, so one
+set of kernels serves `[B,C,H,W]`, `[B,C,F,H,W]` and `[B,F,C,H,W]`. The per-location buffers are
+`[B, P]` with `P = O * I` positions per sample, whose last two dims are always (H, W), so smoothing
+runs on `B * P / (H * W)` planes of H x W.
+
+Stages (one launch each, all on TensorRT's stream; float32 throughout):
+  energy      E[b,p]   = sum_c (c - u)^2
+  sample_sum  S[b]     = sum_p E[b,p]
+  membership  M[b,p]   = sigmoid(k * (E / (S / P + eps) - tau))
+  smooth_rows / smooth_cols (optional): 1-D [a, 1-2a, a] along W then H, reflect padding
+  combine     out      = u + (w_max - (w_max - w_min) * M) * (c - u), stored in the input dtype
+"""
+
+from __future__ import annotations
+
+KERNEL_SOURCE = r"""
+#include <cuda_fp16.h>
+
+__device__ __forceinline__ float load(const float* p, long long i) { return p[i]; }
+__device__ __forceinline__ float load(const __half* p, long long i) { return __half2float(p[i]); }
+__device__ __forceinline__ void store(float* p, long long i, float v) { p[i] = v; }
+__device__ __forceinline__ void store(__half* p, long long i, float v) { p[i] = __float2half_rn(v); }
+
+// Mirror without repeating the edge: -1 -> 1, n -> n - 2 (n >= 2 is checked on the host).
+__device__ __forceinline__ long long reflect(long long i, long long n) {
+    if (i < 0) return -i;
+    if (i >= n) return 2 * n - 2 - i;
+    return i;
+}
+
+template <typename T>
+__device__ void energy_impl(const T* u, const T* c, float* energy,
+                            long long B, long long O, long long C, long long I) {
+    long long positions = O * I;
+    long long total = B * positions;
+    for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < total;
+         idx += (long long)gridDim.x * blockDim.x) {
+        long long b = idx / positions, p = idx % positions;
+        long long o = p / I, i = p % I;
+        long long base = ((b * O + o) * C) * I + i;
+        float acc = 0.f;
+        for (long long ch = 0; ch < C; ++ch) {
+            float d = load(c, base + ch * I) - load(u, base + ch * I);
+            acc += d * d;
+        }
+        energy[idx] = acc;
+    }
+}
+
+template <typename T>
+__device__ void combine_impl(const T* u, const T* c, const float* scales, const float* member,
+                             T* out, long long B, long long O, long long C, long long I) {
+    long long per_sample = O * C * I;
+    long long total = B * per_sample;
+    for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < total;
+         idx += (long long)gridDim.x * blockDim.x) {
+        long long b = idx / per_sample, r = idx % per_sample;
+        long long o = r / (C * I), i = r % I;
+        float w_min = scales[2 * b], w_max = scales[2 * b + 1];
+        float w = w_max - (w_max - w_min) * member[b * O * I + o * I + i];
+        float uu = load(u, idx);
+        store(out, idx, uu + w * (load(c, idx) - uu));
+    }
+}
+
+extern "C" {
+
+__global__ void energy_f32(const float* u, const float* c, float* e,
+                           long long B, long long O, long long C, long long I) {
+    energy_impl(u, c, e, B, O, C, I);
+}
+__global__ void energy_f16(const __half* u, const __half* c, float* e,
+                           long long B, long long O, long long C, long long I) {
+    energy_impl(u, c, e, B, O, C, I);
+}
+
+// One block per sample; blockDim.x must be a power of two <= 1024.
+__global__ void sample_sum(const float* energy, float* sums, long long positions) {
+    extern __shared__ float partial[];
+    const float* row = energy + blockIdx.x * positions;
+    float acc = 0.f;
+    for (long long p = threadIdx.x; p < positions; p += blockDim.x) acc += row[p];
+    partial[threadIdx.x] = acc;
+    __syncthreads();
+    for (unsigned stride = blockDim.x / 2; stride > 0; stride >>= 1) {
+        if (threadIdx.x < stride) partial[threadIdx.x] += partial[threadIdx.x + stride];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) sums[blockIdx.x] = partial[0];
+}
+
+__global__ void membership(const float* energy, const float* sums, float* member,
+                           long long B, long long positions, float tau, float sharpness, float eps) {
+    long long total = B * positions;
+    for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < total;
+         idx += (long long)gridDim.x * blockDim.x) {
+        float mean = sums[idx / positions] / (float)positions;
+        float normalized = energy[idx] / (mean + eps);
+        member[idx] = 1.f / (1.f + expf(-sharpness * (normalized - tau)));
+    }
+}
+
+// src, dst: planes of H x W. along_rows=1 filters along W (within a row), 0 along H.
+__global__ void smooth_pass(const float* src, float* dst, long long planes, long long H, long long W,
+                            int along_rows, float edge, float centre) {
+    long long total = planes * H * W;
+    for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < total;
+         idx += (long long)gridDim.x * blockDim.x) {
+        long long plane = idx / (H * W), r = idx % (H * W);
+        long long y = r / W, x = r % W;
+        const float* p = src + plane * H * W;
+        float v;
+        if (along_rows) {
+            v = edge * p[y * W + reflect(x - 1, W)] + centre * p[y * W + x] + edge * p[y * W + reflect(x + 1, W)];
+        } else {
+            v = edge * p[reflect(y - 1, H) * W + x] + centre * p[y * W + x] + edge * p[reflect(y + 1, H) * W + x];
+        }
+        dst[idx] = v;
+    }
+}
+
+__global__ void combine_f32(const float* u, const float* c, const float* scales, const float* member,
+                            float* out, long long B, long long O, long long C, long long I) {
+    combine_impl(u, c, scales, member, out, B, O, C, I);
+}
+__global__ void combine_f16(const __half* u, const __half* c, const float* scales, const float* member,
+                            __half* out, long long B, long long O, long long C, long long I) {
+    combine_impl(u, c, scales, member, out, B, O, C, I);
+}
+
+}  // extern "C"
+"""
+
+KERNEL_NAMES = (
+    "energy_f32",
+    "energy_f16",
+    "sample_sum",
+    "membership",
+    "smooth_pass",
+    "combine_f32",
+    "combine_f16",
+)

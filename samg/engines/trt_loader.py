@@ -1,0 +1,146 @@
+"""Importing TensorRT or TensorRT-RTX, and the RTX wheel's missing-library-link defect.
+
+One code path serves both: the TensorRT-RTX Python API is the TensorRT API under the module name
+`tensorrt_rtx`. `load_trt()` picks the module (auto: `tensorrt` first, then `tensorrt_rtx`).
+
+The `tensorrt-rtx` wheel ships `libtensorrt_rtx.so.1` only, but the library `dlopen`s
+`libtensorrt_rtx.so` when the ONNX parser meets a plugin node; the failed lookup aborts the whole
+process (no Python exception). The lookup searches the library's own folder (its RPATH is
+`$ORIGIN`) and `LD_LIBRARY_PATH` as it was when the process started; a library loaded by another
+name does not satisfy it. So samg creates the link next to the library when that folder is
+writable, and otherwise in a samg cache folder that must be on `LD_LIBRARY_PATH` before start
+(`samg build` re-executes itself with it set).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+
+from samg.errors import SamgError
+
+FLAVOURS = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}
+# flavour -> (package holding the shared libraries, versioned file, name the library dlopens)
+_LIBRARY_LINKS = {"tensorrt-rtx": ("tensorrt_rtx_libs", "libtensorrt_rtx.so.1", "libtensorrt_rtx.so")}
+REEXEC_MARKER = "SAMG_TRT_REEXEC"
+
+
+def cache_root() -> Path:
+    """samg's cache folder: $SAMG_CACHE_DIR, else $XDG_CACHE_HOME/samg, else ~/.cache/samg."""
+    if os.environ.get("SAMG_CACHE_DIR"):
+        return Path(os.environ["SAMG_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "samg"
+
+
+def available_flavours() -> list[str]:
+    """TensorRT flavours importable here (checked without importing them)."""
+    return [f for f, module in FLAVOURS.items() if importlib.util.find_spec(module) is not None]
+
+
+def resolve_flavour(flavour: str | None) -> str:
+    """`None`/"auto" -> the first installed flavour; an explicit one must be installed."""
+    installed = available_flavours()
+    if flavour in (None, "auto"):
+        if not installed:
+            raise SamgError(
+                "TensorRT is not installed (needed to build engines): pip install tensorrt-rtx-cu13 "
+                '(or "samg[tensorrt]"), or install NVIDIA TensorRT'
+            )
+        return installed[0]
+    if flavour not in FLAVOURS:
+        raise SamgError(f"unknown TensorRT flavour {flavour!r}: use --trt tensorrt or --trt tensorrt-rtx")
+    if flavour not in installed:
+        hint = "pip install tensorrt-rtx-cu13" if flavour == "tensorrt-rtx" else "install NVIDIA TensorRT 10"
+        others = f" (installed: {', '.join(installed)})" if installed else ""
+        raise SamgError(f"--trt {flavour} is not installed{others}: {hint}")
+    return flavour
+
+
+def library_link_status(flavour: str) -> tuple[str, Path | None]:
+    """("ok" | "needs-env", folder) after making the unversioned library link where possible.
+
+    "needs-env": the link exists in `folder` (a samg cache folder) but that folder is not on
+    LD_LIBRARY_PATH of this process, so a plugin node would abort it.
+    """
+    if flavour not in _LIBRARY_LINKS:
+        return "ok", None
+    package, versioned, wanted = _LIBRARY_LINKS[flavour]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return "ok", None  # not the pip wheel layout: a system install has its own links
+    lib_dir = Path(next(iter(spec.submodule_search_locations)))
+    target = lib_dir / versioned
+    if not target.exists() or (lib_dir / wanted).exists():
+        return "ok", lib_dir
+    if _make_link(lib_dir / wanted, versioned):
+        return "ok", lib_dir
+    fallback = cache_root() / "lib" / flavour
+    fallback.mkdir(parents=True, exist_ok=True)
+    if not (fallback / wanted).exists() and not _make_link(fallback / wanted, str(target)):
+        raise SamgError(f"cannot create {fallback / wanted}: make {fallback} writable or set SAMG_CACHE_DIR")
+    on_path = [Path(p) for p in os.environ.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p]
+    if any(p.resolve() == fallback.resolve() for p in on_path if p.exists()):
+        return "ok", fallback
+    return "needs-env", fallback
+
+
+def _make_link(link: Path, target: str) -> bool:
+    """Create `link` -> `target` atomically; False when the folder is not writable."""
+    temp = link.with_name(f".{link.name}.{os.getpid()}.tmp")
+    try:
+        if temp.is_symlink():
+            temp.unlink()
+        os.symlink(target, temp)
+        os.replace(temp, link)
+        return True
+    except OSError:
+        if temp.is_symlink():
+            temp.unlink(missing_ok=True)
+        return False
+
+
+def ensure_library_link(flavour: str) -> None:
+    """Make parsing/deserializing plugin nodes safe in this process, or raise a SamgError saying how."""
+    status, folder = library_link_status(flavour)
+    if status == "needs-env":
+        raise SamgError(
+            f"the {flavour} wheel lacks the libtensorrt_rtx.so link and its folder is read-only: start "
+            f"Python with LD_LIBRARY_PATH={folder}:$LD_LIBRARY_PATH (samg build does this by itself)"
+        )
+
+
+def reexec_with_library_path(flavour: str, argv: list[str]) -> None:
+    """For the CLI: if the link lives in the cache folder, re-run this command with it on the path.
+
+    Returns normally when nothing is needed; replaces the process otherwise.
+    """
+    status, folder = library_link_status(flavour)
+    if status == "ok":
+        return
+    if os.environ.get(REEXEC_MARKER):
+        ensure_library_link(flavour)  # raises: the re-executed process still cannot see it
+    env = dict(os.environ)
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(folder), env.get("LD_LIBRARY_PATH", "")) if p)
+    env[REEXEC_MARKER] = "1"
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "samg", *argv], env)
+
+
+def load_trt(flavour: str | None = None) -> ModuleType:
+    """Import the TensorRT module of `flavour` (None: auto-detect), library link fixed first."""
+    flavour = resolve_flavour(flavour)
+    ensure_library_link(flavour)
+    try:
+        return importlib.import_module(FLAVOURS[flavour])
+    except ImportError as exc:
+        raise SamgError(f"{flavour} is installed but does not import ({exc}): reinstall it") from None
+
+
+def flavour_of(trt: ModuleType) -> str:
+    return "tensorrt-rtx" if trt.__name__ == "tensorrt_rtx" else "tensorrt"

@@ -1,0 +1,198 @@
+"""Optimization profiles for TensorRT, derived from an export's manifest.
+
+The user speaks in pixels and prompts (`batch`, `height`, `width`, `frames`, `tokens`); the
+manifest (docs/architecture.md) says which symbolic dim of which input they drive:
+`B` latent batch, `2B` conditioning batch (always twice `B`), `H`/`W` latent size, `F` latent
+frames, `L` token length, `N` prompts (text encoder) or decoded latents (VAE).
+
+`symbol_ranges()` turns the user's choice into (min, opt, max) per symbol; `input_profiles()`
+maps every input dim of one component to a range: a fixed ONNX dim stays fixed, a symbolic one
+takes its symbol's range (from the manifest's declared shape, the dim's own name, or its position).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from samg.errors import SamgError, check
+
+SHAPE_KEYS = ("batch", "height", "width", "frames", "tokens")
+# Default minimum sizes of a dynamic range stay on the export's `size_multiple` (pixels), else on
+# latent multiples of 8 (every SD-family UNet halves the latent at most three times).
+LATENT_STEP = 8
+DEFAULT_MAX_BATCH = 4
+
+Range = tuple[int, int, int]
+
+
+def parse_shape_spec(text: str | None, flag: str = "--opt") -> dict[str, int]:
+    """`"batch=2,height=512,width=768"` -> {"batch": 2, "height": 512, "width": 768}."""
+    if not text:
+        return {}
+    values: dict[str, int] = {}
+    for item in text.split(","):
+        key, sep, value = item.strip().partition("=")
+        check(
+            sep == "=" and key in SHAPE_KEYS and value.strip().isdigit() and int(value) > 0,
+            f"{flag} {text!r}: expected comma-separated KEY=POSITIVE_INT with KEY in {', '.join(SHAPE_KEYS)} "
+            "(e.g. batch=1,height=512,width=512)",
+        )
+        values[key] = int(value)
+    return values
+
+
+@dataclass(frozen=True)
+class ShapeRequest:
+    """What the user asked for: static (opt only) or dynamic (min/opt/max, each partial)."""
+
+    dynamic: bool = False
+    min: dict | None = None
+    opt: dict | None = None
+    max: dict | None = None
+
+
+def _latent_frames(frames: int, temporal_factor: int) -> int:
+    return (frames - 1) // temporal_factor + 1
+
+
+def symbol_ranges(manifest: dict, request: ShapeRequest, default_tokens: int | None = None) -> dict[str, Range]:
+    """(min, opt, max) for each symbol the manifest's components may use."""
+    latent = manifest.get("latent") or {}
+    factor = int(latent.get("spatial_factor", 8))
+    temporal = int(latent.get("temporal_factor", 1))
+    opt_user, min_user, max_user = request.opt or {}, request.min or {}, request.max or {}
+    if not request.dynamic:
+        check(not min_user and not max_user, "--min/--max need --dynamic (a --static build uses --opt only)")
+
+    def pick(key: str, default_opt: int | None, default_min, default_max, resizable: bool) -> Range | None:
+        opt = opt_user.get(key, default_opt)
+        if opt is None:
+            check(key not in min_user and key not in max_user, f"this export has no {key} dimension to set")
+            return None
+        if not request.dynamic:
+            return (opt, opt, opt)
+        if not resizable:
+            for name, values in (("--min", min_user), ("--max", max_user)):
+                check(
+                    values.get(key, opt) == opt,
+                    f"{name} {key}={values.get(key)}: this export's {key} is fixed at {opt} "
+                    "(re-export with a dynamic size, or leave it out)",
+                )
+            return (opt, opt, opt)
+        low = min_user.get(key, default_min(opt))
+        high = max_user.get(key, default_max(opt))
+        check(
+            low <= opt <= high,
+            f"{key}: need --min <= --opt <= --max, got {low} <= {opt} <= {high}",
+        )
+        return (low, opt, high)
+
+    step = int(latent.get("size_multiple") or factor * LATENT_STEP)
+    dynamic_resolution = bool(latent.get("dynamic_resolution", True))
+    batch = pick("batch", 1, lambda o: 1, lambda o: max(o, DEFAULT_MAX_BATCH), True)
+    sizes = {}
+    for key in ("height", "width"):
+        sizes[key] = pick(
+            key,
+            latent.get(key),
+            lambda o: max(min(o, step), o // 2 // step * step),
+            lambda o: 2 * o,
+            dynamic_resolution,
+        )
+    frames = pick(
+        "frames",
+        latent.get("frames"),
+        lambda o: o,
+        lambda o: o,
+        bool(latent.get("dynamic_frames", False)),
+    )
+    tokens = pick("tokens", default_tokens, lambda o: o, lambda o: o, True)
+
+    ranges: dict[str, Range] = {"B": batch, "2B": tuple(2 * v for v in batch)}
+    for key, symbol in (("height", "H"), ("width", "W")):
+        if sizes[key] is None:
+            continue
+        for v in sizes[key]:
+            check(v % factor == 0, f"{key}={v} is not a multiple of the VAE factor {factor}")
+        ranges[symbol] = tuple(v // factor for v in sizes[key])
+    if frames is not None:
+        ranges["F"] = tuple(_latent_frames(v, temporal) for v in frames)
+    if tokens is not None:
+        ranges["L"] = tokens
+    # Text encoder: one call encodes [negatives, positives], so 2B prompts at the optimum; a
+    # dynamic engine also takes a single prompt.
+    ranges["N"] = (1 if request.dynamic else 2 * batch[0], 2 * batch[1], 2 * batch[2])
+    per_frame = (manifest.get("vae") or {}).get("frames") == "per_frame" and "F" in ranges
+    frame_counts = ranges["F"] if per_frame else (1, 1, 1)
+    images = tuple(b * f for b, f in zip(batch, frame_counts))
+    ranges["NV"] = (1, *images[1:]) if request.dynamic else images
+    return ranges
+
+
+# Symbols a component's manifest section or ONNX dims use for the global ones above: the VAE's
+# `N` counts decoded latents (images, or frames for a per-frame VAE), not prompts.
+_ALIASES = {"vae_decoder": {"N": "NV", "h": "H", "w": "W", "f": "F"}}
+_SECTIONS = {"vae_decoder": "vae"}
+
+
+def _declared_shapes(manifest: dict, component: str) -> dict[str, list]:
+    section = manifest.get(_SECTIONS.get(component, component)) or {}
+    return {name: list(info.get("shape") or []) for name, info in (section.get("inputs") or {}).items()}
+
+
+def _positional_symbols(component: str, name: str, rank: int, manifest: dict) -> list[str | None]:
+    """Symbols by position for inputs whose shape the manifest does not declare."""
+    if component == "text_encoder":
+        return ["N", None][:rank] + [None] * max(0, rank - 2)
+    if component == "vae_decoder":
+        return {4: ["NV", None, "H", "W"], 5: ["NV", None, "F", "H", "W"]}.get(rank, [None] * rank)
+    latent = manifest.get("latent") or {}
+    if name == "latents":
+        layout = latent.get("layout", "BCHW")
+        return [{"B": "B", "C": None, "H": "H", "W": "W", "F": "F"}[ch] for ch in layout][:rank]
+    if name in ("timestep", "guidance_scales"):
+        return ["B"] + [None] * (rank - 1)
+    # conditioning inputs: [2B, L, D] or [2B, D]
+    return (["2B", "L", None] if rank == 3 else ["2B"] + [None] * (rank - 1))[:rank]
+
+
+def input_profiles(
+    manifest: dict,
+    component: str,
+    onnx_inputs: dict[str, list[int | str | None]],
+    ranges: dict[str, Range],
+) -> dict[str, dict[str, list[int]]]:
+    """{input: {"min": [...], "opt": [...], "max": [...]}} for one component's ONNX inputs.
+
+    `onnx_inputs` maps each input to its ONNX dims: an int for a fixed dim, the dim_param name
+    (or None) for a symbolic one.
+    """
+    declared = _declared_shapes(manifest, component)
+    profiles = {}
+    for name, dims in onnx_inputs.items():
+        positional = _positional_symbols(component, name, len(dims), manifest)
+        manifest_dims = declared.get(name) or []
+        shape: list[Range] = []
+        for axis, dim in enumerate(dims):
+            if isinstance(dim, int) and dim > 0:
+                shape.append((dim, dim, dim))
+                continue
+            candidates = [
+                manifest_dims[axis] if axis < len(manifest_dims) else None,
+                dim if isinstance(dim, str) else None,
+                positional[axis] if axis < len(positional) else None,
+            ]
+            if isinstance(candidates[0], int):
+                shape.append((candidates[0],) * 3)
+                continue
+            aliases = _ALIASES.get(component, {})
+            symbols = [aliases.get(c, c) for c in candidates if isinstance(c, str)]
+            symbol = next((c for c in symbols if c in ranges), None)
+            if symbol is None:
+                raise SamgError(
+                    f"{component} input {name!r} dim {axis} ({dim!r}) is dynamic but the manifest does not say "
+                    "what it is: re-export with `samg export` so samg.json declares the input shapes"
+                )
+            shape.append(ranges[symbol])
+        profiles[name] = {key: [r[i] for r in shape] for i, key in enumerate(("min", "opt", "max"))}
+    return profiles
