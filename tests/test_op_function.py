@@ -279,3 +279,25 @@ def test_register_schema_is_idempotent():
     schema = onnx.defs.get_schema(OP_TYPE, 1, DOMAIN)
     assert [p.name for p in schema.inputs] == ["pred_uncond", "pred_cond", "scales"]
     assert set(schema.attributes) == {"tau", "sharpness", "smooth", "channel_axis"}
+
+
+@pytest.mark.tensorrt
+@pytest.mark.parametrize("rank,channel_axis,dtype,smooth", [(4, 1, "float32", 0), (5, 2, "float16", 3)])
+def test_tensorrt_rtx_parses_and_builds_the_body(rank, channel_axis, dtype, smooth):
+    # Ahead-of-time build works without a GPU; running the engine needs one (not tested here).
+    trt = pytest.importorskip("tensorrt_rtx")
+    logger = trt.Logger(trt.Logger.ERROR)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    model = make_standalone_model(rank, dtype, 0.5, 6.0, smooth, channel_axis)
+    assert parser.parse(model.SerializeToString()), [str(parser.get_error(i)) for i in range(parser.num_errors)]
+    shape = _shape(rank, channel_axis, batch=1, channels=3, frames=2, height=4, width=4)
+    largest = tuple(2 * d if axis != channel_axis else d for axis, d in enumerate(shape))
+    profile = builder.create_optimization_profile()
+    for name in ("pred_uncond", "pred_cond"):
+        profile.set_shape(name, shape, shape, largest)
+    profile.set_shape("scales", (1, 2), (1, 2), (2, 2))
+    config = builder.create_builder_config()
+    config.add_optimization_profile(profile)
+    assert builder.build_serialized_network(network, config) is not None

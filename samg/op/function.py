@@ -243,6 +243,7 @@ def make_standalone_model(
         list(INPUT_NAMES),
         list(OUTPUT_NAMES),
         domain=DOMAIN,
+        name="guidance_combine",
         tau=float(tau),
         sharpness=float(sharpness),
         smooth=int(smooth),
