@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 
 from samg.errors import SamgError
-from samg.guidance._xp import check_pair
+from samg.guidance._xp import check_pair, ops_for
 
 #: Added to the mean energy before dividing, so Δ = 0 gives Ê = 0 instead of 0/0.
 EPS = 1e-12
@@ -85,8 +85,6 @@ def smooth3x3(m):
     then along W; this equals the 2-D kernel outer(w, w). Per frame for video (F is not smoothed).
     H and W must both be at least 2 (reflect padding needs a neighbour).
     """
-    from samg.guidance._xp import ops_for
-
     ops = ops_for(m)
     if m.ndim < 2 or m.shape[-1] < 2 or m.shape[-2] < 2:
         raise SamgError(
