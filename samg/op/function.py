@@ -165,20 +165,6 @@ def _default_opset(model) -> int:
     raise SamgError("the ONNX model has no default-domain opset import: re-export it with opset 17 or 18")
 
 
-def _uses_op(model) -> bool:
-    """Whether any node (also inside subgraphs) is a samg::GuidanceCombine."""
-    def nodes_of(graph):
-        for node in graph.node:
-            yield node
-            for attribute in node.attribute:
-                if attribute.g.node:
-                    yield from nodes_of(attribute.g)
-                for sub in attribute.graphs:
-                    yield from nodes_of(sub)
-
-    return any(n.domain == DOMAIN and n.op_type == OP_TYPE for n in nodes_of(model.graph))
-
-
 def attach_function(model) -> None:
     """Add the function body and the `samg` opset import to `model` in place (idempotent).
 

@@ -145,8 +145,8 @@ def guidance_combine(
     """
     torch = require("torch", "for guidance_combine")
     validate_attributes(tau=tau, sharpness=sharpness, smooth=smooth, channel_axis=channel_axis)
-    # The op's scales input is float32; a float32 tensor passes through with no extra node.
     args = (float(tau), float(sharpness), int(smooth), int(channel_axis))
+    # The op's scales input is float32; a float32 tensor passes `.to` with no extra graph node.
     if torch.jit.is_tracing():
         with _quiet_tracer(torch):
             _validate_tensors(torch, u, c, scales, smooth, channel_axis)
