@@ -208,25 +208,7 @@ void combine(const typename Type::Storage* u, const typename Type::Storage* c, c
 
 extern "C" const char* samg_combine_make_layout(const int64_t* dims, int rank, const samg_combine_params* params,
                                                 samg_combine_layout* layout) {
-  if (rank != 4 && rank != 5) return "predictions must be 4-D [B, C, H, W] or 5-D video [B, C, F, H, W] / [B, F, C, H, W]";
-  if (params->channel_axis != 1 && !(params->channel_axis == 2 && rank == 5))
-    return "channel_axis must be 1, or 2 for 5-D [B, F, C, H, W] video";
-  if (params->smooth != 0 && params->smooth != 3) return "attribute smooth must be 0 or 3";
-  if (!std::isfinite(params->tau) || !std::isfinite(params->sharpness))
-    return "attributes tau and sharpness must be finite";
-  if (params->smooth == 3 && (dims[rank - 1] < 2 || dims[rank - 2] < 2))
-    return "smooth=3 needs H and W of at least 2 (reflect padding): use smooth=0";
-  for (int i = 0; i < rank; ++i)
-    if (dims[i] < 0) return "pred_uncond has an unknown (negative) dimension";
-  layout->batch = dims[0];
-  layout->outer = 1;
-  for (int i = 1; i < params->channel_axis; ++i) layout->outer *= dims[i];
-  layout->channels = dims[params->channel_axis];
-  layout->inner = 1;
-  for (int i = params->channel_axis + 1; i < rank; ++i) layout->inner *= dims[i];
-  layout->height = dims[rank - 2];
-  layout->width = dims[rank - 1];
-  return nullptr;
+  return samg_combine_layout_from_dims(dims, rank, params, layout);
 }
 
 extern "C" const char* samg_guidance_combine_cpu(const void* u, const void* c, const float* scales, void* out,

@@ -13,36 +13,13 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "combine_layout.h"
+
 #ifdef __cplusplus
 extern "C" {
 #endif
 
-typedef enum samg_dtype {
-  SAMG_DTYPE_FLOAT32 = 0,
-  SAMG_DTYPE_FLOAT16 = 1,
-  SAMG_DTYPE_BFLOAT16 = 2,
-} samg_dtype;
-
-// The tensor [B, d1, ..., dn] seen as [B, outer, C, inner] around the channel axis.
-typedef struct samg_combine_layout {
-  int64_t batch;
-  int64_t outer;     // product of the dims between batch and channel (1 for channel_axis 1)
-  int64_t channels;
-  int64_t inner;     // product of the dims after the channel axis
-  int64_t height;    // last two tensor dims: the plane that smoothing runs over
-  int64_t width;
-} samg_combine_layout;
-
-typedef struct samg_combine_params {
-  float tau;        // 1.0 by default
-  float sharpness;  // 4.0 by default
-  int smooth;       // 0 (off) or 3 (3x3 smoothing of the membership map)
-  int channel_axis; // 1, or 2 for [B, F, C, H, W]
-} samg_combine_params;
-
-// Checks the shape and attributes and fills `layout`. Returns NULL when valid, otherwise a static
-// message naming the problem. Accepted: 4-D with channel_axis 1, 5-D with channel_axis 1 or 2;
-// smooth=3 needs H, W >= 2 (the last two axes).
+// samg_combine_layout_from_dims (combine_layout.h), exported for callers that load the library.
 const char* samg_combine_make_layout(const int64_t* dims, int rank, const samg_combine_params* params,
                                      samg_combine_layout* layout);
 
