@@ -341,7 +341,9 @@ def semantic_combine(u, c, scales, self_maps, cross_maps, *, factors, corrected:
     check(len(self_maps) == 2 and len(cross_maps) == 2 and len(factors) == 2,
           f"SemanticCombine takes exactly two attention levels (fine, coarse), got {len(self_maps)}: "
           "pick two levels with scfg_levels")
-    check(int(factors[0]) < int(factors[1]), f"SemanticCombine factors must be (fine, coarse), got {tuple(factors)}")
+    # equal factors: one level given twice (a UNet with a single attention level), exact as one level
+    check(int(factors[0]) < int(factors[1]) or (int(factors[0]) == int(factors[1]) and self_maps[0] is self_maps[1]),
+          f"SemanticCombine factors must be (fine, coarse) with fine < coarse, got {tuple(factors)}")
     if scales.dtype != torch.float32:  # (a float32 tensor passes through with no Cast node)
         scales = scales.to(torch.float32)
     args = (u, c, scales, self_maps[0], cross_maps[0], self_maps[1], cross_maps[1],
