@@ -13,8 +13,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tiny", action="store_true", help="export a tiny random model of the family (for tests)")
     parser.add_argument("--out", required=True, metavar="DIR", help="export folder to write")
     parser.add_argument(
-        "--guidance", choices=("fused", "raw"), default="fused",
-        help="fused: one graph outputs the guided prediction; raw: outputs pred_uncond and pred_cond",
+        "--guidance", choices=("fused", "raw", "scfg"), default="fused",
+        help="fused: one graph outputs the guided prediction; raw: outputs pred_uncond and pred_cond; "
+        "scfg: the graph computes S-CFG from its attention maps (UNet models, see docs/scfg.md)",
     )
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
     parser.add_argument("--dtype", choices=("float32", "float16"), default="float32")

@@ -128,7 +128,7 @@ def _quiet_libraries():
 def _check_options(opts: ExportOptions, spec: ModelSpec) -> None:
     from samg.op.schema import validate_attributes
 
-    check(opts.guidance in ("fused", "raw"), f"--guidance must be fused or raw, got {opts.guidance!r}")
+    check(opts.guidance in ("fused", "raw", "scfg"), f"--guidance must be fused, raw or scfg, got {opts.guidance!r}")
     check(opts.dtype in TOLERANCE, f"--dtype must be float32 or float16, got {opts.dtype!r}")
     check(17 <= opts.opset <= 21, f"--opset must be between 17 and 21 (default 18), got {opts.opset}")
     check(not (opts.tiny and opts.model_path), "--tiny and --model-path exclude each other: pass one of them")
@@ -259,9 +259,13 @@ def _denoiser_component(spec, pipe, sizes: Sizes, opts: ExportOptions, torch, dt
         extras["image_rotary_emb"] = pipe._prepare_rotary_positional_embeddings(
             sizes.height, sizes.width, sizes.latent_frames, torch.device("cpu")
         )
-    fused = opts.guidance == "fused"
+    fused = opts.guidance in ("fused", "scfg")  # scfg: same inputs/outputs, S-CFG combine in the graph
     combine = dict(tau=opts.tau, sharpness=opts.sharpness, smooth=opts.smooth, channel_axis=spec.channel_axis)
     module = Denoiser(model, spec, fused=fused, combine=combine, extras=extras).eval()
+    if opts.guidance == "scfg":
+        from samg.scfg.export import scfg_denoiser
+
+        module = scfg_denoiser(module)
     dynamic_res = spec.dynamic_resolution
     cond_shapes = _conditioning_shapes(spec, pipe, torch, dtype)
 
@@ -421,6 +425,10 @@ def _export_onnx(component: Component, folder: Path, opts: ExportOptions, torch,
         from samg.op import attach_function
 
         attach_function(model)
+    if component.name == "denoiser" and opts.guidance == "scfg":
+        from samg.scfg.export import attach_to_model
+
+        attach_to_model(model)
     _save_onnx(model, path, onnx)
 
 
@@ -658,6 +666,8 @@ def export(opts: ExportOptions) -> Path:
                     progress.done()
             progress.stage("writing manifest")
             manifest = _manifest(spec, pipe, opts, sizes, source, components, tokenizers, folder)
+            if opts.guidance == "scfg":
+                manifest["combine"] = components[0].module.manifest_combine()
             atomic_write_json(folder / MANIFEST_FILE, manifest)
             progress.done()
     finally:

@@ -42,7 +42,8 @@ class Guidance:
     def validate(self) -> None:
         from samg.guidance import get_rule
 
-        get_rule(self.rule)  # SamgError naming the known rules
+        if self.rule != "scfg":  # S-CFG runs only inside an `samg export --guidance scfg` graph
+            get_rule(self.rule)  # SamgError naming the known rules
         if not (np.isfinite(self.w_min) and np.isfinite(self.w_max)):
             raise SamgError("guidance scales must be finite numbers: check --scale / --w-min / --w-max")
         if self.w_min > self.w_max:
@@ -71,16 +72,21 @@ class Denoiser:
         if prediction_type not in PREDICTION_TYPES:
             raise SamgError(f"unknown prediction_type {prediction_type!r} in samg.json: re-export the model")
         guidance.validate()
+        if (export_guidance == "scfg") != (guidance.rule == "scfg"):
+            raise SamgError(
+                "S-CFG needs an export made with `samg export --guidance scfg` and `--guidance scfg` here: "
+                f"this export is {export_guidance!r} and the guidance asked is {guidance.rule!r}"
+            )
         if export_guidance == "fused" and guidance.rule not in FUSED_RULES:
             raise SamgError(
                 f"guidance {guidance.rule!r} cannot run on a fused export (it combines in the graph): "
                 "re-export with --guidance raw, or use --guidance samg, cfg or interval"
             )
-        if export_guidance not in ("fused", "raw"):
+        if export_guidance not in ("fused", "raw", "scfg"):
             raise SamgError(f"unknown export guidance {export_guidance!r} in samg.json: re-export the model")
         self.runner = runner
         self.prediction_type = prediction_type
-        self.fused = export_guidance == "fused"
+        self.fused = export_guidance in ("fused", "scfg")  # scfg graphs take (w, w) and output guided
         self.schedule = schedule
         self.conditioning = conditioning
         self.guidance = guidance
