@@ -1,0 +1,71 @@
+// samg's C++ runtime over the ONNX Runtime C++ API: reads an export folder's samg.json, runs the
+// guided denoiser through a sampling loop and decodes with the VAE. Mirrors samg.runtime (Python):
+// same schedules, samplers and x0 conversions, so both give the same latents for the same inputs.
+#pragma once
+
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "samg/npy.h"
+#include "samg/schedules.h"
+
+namespace Ort {
+struct Env;
+struct Session;
+}  // namespace Ort
+
+namespace samg {
+
+struct RuntimeOptions {
+  int intra_op_threads = 0;         // 0: ONNX Runtime's default
+  std::string custom_op_library;    // libsamg_ort.so to register ("" = none)
+};
+
+struct Request {
+  std::string guidance = "samg";    // "samg" (w_min..w_max) or "cfg" (one scale)
+  double w_min = 4.25, w_max = 7.5; // cfg uses w_max
+  std::string sampler = "euler";    // euler, ddim, dpmpp_2m, flow_euler
+  int steps = 30;
+  bool karras = false;
+};
+
+struct Image {  // uint8 RGB, row-major
+  int height = 0, width = 0;
+  std::vector<uint8_t> rgb;
+};
+
+class Runtime {
+ public:
+  Runtime(const std::string& export_dir, const RuntimeOptions& options);
+  ~Runtime();
+
+  const nlohmann::json& manifest() const { return manifest_; }
+  // Names of the denoiser's conditioning inputs (files `<name>.npy` from `samg encode`).
+  const std::vector<std::string>& conditioning_names() const { return conditioning_names_; }
+
+  // `conditioning`: per name, [2, ...] (negative first, then the prompt) or already [2B, ...].
+  // `noise`: standard normal latents [B, ...]. Returns the final latents in the model's space.
+  Tensor sample(const std::map<std::string, Tensor>& conditioning, const Tensor& noise, const Request& request);
+  // Images from model-space latents (image models: [N, C, h, w]).
+  std::vector<Image> decode(const Tensor& latents);
+
+ private:
+  Tensor denoise(const Tensor& x, double sigma, double timestep, const std::map<std::string, Tensor>& cond,
+                 const Request& request);
+
+  std::string export_dir_;
+  nlohmann::json manifest_;
+  std::vector<std::string> conditioning_names_;
+  std::unique_ptr<Ort::Env> env_;
+  std::unique_ptr<Ort::Session> denoiser_, vae_;
+};
+
+// Throws std::runtime_error on failure.
+void write_ppm(const std::string& path, const Image& image);
+void write_png(const std::string& path, const Image& image);
+
+}  // namespace samg

@@ -1,0 +1,22 @@
+// Noise schedules: a C++ port of samg/runtime/schedules.py (itself diffusers' timestep/sigma math),
+// including its float32 roundings, so that the C++ and Python runtimes take the same steps.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+namespace samg {
+
+struct Schedule {
+  std::vector<double> sigmas;     // steps + 1, decreasing, ends at the final sigma
+  std::vector<double> timesteps;  // steps: the model's own timestep at sigmas[i]
+  double init_noise_sigma = 1.0;  // initial sampler variable = standard normal noise * this
+  bool flow = false;              // flow matching (sampler variable = model latents)
+};
+
+// Throws std::invalid_argument with a fix for unknown samplers/kinds or steps < 1.
+Schedule make_schedule(const nlohmann::json& scheduler, const std::string& sampler, int steps, bool karras);
+
+}  // namespace samg

@@ -1,0 +1,262 @@
+#include "samg/schedules.h"
+
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+
+namespace samg {
+namespace {
+
+using Json = nlohmann::json;
+
+template <typename T>
+T get_or(const Json& cfg, const char* key, T fallback) {
+  auto it = cfg.find(key);
+  return (it == cfg.end() || it->is_null()) ? fallback : it->get<T>();
+}
+
+// numpy.linspace: start + i * step in float64, last element exactly `stop`.
+std::vector<double> linspace(double start, double stop, int64_t num) {
+  std::vector<double> out(static_cast<size_t>(std::max<int64_t>(num, 0)));
+  if (num == 1) out[0] = start;
+  if (num <= 1) return out;
+  const double step = (stop - start) / static_cast<double>(num - 1);
+  for (int64_t i = 0; i < num; ++i) out[i] = static_cast<double>(i) * step + start;
+  out[num - 1] = stop;
+  return out;
+}
+
+// numpy.arange(start, stop, step) for floats: ceil((stop - start) / step) values.
+std::vector<double> arange(double start, double stop, double step) {
+  const double count = std::ceil((stop - start) / step);
+  std::vector<double> out;
+  for (int64_t i = 0; i < static_cast<int64_t>(count); ++i) out.push_back(start + static_cast<double>(i) * step);
+  return out;
+}
+
+double round_half_even(double x) { return std::nearbyint(x); }
+
+std::vector<float> betas(int n, double beta_start, double beta_end, const std::string& kind) {
+  std::vector<float> b(static_cast<size_t>(n));
+  if (kind == "linear") {
+    auto v = linspace(beta_start, beta_end, n);
+    for (int i = 0; i < n; ++i) b[i] = static_cast<float>(v[i]);
+  } else if (kind == "scaled_linear") {
+    auto v = linspace(std::sqrt(beta_start), std::sqrt(beta_end), n);
+    for (int i = 0; i < n; ++i) {
+      const float root = static_cast<float>(v[i]);
+      b[i] = root * root;
+    }
+  } else if (kind == "squaredcos_cap_v2") {
+    auto alpha_bar = [n](int i) {
+      const double t = static_cast<double>(i) / n;
+      const double c = std::cos((t + 0.008) / 1.008 * M_PI / 2);
+      return c * c;
+    };
+    for (int i = 0; i < n; ++i) b[i] = static_cast<float>(std::min(1 - alpha_bar(i + 1) / alpha_bar(i), 0.999));
+  } else {
+    throw std::invalid_argument("unknown beta_schedule '" + kind +
+                                "' in samg.json: use linear, scaled_linear or squaredcos_cap_v2");
+  }
+  return b;
+}
+
+std::vector<float> alphas_cumprod(const Json& cfg) {
+  std::vector<float> b = betas(get_or<int>(cfg, "num_train_timesteps", 1000), get_or<double>(cfg, "beta_start", 0.0001),
+                               get_or<double>(cfg, "beta_end", 0.02), get_or<std::string>(cfg, "beta_schedule", "linear"));
+  const bool zero_snr = get_or<bool>(cfg, "rescale_betas_zero_snr", false);
+  const size_t n = b.size();
+  if (zero_snr) {  // Lin et al. 2023, Algorithm 1, in float32 like the numpy port
+    std::vector<float> sqrt_ab(n);
+    float running = 1.0f;
+    for (size_t i = 0; i < n; ++i) sqrt_ab[i] = std::sqrt(running *= (1.0f - b[i]));
+    const float first = sqrt_ab[0], last = sqrt_ab[n - 1];
+    std::vector<float> ab(n);
+    for (size_t i = 0; i < n; ++i) {
+      const float s = (sqrt_ab[i] - last) * first / (first - last);
+      ab[i] = s * s;
+    }
+    for (size_t i = 0; i < n; ++i) b[i] = 1.0f - (i == 0 ? ab[0] : ab[i] / ab[i - 1]);
+  }
+  std::vector<float> ac(n);
+  float running = 1.0f;
+  for (size_t i = 0; i < n; ++i) ac[i] = running *= (1.0f - b[i]);
+  if (zero_snr) ac[n - 1] = std::ldexp(1.0f, -24);
+  return ac;
+}
+
+std::vector<double> train_sigmas(const std::vector<float>& ac) {
+  std::vector<double> out(ac.size());
+  for (size_t i = 0; i < ac.size(); ++i) out[i] = static_cast<double>(std::sqrt((1.0f - ac[i]) / ac[i]));
+  return out;
+}
+
+// numpy.interp(x, arange(len(fp)), fp).
+double interp_index(double x, const std::vector<double>& fp) {
+  const int64_t last = static_cast<int64_t>(fp.size()) - 1;
+  if (x <= 0) return fp[0];
+  if (x >= static_cast<double>(last)) return fp[last];
+  const int64_t j = static_cast<int64_t>(std::floor(x));
+  const double slope = (fp[j + 1] - fp[j]) / 1.0;
+  return slope * (x - static_cast<double>(j)) + fp[j];
+}
+
+double sigma_to_t(double sigma, const std::vector<double>& log_sigmas) {
+  const double log_sigma = std::log(std::max(sigma, 1e-10));
+  const int64_t n = static_cast<int64_t>(log_sigmas.size());
+  // argmax of the cumulative count of (log_sigma >= log_sigmas[i]): the last index where it holds
+  int64_t low = 0, count = 0, best = -1;
+  for (int64_t i = 0; i < n; ++i) {
+    count += (log_sigma - log_sigmas[i]) >= 0;
+    if (count > best) best = count, low = i;
+  }
+  low = std::min(low, n - 2);
+  double w = (log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[low + 1]);
+  w = std::clamp(w, 0.0, 1.0);
+  return (1 - w) * static_cast<double>(low) + w * static_cast<double>(low + 1);
+}
+
+std::vector<double> karras_sigmas(double sigma_min, double sigma_max, int n, double rho = 7.0) {
+  const auto ramp = linspace(0, 1, n);
+  const double lo = std::pow(sigma_min, 1 / rho), hi = std::pow(sigma_max, 1 / rho);
+  std::vector<double> out(static_cast<size_t>(n));
+  for (int i = 0; i < n; ++i) out[i] = std::pow(hi + ramp[i] * (lo - hi), rho);
+  return out;
+}
+
+std::vector<double> spaced_timesteps(const std::string& spacing, int steps, int num_train, int steps_offset) {
+  std::vector<double> ts;
+  if (spacing == "linspace") {
+    ts = linspace(0, num_train - 1, steps);
+    std::reverse(ts.begin(), ts.end());
+  } else if (spacing == "leading") {
+    const int ratio = num_train / steps;
+    for (int i = steps - 1; i >= 0; --i) ts.push_back(round_half_even(static_cast<double>(i) * ratio) + steps_offset);
+  } else if (spacing == "trailing") {
+    for (double t : arange(num_train, 0, -static_cast<double>(num_train) / steps)) ts.push_back(round_half_even(t) - 1.0);
+  } else {
+    throw std::invalid_argument("unknown timestep_spacing '" + spacing + "' in samg.json: use leading, trailing or linspace");
+  }
+  return ts;
+}
+
+Schedule euler_schedule(const Json& cfg, int steps, bool karras) {
+  const auto ac = alphas_cumprod(cfg);
+  const int num_train = static_cast<int>(ac.size());
+  const std::string spacing = get_or<std::string>(cfg, "timestep_spacing", "leading");
+  std::vector<double> ts = spaced_timesteps(spacing, steps, num_train, get_or<int>(cfg, "steps_offset", 0));
+  const auto full = train_sigmas(ac);
+  std::vector<double> sig(ts.size());
+  for (size_t i = 0; i < ts.size(); ++i) sig[i] = interp_index(ts[i], full);
+  if (karras) {
+    std::vector<double> log_full(full.size());
+    for (size_t i = 0; i < full.size(); ++i) log_full[i] = std::log(full[i]);
+    sig = karras_sigmas(sig.back(), sig.front(), steps);
+    for (size_t i = 0; i < sig.size(); ++i) ts[i] = sigma_to_t(sig[i], log_full);
+  }
+  Schedule s;
+  s.timesteps = ts;
+  s.sigmas = sig;
+  s.sigmas.push_back(0.0);
+  const double max_sigma = *std::max_element(s.sigmas.begin(), s.sigmas.end());
+  s.init_noise_sigma = (spacing == "linspace" || spacing == "trailing") ? max_sigma : std::sqrt(max_sigma * max_sigma + 1);
+  return s;
+}
+
+Schedule ddim_schedule(const Json& cfg, int steps) {
+  const auto ac = alphas_cumprod(cfg);
+  const int num_train = static_cast<int>(ac.size());
+  const std::string spacing = get_or<std::string>(cfg, "timestep_spacing", "leading");
+  std::vector<double> ts = spaced_timesteps(spacing, steps, num_train, get_or<int>(cfg, "steps_offset", 0));
+  const float final_ac = get_or<bool>(cfg, "set_alpha_to_one", true) ? 1.0f : ac[0];
+  Schedule s;
+  // float32 throughout, like the numpy port (alphas_cumprod is float32 there).
+  auto sigma_of = [](float a) { return static_cast<double>(std::sqrt((1.0f - a) / a)); };
+  float last_prev_ac = final_ac;
+  for (double t : ts) {
+    const int64_t step_t = static_cast<int64_t>(spacing == "linspace" ? round_half_even(t) : t);
+    const int64_t prev = step_t - num_train / steps;
+    s.timesteps.push_back(static_cast<double>(step_t));
+    s.sigmas.push_back(sigma_of(ac[step_t]));
+    last_prev_ac = prev >= 0 ? ac[prev] : final_ac;
+  }
+  s.sigmas.push_back(sigma_of(last_prev_ac));
+  s.init_noise_sigma = std::sqrt(1 + s.sigmas[0] * s.sigmas[0]);
+  return s;
+}
+
+Schedule dpm_schedule(const Json& cfg, int steps, bool karras) {
+  const auto ac = alphas_cumprod(cfg);
+  const int num_train = static_cast<int>(ac.size());
+  const std::string spacing = get_or<std::string>(cfg, "timestep_spacing", "linspace");
+  std::vector<double> ts;
+  if (spacing == "linspace") {
+    auto v = linspace(0, num_train - 1, steps + 1);
+    for (int i = steps; i >= 1; --i) ts.push_back(round_half_even(v[i]));
+  } else if (spacing == "leading") {
+    const int ratio = num_train / (steps + 1);
+    for (int i = steps; i >= 1; --i) ts.push_back(round_half_even(static_cast<double>(i) * ratio) + get_or<int>(cfg, "steps_offset", 0));
+  } else if (spacing == "trailing") {
+    for (double t : arange(num_train, 0, -static_cast<double>(num_train) / steps)) ts.push_back(round_half_even(t) - 1);
+  } else {
+    throw std::invalid_argument("unknown timestep_spacing '" + spacing + "' in samg.json: use leading, trailing or linspace");
+  }
+  const auto full = train_sigmas(ac);
+  std::vector<double> sig;
+  if (karras) {
+    std::vector<double> log_full(full.size());
+    for (size_t i = 0; i < full.size(); ++i) log_full[i] = std::log(full[i]);
+    sig = karras_sigmas(full.front(), full.back(), steps);
+    ts.resize(sig.size());
+    for (size_t i = 0; i < sig.size(); ++i) ts[i] = round_half_even(sigma_to_t(sig[i], log_full));
+  } else {
+    for (double t : ts) sig.push_back(interp_index(t, full));
+  }
+  Schedule s;
+  s.timesteps = ts;
+  s.sigmas = sig;
+  s.sigmas.push_back(0.0);
+  s.init_noise_sigma = std::sqrt(1 + s.sigmas[0] * s.sigmas[0]);
+  return s;
+}
+
+double shift_sigma(double s, double shift) { return shift * s / (1 + (shift - 1) * s); }
+
+Schedule flow_schedule(const Json& cfg, int steps) {
+  const int num_train = get_or<int>(cfg, "num_train_timesteps", 1000);
+  const double shift = get_or<double>(cfg, "shift", 1.0);
+  const double sigma_max = shift_sigma(1.0, shift), sigma_min = shift_sigma(1.0 / num_train, shift);
+  Schedule s;
+  s.flow = true;
+  for (double t : linspace(sigma_max * num_train, sigma_min * num_train, steps)) {
+    const double sigma = shift_sigma(t / num_train, shift);
+    s.sigmas.push_back(sigma);
+    s.timesteps.push_back(sigma * num_train);
+  }
+  s.sigmas.push_back(0.0);
+  s.init_noise_sigma = 1.0;
+  return s;
+}
+
+}  // namespace
+
+Schedule make_schedule(const Json& cfg, const std::string& sampler, int steps, bool karras) {
+  if (steps < 1) throw std::invalid_argument("steps must be at least 1: pass --steps N with N >= 1");
+  const std::string kind = get_or<std::string>(cfg, "kind", "discrete");
+  if (kind == "flow") {
+    if (sampler != "flow_euler" && sampler != "euler")
+      throw std::invalid_argument("sampler '" + sampler + "' does not apply to a flow-matching model: use --sampler flow_euler");
+    return flow_schedule(cfg, steps);
+  }
+  if (kind != "discrete") throw std::invalid_argument("unknown scheduler kind '" + kind + "' in samg.json: re-export the model");
+  if (sampler == "ddim") {
+    if (karras) throw std::invalid_argument("--karras does not apply to ddim: use --sampler euler or dpmpp_2m");
+    return ddim_schedule(cfg, steps);
+  }
+  if (sampler == "dpmpp_2m") return dpm_schedule(cfg, steps, karras);
+  if (sampler == "euler") return euler_schedule(cfg, steps, karras);
+  if (sampler == "flow_euler") throw std::invalid_argument("flow_euler needs a flow-matching model: use --sampler euler, ddim or dpmpp_2m");
+  throw std::invalid_argument("unknown sampler '" + sampler + "': use euler, ddim, dpmpp_2m or flow_euler");
+}
+
+}  // namespace samg
