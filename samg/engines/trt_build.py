@@ -293,10 +293,22 @@ def parse_network(trt: ModuleType, builder, logger, onnx_path: Path, combine: st
     else:
         ok = parser.parse_from_file(str(onnx_path))
     if not ok:
-        errors = [parser.get_error(i).desc() for i in range(parser.num_errors)]
+        errors = [_describe_parser_error(parser.get_error(i)) for i in range(parser.num_errors)]
         detail = "\n".join(f"  [parser] {e}" for e in errors) or logger.report(mark)
         raise SamgError(f"TensorRT could not parse {onnx_path.name}:\n{detail}")
     return network, parser
+
+
+def _describe_parser_error(error) -> str:
+    """"node NAME (OP): message" from an IParserError (the node is what the user can act on)."""
+    where = []
+    for getter in ("node_name", "node_operator"):
+        value = getattr(error, getter, None)
+        value = value() if callable(value) else value
+        where.append(str(value) if value else "")
+    name, operator = where
+    prefix = f"node {name or '?'} ({operator}): " if operator else ""
+    return prefix + error.desc().strip()
 
 
 class _stripped_copy:
@@ -355,11 +367,12 @@ def build_serialized(
         shapes = profiles[input_name]
         profile.set_shape(input_name, shapes["min"], shapes["opt"], shapes["max"])
     config.add_optimization_profile(profile)
-    cache_bytes = timing_cache.read_bytes() if timing_cache and timing_cache.is_file() else b""
-    cache = config.create_timing_cache(cache_bytes)
-    if cache is None:  # an unreadable timing cache file: start afresh rather than fail
-        cache = config.create_timing_cache(b"")
-    config.set_timing_cache(cache, ignore_mismatch=True)
+    if timing_cache is not None:
+        cache_bytes = timing_cache.read_bytes() if timing_cache.is_file() else b""
+        cache = config.create_timing_cache(cache_bytes)
+        if cache is None:  # an unreadable timing cache file: start afresh rather than fail
+            cache = config.create_timing_cache(b"")
+        config.set_timing_cache(cache, ignore_mismatch=True)
     mark = logger.mark()
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
@@ -404,7 +417,12 @@ def build_export(export_dir: str | os.PathLike, options: BuildOptions | None = N
 
     out_dir = options.out_dir or export_dir / "engines"
     cache_dir = options.cache_dir or cache_root() / "engines"
-    timing_cache = options.timing_cache or cache_dir / f"timing-{flavour}-{version}.cache"
+    # TensorRT-RTX builds do no kernel timing (its timing-cache calls are no-ops).
+    timing_cache = None
+    if flavour == "tensorrt":
+        timing_cache = options.timing_cache or cache_dir / f"timing-{flavour}-{version}.cache"
+    elif options.timing_cache is not None:
+        _say(options, "note: TensorRT-RTX has no timing cache (its builds time no kernels); --timing-cache ignored")
     models = {}
     for component in wanted:
         path = files[component]

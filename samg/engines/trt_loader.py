@@ -74,17 +74,25 @@ def library_link_status(flavour: str) -> tuple[str, Path | None]:
     if spec is None or not spec.submodule_search_locations:
         return "ok", None  # not the pip wheel layout: a system install has its own links
     lib_dir = Path(next(iter(spec.submodule_search_locations)))
+    return link_library(
+        lib_dir, versioned, wanted, cache_root() / "lib" / flavour, os.environ.get("LD_LIBRARY_PATH", "")
+    )
+
+
+def link_library(
+    lib_dir: Path, versioned: str, wanted: str, fallback: Path, ld_library_path: str
+) -> tuple[str, Path | None]:
+    """Make `wanted` -> `versioned` findable: next to the library, else in `fallback`."""
     target = lib_dir / versioned
     if not target.exists() or (lib_dir / wanted).exists():
         return "ok", lib_dir
     if _make_link(lib_dir / wanted, versioned):
         return "ok", lib_dir
-    fallback = cache_root() / "lib" / flavour
     fallback.mkdir(parents=True, exist_ok=True)
     if not (fallback / wanted).exists() and not _make_link(fallback / wanted, str(target)):
         raise SamgError(f"cannot create {fallback / wanted}: make {fallback} writable or set SAMG_CACHE_DIR")
-    on_path = [Path(p) for p in os.environ.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p]
-    if any(p.resolve() == fallback.resolve() for p in on_path if p.exists()):
+    on_path = [Path(p) for p in ld_library_path.split(os.pathsep) if p]
+    if any(p.exists() and p.resolve() == fallback.resolve() for p in on_path):
         return "ok", fallback
     return "needs-env", fallback
 

@@ -172,6 +172,8 @@ def input_profiles(
     for name, dims in onnx_inputs.items():
         positional = _positional_symbols(component, name, len(dims), manifest)
         manifest_dims = declared.get(name) or []
+        if len(manifest_dims) != len(dims):  # a declaration that does not fit the graph says nothing
+            manifest_dims = []
         shape: list[Range] = []
         for axis, dim in enumerate(dims):
             if isinstance(dim, int) and dim > 0:
