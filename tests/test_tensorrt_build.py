@@ -23,47 +23,7 @@ if not available_flavours():
 from samg.engines.tensorrt import BuildOptions, ShapeRequest, TensorRTRunner, build_export, verify_engine  # noqa: E402
 from samg.engines.trt_build import make_logger, parse_network, plugin_layer_count  # noqa: E402
 from samg.engines.trt_loader import link_library, load_trt  # noqa: E402
-
-
-def write_export(folder: Path, dtype: str = "float32", **attributes) -> Path:
-    """An export folder whose denoiser is the standalone GuidanceCombine model."""
-    import onnx
-
-    from samg.op.function import make_standalone_model
-
-    folder.mkdir(parents=True, exist_ok=True)
-    onnx.save(make_standalone_model(dtype=dtype, **attributes), str(folder / "denoiser.onnx"))
-    prediction = {"shape": ["B", 4, "H", "W"], "dtype": dtype}
-    manifest = {
-        "format": "samg-export",
-        "format_version": 1,
-        "model": "standalone",
-        "guidance": "fused",
-        "dtype": dtype,
-        "latent": {
-            "layout": "BCHW",
-            "channels": 4,
-            "spatial_factor": 8,
-            "temporal_factor": 1,
-            "height": 64,
-            "width": 64,
-            "frames": None,
-            "dynamic_resolution": True,
-        },
-        "denoiser": {
-            "file": "denoiser.onnx",
-            "inputs": {
-                "pred_uncond": prediction,
-                "pred_cond": prediction,
-                "scales": {"shape": ["B", 2], "dtype": "float32"},
-            },
-            "outputs": {"guided": prediction},
-        },
-        "text_encoder": {},
-        "vae": {},
-    }
-    (folder / "samg.json").write_text(json.dumps(manifest))
-    return folder
+from trt_export_helpers import write_export  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -314,11 +314,13 @@ def _describe_parser_error(error) -> str:
 class _stripped_copy:
     """A temporary copy of an ONNX file with the GuidanceCombine body removed.
 
-    Written next to the original so that relative external-data paths still resolve.
+    Written to a temporary folder, or next to the original when the model keeps its weights in
+    external files (so that their relative paths still resolve).
     """
 
     def __init__(self, onnx_path: Path):
         self.onnx_path = onnx_path
+        self.folder: tempfile.TemporaryDirectory | None = None
         self.path: Path | None = None
 
     def __enter__(self) -> Path:
@@ -327,14 +329,20 @@ class _stripped_copy:
 
         model = onnx.load(str(self.onnx_path), load_external_data=False)
         op_function.strip_function(model)
-        fd, name = tempfile.mkstemp(prefix=f".{self.onnx_path.stem}.plugin-", suffix=".onnx", dir=self.onnx_path.parent)
-        os.close(fd)
-        self.path = Path(name)
+        if external_data_files(model, self.onnx_path):
+            fd, name = tempfile.mkstemp(prefix=f".{self.onnx_path.stem}.plugin-", suffix=".onnx", dir=self.onnx_path.parent)
+            os.close(fd)
+            self.path = Path(name)
+        else:
+            self.folder = tempfile.TemporaryDirectory(prefix="samg-plugin-")
+            self.path = Path(self.folder.name) / self.onnx_path.name
         self.path.write_bytes(model.SerializeToString())
         return self.path
 
     def __exit__(self, *exc) -> None:
-        if self.path is not None:
+        if self.folder is not None:
+            self.folder.cleanup()
+        elif self.path is not None:
             self.path.unlink(missing_ok=True)
 
 
