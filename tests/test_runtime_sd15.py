@@ -174,3 +174,14 @@ def test_encode_cli_writes_conditioning(exports, pipes, tmp_path):
                  "--out", str(tmp_path)]) == 0
     ehs = np.load(tmp_path / "encoder_hidden_states.npy")
     np.testing.assert_array_equal(ehs, pipes["fused"].conditioning(PROMPT, NEGATIVE, 1)["encoder_hidden_states"])
+
+
+def test_bench_prints_all_rows_and_ratios(exports, capsys):
+    from samg.cli import main
+
+    assert main(["bench", str(exports["fused"]), "--raw", str(exports["raw"]), "--no-diffusers", "--reps", "1",
+                 "--steps", "2"]) == 0
+    out = capsys.readouterr().out
+    for row in ("fused SAMG graph", "raw graph + host CFG", "plain CFG", "null runner", "raw+host CFG / fused SAMG step"):
+        assert row in out
+    assert main(["bench", str(exports["raw"])]) == 2  # a raw export is not a valid DIR

@@ -28,6 +28,8 @@ class OrtRunner:
             raise SamgError(f"model file not found: {path}: check the export folder or re-export")
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        # idle ORT threads spin by default, stealing a shared CPU from everything else (torch, other sessions)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             options.intra_op_num_threads = int(threads)
         if custom_op_library:

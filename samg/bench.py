@@ -1,0 +1,172 @@
+"""`samg bench DIR`: side-by-side latency, measured in one run on the same model, sampler and steps.
+
+Rows (medians over interleaved repetitions, so slow drifts of a shared machine hit all rows alike):
+- end to end: samg runtime vs diffusers' own pipeline from the export's source/ folder (CPU torch);
+- per denoising step: fused SAMG graph vs the peers' way (raw export, both predictions out, CFG on
+  the host) vs the fused graph in plain-CFG mode (w_min == w_max);
+- the sampling loop's own overhead per step (null runner: no model work).
+A raw variant of the export is made in a temporary folder when --raw is not given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("export_dir", metavar="DIR", help="fused export folder (written by samg export)")
+    p.add_argument("--raw", default=None, help="raw export of the same model (default: exported to a temp folder)")
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--sampler", default="euler", choices=("euler", "ddim", "dpmpp_2m", "flow_euler"))
+    p.add_argument("--reps", type=int, default=5, help="repetitions of each measurement (interleaved)")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--w-min", type=float, default=3.0)
+    p.add_argument("--w-max", type=float, default=7.5)
+    p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt"))
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--no-diffusers", action="store_true", help="skip the diffusers end-to-end row")
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _export_raw(export_dir: Path, manifest: dict, into: Path) -> Path:
+    from samg.errors import SamgError
+    from samg.export.exporter import ExportOptions, export
+
+    source = manifest.get("source", {})
+    if source.get("kind") == "tiny":
+        model_path = str(export_dir / source.get("path", "source"))
+    elif source.get("kind") == "path":
+        model_path = source.get("path")
+    else:
+        raise SamgError("this export came from the hub: export a raw variant yourself and pass --raw DIR")
+    lat = manifest["latent"]
+    opts = ExportOptions(model=manifest["model"], out=str(into / "raw"), model_path=model_path, guidance="raw",
+                         height=lat.get("height"), width=lat.get("width"), frames=lat.get("frames"),
+                         validate=False, quiet=True)
+    return export(opts)
+
+
+def _diffusers_pipeline(export_dir: Path, manifest: dict, sampler: str):
+    """diffusers' pipeline from source/ with the scheduler that matches samg's sampler, or None."""
+    source = export_dir / manifest.get("source", {}).get("path", "source")
+    if not (source / "model_index.json").is_file():
+        return None
+    from samg.errors import require
+
+    diffusers = require("diffusers", "for the diffusers comparison")
+    pipe = diffusers.DiffusionPipeline.from_pretrained(str(source))
+    schedulers = {"euler": "EulerDiscreteScheduler", "ddim": "DDIMScheduler",
+                  "dpmpp_2m": "DPMSolverMultistepScheduler", "flow_euler": "FlowMatchEulerDiscreteScheduler"}
+    pipe.scheduler = getattr(diffusers, schedulers[sampler]).from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    if hasattr(pipe, "safety_checker"):
+        pipe.safety_checker = None
+    return pipe
+
+
+def _step_callable(pipe, guidance, w_min, w_max, sampler, steps, noise):
+    """One denoiser call (one sampling step's model work plus guidance) at the first sigma."""
+    from samg.runtime import schedules
+    from samg.runtime.denoiser import Denoiser, Guidance
+
+    schedule = schedules.make_schedule(pipe.manifest["scheduler"], sampler, steps)
+    cond = pipe.conditioning("a photo of a cat", "", noise.shape[0])
+    den = Denoiser(pipe.runners["denoiser"], prediction_type=pipe.prediction_type,
+                   export_guidance=pipe.manifest["guidance"], schedule=schedule, conditioning=cond,
+                   guidance=Guidance(guidance, w_min, w_max), combine=pipe.manifest.get("combine"))
+    x = noise * schedule.init_noise_sigma
+    sigma = float(schedule.sigmas[0])
+    return lambda: den(x, sigma)
+
+
+def run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from samg.errors import SamgError
+    from samg.runtime.pipeline import Pipeline, read_manifest
+
+    if args.steps < 1 or args.reps < 1:
+        raise SamgError("--steps and --reps must be at least 1")
+    export_dir = Path(args.export_dir)
+    manifest = read_manifest(export_dir)
+    if manifest["guidance"] != "fused":
+        raise SamgError(f"{export_dir} is a raw export: pass the fused export as DIR and this one as --raw")
+    fused = Pipeline.load(export_dir, backend=args.backend, device=args.device)
+    null = Pipeline.load(export_dir, backend="null")
+    height, width, frames = fused.validate_size(args.height, args.width, None)
+    noise = np.random.default_rng(0).standard_normal(fused.latent_shape(1, height, width, frames)).astype(np.float32)
+    prompt = "a photo of a cat"
+
+    with tempfile.TemporaryDirectory(prefix="samg-bench-") as tmp:
+        raw_dir = Path(args.raw) if args.raw else None
+        if raw_dir is None:
+            print("samg bench: exporting the raw variant for the peers' row ...", file=sys.stderr)
+            raw_dir = _export_raw(export_dir, manifest, Path(tmp))
+        raw = Pipeline.load(raw_dir, backend=args.backend, device=args.device)
+        if raw.manifest["guidance"] != "raw":
+            raise SamgError(f"--raw {raw_dir} is not a raw export: export one with --guidance raw")
+
+        null_cond = null.conditioning(prompt, "", 1)
+        common = dict(steps=args.steps, sampler=args.sampler, latents=noise, height=height, width=width)
+        rows = {
+            "step: fused SAMG graph": _step_callable(fused, "samg", args.w_min, args.w_max, args.sampler, args.steps, noise),
+            "step: raw graph + host CFG (peers)": _step_callable(raw, "cfg", args.w_max, args.w_max, args.sampler, args.steps, noise),
+            "step: fused graph, plain CFG": _step_callable(fused, "cfg", args.w_max, args.w_max, args.sampler, args.steps, noise),
+            "loop overhead per step (null runner)": lambda: null.sample(
+                null_cond, noise, guidance=_guidance(args), sampler=args.sampler, steps=args.steps),
+            "end to end: samg runtime (SAMG)": lambda: fused(prompt, guidance="samg", w_min=args.w_min, w_max=args.w_max, **common),
+        }
+        ref = None if args.no_diffusers else _diffusers_pipeline(export_dir, manifest, args.sampler)
+        if ref is not None:
+            torch = __import__("torch")
+            latents_t = torch.from_numpy(noise)
+
+            def diffusers_e2e():
+                with torch.no_grad():
+                    ref(prompt, num_inference_steps=args.steps, guidance_scale=args.w_max, latents=latents_t,
+                        height=height, width=width, output_type="np")
+
+            rows["end to end: diffusers pipeline (CFG)"] = diffusers_e2e
+        for fn in rows.values():  # warm-up: session init, allocator, caches
+            fn()
+        times: dict[str, list[float]] = {k: [] for k in rows}
+        for _ in range(args.reps):
+            for name, fn in rows.items():
+                times[name].append(_timed(fn))
+        med = {k: statistics.median(v) for k, v in times.items()}
+        med["loop overhead per step (null runner)"] /= args.steps
+        _print_table(med, args, fused.manifest)
+    return 0
+
+
+def _guidance(args):
+    from samg.runtime.denoiser import Guidance
+
+    return Guidance("samg", args.w_min, args.w_max)
+
+
+def _print_table(med: dict[str, float], args, manifest) -> None:
+    print(f"samg bench: model {manifest.get('model')}, sampler {args.sampler}, {args.steps} steps, "
+          f"backend {args.backend}/{args.device}, medians of {args.reps} interleaved reps")
+    width = max(len(k) for k in med)
+    for name, sec in med.items():
+        print(f"  {name:<{width}}  {sec * 1e3:10.3f} ms")
+    fused_step = med["step: fused SAMG graph"]
+    print("ratios:")
+    print(f"  raw+host CFG / fused SAMG step      {med['step: raw graph + host CFG (peers)'] / fused_step:6.3f}")
+    print(f"  fused plain CFG / fused SAMG step   {med['step: fused graph, plain CFG'] / fused_step:6.3f}")
+    print(f"  loop overhead / fused SAMG step     {med['loop overhead per step (null runner)'] / fused_step:6.3f}")
+    if "end to end: diffusers pipeline (CFG)" in med:
+        ratio = med["end to end: diffusers pipeline (CFG)"] / med["end to end: samg runtime (SAMG)"]
+        print(f"  diffusers e2e / samg e2e            {ratio:6.3f}")
