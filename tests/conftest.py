@@ -1,0 +1,41 @@
+"""Shared pytest fixtures.
+
+`tiny_export` (session scope): a function `tiny_export(name, guidance="fused", **options)` that
+runs `samg export --tiny` for model `name` (a samg.models.specs name: sd15, sd21, sdxl,
+sd35-medium, cogvideox, modelscope-t2v, digits) once per test session and returns the export
+folder (pathlib.Path). Same arguments -> same cached folder, so every test file can reuse one
+export. The folder holds samg.json, denoiser.onnx, text_encoder.onnx, vae_decoder.onnx,
+tokenizer*/tokenizer.json and source/ (the tiny diffusers pipeline, loadable with
+`<PipelineClass>.from_pretrained(folder / "source")`). Exports are validated (ONNX Runtime vs
+torch) unless you pass validate=False. Treat the folders as read-only: they are shared.
+
+Example:
+    def test_something(tiny_export):
+        folder = tiny_export("sd15", "raw")
+"""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory):
+    pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    pytest.importorskip("onnxruntime")
+    from samg.export.exporter import ExportOptions, export
+
+    root = tmp_path_factory.mktemp("tiny-exports")
+    cache = {}
+
+    def make(name: str, guidance: str = "fused", **options):
+        key = (name, guidance, tuple(sorted(options.items())))
+        if key not in cache:
+            suffix = "-".join(f"{k}{v}" for k, v in sorted(options.items()))
+            out = root / f"{name}-{guidance}{'-' + suffix if suffix else ''}"
+            options.setdefault("quiet", True)
+            cache[key] = export(ExportOptions(model=name, out=str(out), tiny=True, guidance=guidance, **options))
+        return cache[key]
+
+    return make
