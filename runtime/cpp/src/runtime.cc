@@ -42,13 +42,6 @@ Tensor to_tensor(const Ort::Value& value, const std::string& name) {
   return t;
 }
 
-std::vector<std::string> input_names(Ort::Session& session) {
-  Ort::AllocatorWithDefaultOptions allocator;
-  std::vector<std::string> names;
-  for (size_t i = 0; i < session.GetInputCount(); ++i) names.push_back(session.GetInputNameAllocated(i, allocator).get());
-  return names;
-}
-
 std::map<std::string, Tensor> run(Ort::Session& session, std::map<std::string, std::pair<std::vector<float>, std::vector<int64_t>>>& feeds,
                                   const std::vector<std::string>& outputs) {
   std::vector<const char*> in_names, out_names;
