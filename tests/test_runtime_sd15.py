@@ -185,3 +185,11 @@ def test_bench_prints_all_rows_and_ratios(exports, capsys):
     for row in ("fused SAMG graph", "raw graph + host CFG", "plain CFG", "null runner", "raw+host CFG / fused SAMG step"):
         assert row in out
     assert main(["bench", str(exports["raw"])]) == 2  # a raw export is not a valid DIR
+
+
+def test_torch_reference_runner_matches_onnxruntime_in_samg_mode(exports, pipes):
+    from samg.runtime.pipeline import Pipeline
+
+    kw = dict(guidance="samg", w_min=2.0, w_max=8.0, steps=2, sampler="euler", output="latents", seed=7)
+    ref = Pipeline.load(exports["fused"], backend="torch")(PROMPT, NEGATIVE, **kw)
+    np.testing.assert_allclose(pipes["fused"](PROMPT, NEGATIVE, **kw), ref, atol=LATENT_ATOL)
