@@ -48,24 +48,37 @@ struct Task {
   int64_t inner_end;
 };
 
-// Runs fn(task_index) for every task on up to `num_threads` threads (the caller's thread included).
-template <typename Fn>
-void parallel_for(int64_t num_tasks, int num_threads, const Fn& fn) {
-  const int workers = static_cast<int>(std::min<int64_t>(num_threads, num_tasks));
-  if (workers <= 1) {
-    for (int64_t t = 0; t < num_tasks; ++t) fn(t);
-    return;
+// Runs fn(task_index) for every task: on the caller's runner (e.g. ONNX Runtime's intra-op pool,
+// whose threads would otherwise spin against ours) or on up to `num_threads` std::threads.
+struct Parallel {
+  int num_threads = 1;
+  samg_parallel_for_fn runner = nullptr;
+  void* runner_context = nullptr;
+
+  template <typename Fn>
+  void run(int64_t num_tasks, const Fn& fn) const {
+    if (num_tasks <= 0) return;
+    if (runner != nullptr && num_tasks > 1) {
+      auto trampoline = [](void* data, size_t index) { (*static_cast<const Fn*>(data))(static_cast<int64_t>(index)); };
+      runner(runner_context, trampoline, static_cast<size_t>(num_tasks), const_cast<Fn*>(&fn));
+      return;
+    }
+    const int workers = static_cast<int>(std::min<int64_t>(num_threads, num_tasks));
+    if (workers <= 1) {
+      for (int64_t t = 0; t < num_tasks; ++t) fn(t);
+      return;
+    }
+    std::atomic<int64_t> next{0};
+    auto drain = [&]() {
+      for (int64_t t = next.fetch_add(1); t < num_tasks; t = next.fetch_add(1)) fn(t);
+    };
+    std::vector<std::thread> threads;
+    threads.reserve(workers - 1);
+    for (int i = 0; i < workers - 1; ++i) threads.emplace_back(drain);
+    drain();
+    for (auto& thread : threads) thread.join();
   }
-  std::atomic<int64_t> next{0};
-  auto drain = [&]() {
-    for (int64_t t = next.fetch_add(1); t < num_tasks; t = next.fetch_add(1)) fn(t);
-  };
-  std::vector<std::thread> threads;
-  threads.reserve(workers - 1);
-  for (int i = 0; i < workers - 1; ++i) threads.emplace_back(drain);
-  drain();
-  for (auto& thread : threads) thread.join();
-}
+};
 
 int pick_thread_count(int requested, int64_t total_elements) {
   if (requested > 0) return requested;
@@ -102,7 +115,7 @@ inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
 template <typename Type>
 void combine(const typename Type::Storage* u, const typename Type::Storage* c, const float* scales,
              typename Type::Storage* out, const samg_combine_layout& L, const samg_combine_params& P,
-             int num_threads) {
+             const Parallel& parallel) {
   const int64_t positions = L.outer * L.inner;  // per sample
   const bool smoothing = P.smooth == 3;
   const std::vector<Task> tasks = make_tasks(L, smoothing);
@@ -116,7 +129,7 @@ void combine(const typename Type::Storage* u, const typename Type::Storage* c, c
   auto map_offset = [&](const Task& t) { return t.batch_index * positions + t.outer_index * L.inner; };
 
   // Pass 1: E(p) = sum_c (c - u)^2 in float32, and this task's share of the sample's sum.
-  parallel_for(num_tasks, num_threads, [&](int64_t task_index) {
+  parallel.run(num_tasks, [&](int64_t task_index) {
     const Task& t = tasks[task_index];
     float* e = energy.data() + map_offset(t);
     const int64_t begin = t.inner_begin, end = t.inner_end;
@@ -151,14 +164,14 @@ void combine(const typename Type::Storage* u, const typename Type::Storage* c, c
     for (int64_t i = t.inner_begin; i < t.inner_end; ++i) m[i] = sigmoid(k * (m[i] * inv - tau));
   };
   if (smoothing) {
-    parallel_for(num_tasks, num_threads, [&](int64_t task_index) {
+    parallel.run(num_tasks, [&](int64_t task_index) {
       const Task& t = tasks[task_index];
       membership(t, energy.data() + map_offset(t));
     });
   }
 
   // Pass 2: scale map for this task's positions, then out = u + w * (c - u) channel by channel.
-  parallel_for(num_tasks, num_threads, [&](int64_t task_index) {
+  parallel.run(num_tasks, [&](int64_t task_index) {
     const Task& t = tasks[task_index];
     const float w_min = scales[2 * t.batch_index], w_max = scales[2 * t.batch_index + 1];
     const float span = w_max - w_min;
@@ -211,27 +224,37 @@ extern "C" const char* samg_combine_make_layout(const int64_t* dims, int rank, c
   return samg_combine_layout_from_dims(dims, rank, params, layout);
 }
 
-extern "C" const char* samg_guidance_combine_cpu(const void* u, const void* c, const float* scales, void* out,
-                                                 samg_dtype dtype, const int64_t* dims, int rank,
-                                                 const samg_combine_params* params, int num_threads) {
+extern "C" const char* samg_guidance_combine_cpu_ex(const void* u, const void* c, const float* scales, void* out,
+                                                    samg_dtype dtype, const int64_t* dims, int rank,
+                                                    const samg_combine_params* params, int num_threads,
+                                                    samg_parallel_for_fn runner, void* runner_context) {
   samg_combine_layout layout;
   if (const char* error = samg_combine_make_layout(dims, rank, params, &layout)) return error;
   const int64_t total = layout.batch * layout.outer * layout.channels * layout.inner;
   if (total == 0) return nullptr;
-  const int threads = samg::pick_thread_count(num_threads, total);
+  samg::Parallel parallel;
+  parallel.num_threads = samg::pick_thread_count(num_threads, total);
+  parallel.runner = runner;
+  parallel.runner_context = runner_context;
   switch (dtype) {
     case SAMG_DTYPE_FLOAT32:
       samg::combine<samg::Float32>(static_cast<const float*>(u), static_cast<const float*>(c), scales,
-                                   static_cast<float*>(out), layout, *params, threads);
+                                   static_cast<float*>(out), layout, *params, parallel);
       return nullptr;
     case SAMG_DTYPE_FLOAT16:
       samg::combine<samg::Float16>(static_cast<const uint16_t*>(u), static_cast<const uint16_t*>(c), scales,
-                                   static_cast<uint16_t*>(out), layout, *params, threads);
+                                   static_cast<uint16_t*>(out), layout, *params, parallel);
       return nullptr;
     case SAMG_DTYPE_BFLOAT16:
       samg::combine<samg::BFloat16>(static_cast<const uint16_t*>(u), static_cast<const uint16_t*>(c), scales,
-                                    static_cast<uint16_t*>(out), layout, *params, threads);
+                                    static_cast<uint16_t*>(out), layout, *params, parallel);
       return nullptr;
   }
   return "unsupported dtype (float32, float16 or bfloat16)";
+}
+
+extern "C" const char* samg_guidance_combine_cpu(const void* u, const void* c, const float* scales, void* out,
+                                                 samg_dtype dtype, const int64_t* dims, int rank,
+                                                 const samg_combine_params* params, int num_threads) {
+  return samg_guidance_combine_cpu_ex(u, c, scales, out, dtype, dims, rank, params, num_threads, nullptr, nullptr);
 }

@@ -30,6 +30,15 @@ const char* samg_guidance_combine_cpu(const void* u, const void* c, const float*
                                       samg_dtype dtype, const int64_t* dims, int rank,
                                       const samg_combine_params* params, int num_threads);
 
+// Runs fn(fn_context, i) for i in [0, count), possibly in parallel, and returns when all are done.
+typedef void (*samg_parallel_for_fn)(void* runner_context, void (*fn)(void*, size_t), size_t count, void* fn_context);
+
+// As samg_guidance_combine_cpu, with the caller's thread pool (e.g. ONNX Runtime's) doing the work.
+const char* samg_guidance_combine_cpu_ex(const void* u, const void* c, const float* scales, void* out,
+                                         samg_dtype dtype, const int64_t* dims, int rank,
+                                         const samg_combine_params* params, int num_threads,
+                                         samg_parallel_for_fn runner, void* runner_context);
+
 #ifdef __cplusplus
 }
 #endif

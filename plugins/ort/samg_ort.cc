@@ -107,9 +107,13 @@ struct CombineKernel {
     if (const char* problem = samg_combine_make_layout(shape.data(), static_cast<int>(shape.size()), &params, &layout))
       return make_error(*api, std::string(problem) + " (pred_uncond shape " + shape_text(shape) + ")");
     Ort::UnownedValue out = context.GetOutput(0, shape);
-    const char* problem = samg_guidance_combine_cpu(u.GetTensorRawData(), c.GetTensorRawData(),
-                                                    scales.GetTensorData<float>(), out.GetTensorMutableRawData(),
-                                                    dtype, shape.data(), static_cast<int>(shape.size()), &params, 0);
+    // Work on ORT's intra-op pool: our own threads would compete with its spinning workers.
+    auto on_ort_pool = [](void* ort_context, void (*fn)(void*, size_t), size_t count, void* fn_context) {
+      static_cast<Ort::KernelContext*>(ort_context)->ParallelFor(fn, count, 0, fn_context);
+    };
+    const char* problem = samg_guidance_combine_cpu_ex(
+        u.GetTensorRawData(), c.GetTensorRawData(), scales.GetTensorData<float>(), out.GetTensorMutableRawData(), dtype,
+        shape.data(), static_cast<int>(shape.size()), &params, 0, on_ort_pool, &context);
     return problem ? make_error(*api, problem) : nullptr;
   }
 };
