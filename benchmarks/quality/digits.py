@@ -1,0 +1,424 @@
+"""Guidance quality on the bundled `samg-digits` model, run through its ONNX export on ONNX Runtime.
+
+Every rule runs on a raw export (the denoiser outputs pred_uncond and pred_cond) with the host-side
+reference rules of `samg.guidance`, so that the effective scale map w(p) of every step can be
+measured from the two predictions. A few settings are then re-run on a fused export (the combine
+inside the graph, as users deploy it) from the same noise, to prove both paths give the same images.
+
+Scores, from the bundled digit classifier (`samg.bundled.load_digit_classifier`):
+- alignment: fraction of samples read as the prompted digit;
+- fd: Fréchet distance between classifier features of the samples and of the held-out test digits;
+- diversity: mean pairwise feature distance within a prompt, relative to the test digits' own;
+- saturation / overshoot: fraction of decoded pixels outside [-1, 1] before clipping, and the mean
+  excess |x| - 1 over all pixels;
+- mean_scale: mean_p w(p) over pixels, samples and steps; energy_weighted_scale: w(p) weighted by
+  the delta energy |c - u|² (the scale applied where guidance acts at all).
+
+    python -m benchmarks.quality.digits --quick     # reduced sweep (part of `python -m benchmarks.quality --quick`)
+    python -m benchmarks.quality.digits             # full sweep
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from benchmarks.quality import report
+from samg.errors import SamgError
+from samg.runtime.denoiser import Denoiser, Guidance
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+DEFAULT_MODEL = REPO / "samg" / "bundled" / "samg-digits"
+DEFAULT_CACHE = Path.home() / ".cache" / "samg" / "quality-digits"
+PROMPT = "a handwritten {d}"
+NUM_DIGITS = 10
+SAMPLER = "euler"
+
+METRICS = ["alignment", "fd", "diversity", "saturation", "overshoot"]
+
+
+# ---------------------------------------------------------------------------------- metrics
+
+
+def alignment(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Fraction of samples whose arg-max class is the prompted digit."""
+    return float((np.asarray(logits).argmax(1) == np.asarray(labels)).mean())
+
+
+def frechet_distance_from_stats(mu1, cov1, mu2, cov2) -> float:
+    """|mu1 - mu2|² + tr(S1 + S2 - 2 (S1 S2)^½), as FID computes it (pytorch-fid's offset fallback)."""
+    import warnings
+
+    from scipy import linalg
+
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    cov1, cov2 = np.atleast_2d(np.asarray(cov1, np.float64)), np.atleast_2d(np.asarray(cov2, np.float64))
+    with warnings.catch_warnings():  # few samples in 128 dimensions: singular covariances are expected
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(cov1 @ cov2)
+    if not np.isfinite(covmean).all():  # singular product: regularize, as pytorch-fid does
+        offset = np.eye(len(cov1)) * 1e-6
+        covmean = linalg.sqrtm((cov1 + offset) @ (cov2 + offset))
+    covmean = np.real(covmean)  # tiny imaginary parts come from round-off
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(cov1) + np.trace(cov2) - 2 * np.trace(covmean))
+
+
+def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets [N, D]."""
+    a, b = np.asarray(features_a, np.float64), np.asarray(features_b, np.float64)
+    if len(a) < 2 or len(b) < 2:
+        raise SamgError("the Fréchet distance needs at least 2 samples per set: raise --per-digit")
+    return frechet_distance_from_stats(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+
+
+def saturation(images: np.ndarray) -> tuple[float, float]:
+    """(fraction of values outside [-1, 1], mean excess max(|x| - 1, 0) over all values) of unclipped images."""
+    excess = np.maximum(np.abs(np.asarray(images, np.float64)) - 1.0, 0.0)
+    return float((excess > 0).mean()), float(excess.mean())
+
+
+def mean_pairwise_distance(features: np.ndarray) -> float:
+    """Mean Euclidean distance over all pairs of rows."""
+    f = np.asarray(features, np.float64)
+    sq = np.maximum((f * f).sum(1)[:, None] + (f * f).sum(1)[None] - 2 * f @ f.T, 0.0)
+    return float(np.sqrt(sq[np.triu_indices(len(f), 1)]).mean())
+
+
+def diversity(features: np.ndarray, labels: np.ndarray) -> float:
+    """Mean over prompts (digits) of the mean pairwise feature distance within the prompt."""
+    labels = np.asarray(labels)
+    return float(np.mean([mean_pairwise_distance(features[labels == d]) for d in np.unique(labels)]))
+
+
+def to_classifier_images(images_pm1: np.ndarray) -> np.ndarray:
+    """Decoded [N, 3, H, W] in [-1, 1] -> [N, H, W, 3] in [0, 1], quantized to 8 bits as users receive them."""
+    x = np.asarray(images_pm1, np.float32).transpose(0, 2, 3, 1)
+    return np.round((x / 2 + 0.5).clip(0, 1) * 255) / np.float32(255)
+
+
+def gray_to_classifier_images(images01: np.ndarray) -> np.ndarray:
+    """Held-out digits [N, H, W] in [0, 1] -> [N, H, W, 3] (grey repeated on RGB, like training)."""
+    return np.repeat(np.asarray(images01, np.float32)[..., None], 3, axis=-1)
+
+
+@dataclass(frozen=True)
+class Reference:
+    """Classifier view of the held-out test digits."""
+
+    features: np.ndarray
+    accuracy: float  # the classifier's own accuracy on them
+    diversity: float
+
+
+def reference_stats(classify: Callable) -> Reference:
+    from samg.bundled import data
+
+    split = data.load_split()
+    logits, features = classify(gray_to_classifier_images(split.test_images))
+    features = np.asarray(features, np.float64)
+    return Reference(features, alignment(logits, split.test_labels), diversity(features, split.test_labels))
+
+
+def score(images_pm1: np.ndarray, labels: np.ndarray, classify: Callable, ref: Reference) -> dict:
+    logits, features = classify(to_classifier_images(images_pm1))
+    features = np.asarray(features, np.float64)
+    sat, over = saturation(images_pm1)
+    return {
+        "alignment": alignment(logits, labels),
+        "fd": frechet_distance(features, ref.features),
+        "diversity": diversity(features, labels) / ref.diversity,
+        "saturation": sat,
+        "overshoot": over,
+    }
+
+
+# --------------------------------------------------------------------------- exports and sampling
+
+
+def model_fingerprint(model_dir: Path) -> str:
+    """Hash of every file of the pipeline folder, so a retrained model is re-exported."""
+    from samg.io import sha256_file
+
+    h = hashlib.sha256()
+    for path in sorted(p for p in model_dir.rglob("*") if p.is_file()):
+        h.update(str(path.relative_to(model_dir)).encode())
+        h.update(sha256_file(path).encode())
+    return h.hexdigest()[:16]
+
+
+def ensure_export(model_dir: Path, cache: Path, guidance: str, *, quiet: bool = True) -> Path:
+    """The export of `model_dir` with `guidance` (raw or fused), made once per model version."""
+    if not (model_dir / "model_index.json").is_file():
+        raise SamgError(
+            f"{model_dir} is not a diffusers pipeline folder: train it with scripts/train_digits.py or pass --model-path"
+        )
+    out = cache / model_fingerprint(model_dir) / guidance
+    if not (out / "samg.json").is_file():
+        from samg.export.exporter import ExportOptions, export
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        export(ExportOptions(model="digits", out=str(out), model_path=str(model_dir), guidance=guidance, quiet=quiet))
+    return out
+
+
+def rule_params(rule, guidance: Guidance, w_min: float, w_max: float, combine: dict) -> dict:
+    """The rule's keyword parameters exactly as Denoiser._host_combine builds them."""
+    params = dict(guidance.options)
+    for name in rule.params:
+        if name == "w_min":
+            params[name] = w_min
+        elif name in ("w_max", "scale", "lam"):
+            params[name] = w_max
+        elif name in ("tau", "sharpness", "smooth", "channel_axis") and name in combine:
+            params.setdefault(name, combine[name])
+    return params
+
+
+class MeasuringDenoiser(Denoiser):
+    """A raw-export Denoiser that also records mean_p w(p) and its delta-energy-weighted mean per step."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.scales: list[tuple[float, float]] = []
+
+    def _host_combine(self, u, c, x, sigma, step, w_min, w_max):
+        from samg.guidance import get_rule
+
+        rule = get_rule(self.guidance.rule)
+        if rule.scale_map is not None:
+            merged = rule.check_params(rule_params(rule, self.guidance, w_min, w_max, self.combine))
+            if rule.needs_sigma:
+                merged["sigma"] = sigma
+            w = np.asarray(rule.scale_map(u, c, **merged), np.float64)  # [B, 1, H, W]
+            energy = ((c.astype(np.float64) - u) ** 2).sum(1, keepdims=True)
+            self.scales.append((float(w.mean()), float((w * energy).sum() / max(energy.sum(), 1e-30))))
+        return super()._host_combine(u, c, x, sigma, step, w_min, w_max)
+
+
+def make_guidance(rule: str, params: dict) -> Guidance:
+    """A sweep entry's params -> the runtime's Guidance (scales separate from the rule's options)."""
+    params = dict(params)
+    if "w_min" in params:
+        lo, hi = params.pop("w_min"), params.pop("w_max")
+    else:
+        lo = hi = params.pop("scale") if "scale" in params else params.pop("lam")
+    return Guidance(rule, float(lo), float(hi), params)
+
+
+def nominal_scale(params: dict) -> float:
+    """Scale of a rule without a scale map (its nominal CFG scale; NaN for CFG++'s lambda)."""
+    return float(params.get("scale", float("nan")))
+
+
+def generate(pipe, rule: str, params: dict, labels: np.ndarray, noise: np.ndarray, steps: int,
+             batch: int = 512) -> tuple[np.ndarray, float, float]:
+    """Decoded images before clipping [N, 3, H, W], mean effective scale, energy-weighted scale."""
+    from samg.runtime import samplers, schedules
+
+    guidance = make_guidance(rule, params)
+    guidance.validate()
+    prompts = [PROMPT.format(d=d) for d in range(NUM_DIGITS)]
+    enc = pipe.encode([""] + prompts)  # row 0: the unconditional (empty) prompt
+    schedule = schedules.make_schedule(pipe.manifest["scheduler"], SAMPLER, steps)
+    sample_fn = samplers.get_sampler(SAMPLER)
+    fused = pipe.manifest["guidance"] == "fused"
+    images, scales = [], []
+    for start in range(0, len(labels), batch):
+        lab = labels[start : start + batch]
+        cond = {k: np.concatenate([np.repeat(v[:1], len(lab), 0), v[1 + lab]]) for k, v in enc.items()}
+        cls = Denoiser if fused else MeasuringDenoiser
+        denoise = cls(pipe.runners["denoiser"], prediction_type=pipe.prediction_type, export_guidance=pipe.manifest["guidance"],
+                      schedule=schedule, conditioning=cond, guidance=guidance, combine=pipe.manifest.get("combine"))
+        x = noise[start : start + batch].astype(np.float32) * np.float32(schedule.init_noise_sigma)
+        x = sample_fn(denoise, x, schedule.sigmas, rng=np.random.default_rng(0))
+        images.append(decode_unclipped(pipe, schedule.to_model_latents(x).astype(np.float32)))
+        if not fused and denoise.scales:
+            scales.append((len(lab), np.mean(denoise.scales, axis=0)))
+    out = np.concatenate(images)
+    if scales:
+        n = sum(k for k, _ in scales)
+        mean_scale, weighted = sum(k * s for k, s in scales) / n
+        return out, float(mean_scale), float(weighted)
+    return out, nominal_scale(params), nominal_scale(params)
+
+
+def decode_unclipped(pipe, latents: np.ndarray) -> np.ndarray:
+    """The VAE decoder's output [N, 3, H, W] before the pipeline clips it to [-1, 1]."""
+    vae = pipe.manifest["vae"]
+    z = latents / np.float32(vae["scaling_factor"]) + np.float32(vae.get("shift_factor", 0.0) or 0.0)
+    out = np.asarray(pipe.runners["vae"].run({"latents": z})["images"], np.float32)
+    from samg.io import check_finite
+
+    check_finite("decoded images", out, "(VAE decoder output)")
+    return out
+
+
+# ---------------------------------------------------------------------------------- the sweep
+
+APG = {"norm_threshold": 1.0, "momentum": -0.5}  # threshold for 4x8x8 latents (the paper's 15 is for 128x128)
+
+
+def sweep(quick: bool) -> list[tuple[str, str, dict]]:
+    """(rule, label, params) for every setting of the sweep."""
+    cfg_scales = [1, 2, 3, 5, 7.5, 10, 15] if quick else [1, 1.5, 2, 3, 4, 5, 6, 7.5, 9, 10, 12, 15]
+    pairs = [(2, 6), (3, 9), (5, 15)] if quick else [(a, b) for a in (1, 2, 3, 5) for b in (5, 7.5, 10, 15) if b > a]
+    smooth_pairs = [(3, 9)] if quick else [(1, 5), (2, 7.5), (3, 10), (5, 15)]
+    attrs = [(0.5, 4.0), (1.0, 16.0)] if quick else [(0.5, 4.0), (2.0, 4.0), (1.0, 1.0), (1.0, 16.0)]
+    attr_pair = (3, 9) if quick else (3, 10)
+    variant_pairs = [(3, 9)] if quick else [(1, 5), (2, 7.5), (3, 10), (5, 15)]
+    guided_scales = [5, 10] if quick else [2, 3, 5, 7.5, 10, 15]
+    lams = [0.4, 0.8] if quick else [0.2, 0.4, 0.6, 0.8, 1.0]
+    out = [("cfg", f"w={w}", {"scale": float(w)}) for w in cfg_scales]
+    for a, b in pairs:
+        out.append(("samg", f"({a},{b})", {"w_min": float(a), "w_max": float(b)}))
+    for a, b in smooth_pairs:
+        out.append(("samg", f"({a},{b}) smooth", {"w_min": float(a), "w_max": float(b), "smooth": 3}))
+    a, b = attr_pair
+    for tau, k in attrs:
+        out.append(("samg", f"({a},{b}) tau={tau} k={k}", {"w_min": float(a), "w_max": float(b), "tau": tau, "sharpness": k}))
+    for a, b in variant_pairs:
+        out.append(("samg-quantile", f"({a},{b}) q=0.2", {"w_min": float(a), "w_max": float(b)}))
+        out.append(("samg-bound", f"({a},{b})", {"w_min": float(a), "w_max": float(b), "w_ref": float(b)}))
+        out.append(("samg-linear", f"({a},{b})", {"w_min": float(a), "w_max": float(b)}))
+    for w in guided_scales:
+        out.append(("apg", f"w={w}", {"scale": float(w), **APG}))
+        out.append(("cfg-rescale", f"w={w}", {"scale": float(w)}))
+        out.append(("interval", f"w={w}", {"scale": float(w), "sigma_lo": 0.28, "sigma_hi": 5.42}))
+    for lam in lams:
+        out.append(("cfgpp", f"lam={lam}", {"lam": float(lam)}))
+    return out
+
+
+# Settings re-run on the fused export: the combine in the graph must give the raw path's images.
+# The fused graph carries the export's default attributes (tau 1, sharpness 4, no smoothing).
+FUSED_CHECKS = [("cfg", "w=5", {"scale": 5.0}), ("samg", "(3,9)", {"w_min": 3.0, "w_max": 9.0})]
+
+
+def run(quick: bool, out_dir: Path, *, model_dir: Path = DEFAULT_MODEL, cache: Path = DEFAULT_CACHE,
+        per_digit: int | None = None, steps: int | None = None, seed: int = 0,
+        settings: list | None = None, fused_checks: list | None = None, write: bool = True, progress: bool = True,
+        classifier_dir: Path | None = None):
+    from tqdm import tqdm
+
+    from samg.bundled import CLASSIFIER_DIR, load_digit_classifier
+    from samg.runtime.pipeline import Pipeline
+
+    per_digit = per_digit or (10 if quick else 30)
+    steps = steps or (16 if quick else 20)
+    settings = sweep(quick) if settings is None else settings
+    fused_checks = FUSED_CHECKS if fused_checks is None else fused_checks
+    t0 = time.perf_counter()
+    classify = load_digit_classifier(directory=classifier_dir or CLASSIFIER_DIR)
+    ref = reference_stats(classify)
+    raw = Pipeline.load(ensure_export(model_dir, cache, "raw"))
+    labels = np.repeat(np.arange(NUM_DIGITS), per_digit)
+    h, w = int(raw.latent["latent_height"]), int(raw.latent["latent_width"])
+    noise = np.random.default_rng(seed).standard_normal((len(labels), int(raw.latent["channels"]), h, w), dtype=np.float32)
+    rows, raw_images = [], {}
+    for rule, label, params in tqdm(settings, desc="digits sweep", file=sys.stderr, disable=not progress):
+        images, mean_scale, weighted = generate(raw, rule, params, labels, noise, steps)
+        row = {"rule": rule, "setting": label, "mean_scale": mean_scale, "energy_weighted_scale": weighted}
+        row.update(score(images, labels, classify, ref))
+        row["smooth"] = params.get("smooth", 0)
+        rows.append(row)
+        raw_images[(rule, label)] = images
+    checks = []
+    if fused_checks:
+        fused = Pipeline.load(ensure_export(model_dir, cache, "fused"))
+        for rule, label, params in tqdm(fused_checks, desc="fused check", file=sys.stderr, disable=not progress):
+            images, _, _ = generate(fused, rule, params, labels, noise, steps)
+            reference = raw_images.get((rule, label))
+            if reference is None:
+                reference, _, _ = generate(raw, rule, params, labels, noise, steps)
+            s = score(images, labels, classify, ref)
+            checks.append({"rule": rule, "setting": label, "max_abs_pixel_diff": float(np.abs(images - reference).max()),
+                           "alignment_fused": s["alignment"], "alignment_raw": score(reference, labels, classify, ref)["alignment"]})
+    facts = {"per_digit": per_digit, "steps": steps, "sampler": SAMPLER, "seed": seed,
+             "classifier_test_accuracy": ref.accuracy, "test_digits": len(ref.features),
+             "seconds": time.perf_counter() - t0}
+    if write:
+        write_outputs(rows, checks, out_dir, quick=quick, **facts)
+    return rows, checks, facts
+
+
+def best_cfg(rows) -> dict:
+    cfg = [r for r in rows if r["rule"] == "cfg"]
+    return max(cfg, key=lambda r: (r["alignment"], -r["mean_scale"]))
+
+
+def write_outputs(rows, checks, out_dir: Path, *, quick: bool, **facts) -> None:
+    from samg.io import atomic_write_bytes
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = "digits_quick" if quick else "digits"
+    report.write_csv(rows, out_dir / f"{stem}.csv")
+    cols = ["rule", "setting", "mean_scale", "energy_weighted_scale", *METRICS]
+    key = ["alignment", "fd", "diversity", "saturation"]
+    matched = report.matched_scale_table(rows, key)
+    matched_w = report.matched_scale_table(rows, key, scale_key="energy_weighted_scale")
+    front_fd = report.pareto_front(rows, "fd", "alignment", maximize_x=False, maximize_y=True)
+    front_sat = report.pareto_front(rows, "saturation", "alignment", maximize_x=False, maximize_y=True)
+    best = best_cfg(rows)
+    command = "python -m benchmarks.quality.digits" + (" --quick" if quick else "")
+    fact_text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in facts.items())
+    text = [
+        "# samg-digits benchmark: guidance quality on the exported model (ONNX Runtime)\n",
+        f"Generated by `{command}`: {fact_text}. Prompts `{PROMPT}` for d = 0..9, the same noise for every setting.\n",
+        f"Best plain CFG: {best['setting']} — alignment {best['alignment']:.3f} "
+        f"(the classifier reads {100 * best['alignment']:.1f}% of the samples as the prompted digit).\n",
+        "## All settings\n", report.markdown_table(rows, cols),
+        "\n## Against plain CFG at the same mean effective scale (CFG interpolated)\n",
+        report.markdown_table(matched, list(matched[0]) if matched else ["rule"]),
+        "\n## Against plain CFG at the same energy-weighted scale (CFG interpolated)\n",
+        report.markdown_table(matched_w, list(matched_w[0]) if matched_w else ["rule"]),
+        "\n## Pareto front: alignment vs FD\n", report.markdown_table(front_fd, cols),
+        "\n## Pareto front: alignment vs saturation\n", report.markdown_table(front_sat, cols),
+    ]
+    if checks:
+        text += ["\n## Fused export vs raw export + host rule (same noise)\n", report.markdown_table(checks, list(checks[0]))]
+    atomic_write_bytes(out_dir / f"{stem}.md", "\n".join(text).encode())
+    report.plot_metrics_vs_scale(rows, METRICS, out_dir / f"{stem}_metrics.png", "samg-digits: metrics vs mean effective scale")
+    report.plot_pareto(rows, [("fd", "alignment", False, True), ("saturation", "alignment", False, True)],
+                       out_dir / f"{stem}_pareto.png", "samg-digits: Pareto fronts")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="reduced sweep and sample count")
+    p.add_argument("--out", type=Path, default=HERE / "results", help="output folder")
+    p.add_argument("--model-path", type=Path, default=DEFAULT_MODEL, help="diffusers pipeline folder of samg-digits")
+    p.add_argument("--classifier-dir", type=Path, default=None, help="digit classifier folder (default: the bundled one)")
+    p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the raw and fused exports are kept")
+    p.add_argument("--per-digit", type=int, default=None, help="samples per prompt (default 10 quick, 30 full)")
+    p.add_argument("--steps", type=int, default=None, help="Euler steps (default 16 quick, 20 full)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    a = p.parse_args(argv)
+    if a.per_digit is not None and a.per_digit < 2:
+        raise SamgError("--per-digit must be at least 2 (diversity and FD need pairs)")
+    rows, checks, facts = run(a.quick, a.out, model_dir=a.model_path, cache=a.cache, per_digit=a.per_digit,
+                              steps=a.steps, seed=a.seed, progress=not a.quiet,
+                              classifier_dir=a.classifier_dir)
+    best = best_cfg(rows)
+    print(f"wrote {len(rows)} settings to {a.out}; best CFG {best['setting']}: alignment {best['alignment']:.3f}; "
+          f"{facts['seconds']:.0f} s")
+    for c in checks:
+        print(f"fused check {c['rule']} {c['setting']}: max |pixel diff| {c['max_abs_pixel_diff']:.2e}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except SamgError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

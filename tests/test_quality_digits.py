@@ -1,0 +1,131 @@
+"""The samg-digits quality benchmark: metric functions against closed forms, and a tiny end-to-end run."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from benchmarks.quality import digits
+from samg.bundled import CLASSIFIER_DIR, SAMG_DIGITS_DIR
+from samg.errors import SamgError
+
+needs_classifier = pytest.mark.skipif(
+    not (CLASSIFIER_DIR / "config.json").exists(), reason="digit classifier not bundled yet"
+)
+needs_model = pytest.mark.skipif(
+    not (SAMG_DIGITS_DIR / "model_index.json").exists(), reason="samg-digits not bundled yet"
+)
+
+
+def _sqrt_psd(m: np.ndarray) -> np.ndarray:
+    vals, vecs = np.linalg.eigh(m)
+    return (vecs * np.sqrt(np.clip(vals, 0, None))) @ vecs.T
+
+
+def test_frechet_distance_of_diagonal_gaussians_is_closed_form():
+    mu1, mu2 = np.array([0.0, 1.0, -2.0]), np.array([1.0, 1.0, 0.5])
+    var1, var2 = np.array([1.0, 4.0, 0.25]), np.array([9.0, 1.0, 0.25])
+    expected = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(var1) - np.sqrt(var2)) ** 2).sum()  # 7.25 + 4 + 1
+    got = digits.frechet_distance_from_stats(mu1, np.diag(var1), mu2, np.diag(var2))
+    assert got == pytest.approx(expected, abs=1e-9)
+    assert digits.frechet_distance_from_stats(mu1, np.diag(var1), mu1, np.diag(var1)) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_frechet_distance_of_non_commuting_covariances():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(4, 4)), rng.normal(size=(4, 4))
+    s1, s2 = a @ a.T + 0.1 * np.eye(4), b @ b.T + 0.1 * np.eye(4)
+    mu1, mu2 = rng.normal(size=4), rng.normal(size=4)
+    # tr (S1 S2)^½ = tr (S1^½ S2 S1^½)^½, computed here by symmetric eigendecompositions only
+    root1 = _sqrt_psd(s1)
+    cross = np.trace(_sqrt_psd(root1 @ s2 @ root1))
+    expected = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * cross
+    assert digits.frechet_distance_from_stats(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-8)
+
+
+def test_frechet_distance_from_samples_approaches_closed_form():
+    rng = np.random.default_rng(1)
+    a = rng.normal([0.0, 0.0], [1.0, 2.0], size=(20000, 2))
+    b = rng.normal([3.0, 0.0], [1.0, 1.0], size=(20000, 2))
+    assert digits.frechet_distance(a, b) == pytest.approx(9.0 + 1.0, rel=0.03)
+    with pytest.raises(SamgError, match="at least 2 samples"):
+        digits.frechet_distance(a[:1], b)
+
+
+def test_saturation_on_constructed_images():
+    images = np.array([-1.5, -1.0, 0.0, 0.5, 1.0, 1.2, 0.99, -0.2]).reshape(1, 2, 2, 2)
+    fraction, overshoot = digits.saturation(images)
+    assert fraction == pytest.approx(2 / 8)  # exactly ±1 is in range
+    assert overshoot == pytest.approx((0.5 + 0.2) / 8)
+    assert digits.saturation(np.zeros((2, 3, 4, 4))) == (0.0, 0.0)
+
+
+def test_diversity_is_mean_pairwise_distance_within_each_prompt():
+    triangle = np.array([[0.0, 0.0], [2.0, 0.0], [1.0, math.sqrt(3.0)]])  # all sides 2
+    pair = np.array([[0.0, 0.0], [0.0, 6.0]])  # one distance 6
+    features = np.concatenate([triangle, pair])
+    labels = np.array([3, 3, 3, 7, 7])
+    assert digits.mean_pairwise_distance(triangle) == pytest.approx(2.0)
+    assert digits.diversity(features, labels) == pytest.approx((2.0 + 6.0) / 2)
+
+
+def test_alignment_counts_argmax_hits():
+    logits = np.array([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7]])
+    assert digits.alignment(logits, np.array([1, 0, 0])) == pytest.approx(2 / 3)
+
+
+def test_classifier_images_are_8_bit_and_rgb():
+    x = np.linspace(-1.3, 1.3, 3 * 4 * 4, dtype=np.float32).reshape(1, 3, 4, 4)
+    out = digits.to_classifier_images(x)
+    assert out.shape == (1, 4, 4, 3) and out.min() == 0.0 and out.max() == 1.0
+    assert np.allclose(out * 255, np.round(out * 255))
+
+
+def test_sweep_params_map_onto_runtime_guidance():
+    g = digits.make_guidance("samg", {"w_min": 2.0, "w_max": 6.0, "smooth": 3})
+    assert (g.rule, g.w_min, g.w_max, g.options) == ("samg", 2.0, 6.0, {"smooth": 3})
+    g = digits.make_guidance("cfgpp", {"lam": 0.4})
+    assert (g.w_min, g.w_max, g.options) == (0.4, 0.4, {})
+    for rule, _, params in digits.sweep(quick=False):
+        digits.make_guidance(rule, params).validate()  # every setting is a valid request
+    labels = [(r, s) for r, s, _ in digits.sweep(quick=True)]
+    assert len(labels) == len(set(labels)), "settings must be unique (they key the fused check)"
+
+
+@needs_classifier
+def test_alignment_of_held_out_digits_is_the_classifier_accuracy():
+    from samg.bundled import data, load_digit_classifier
+
+    classify = load_digit_classifier()
+    split = data.load_split()
+    logits, features = classify(digits.gray_to_classifier_images(split.test_images))
+    recorded = json.loads((CLASSIFIER_DIR / "config.json").read_text())["test_accuracy"]
+    assert digits.alignment(logits, split.test_labels) == pytest.approx(recorded, abs=0.01)
+    assert recorded > 0.9
+    # The reference set against itself is at FD 0 (the floor every setting is measured from).
+    assert digits.frechet_distance(features, features) == pytest.approx(0.0, abs=1e-6)
+
+
+@needs_model
+@needs_classifier
+def test_tiny_end_to_end_run(tmp_path):
+    """Two settings, two samples per digit, three steps; exports are cached in the default cache."""
+    settings = [("cfg", "w=3", {"scale": 3.0}), ("samg", "(2,6)", {"w_min": 2.0, "w_max": 6.0})]
+    rows, checks, facts = digits.run(
+        True, tmp_path, per_digit=2, steps=3, settings=settings, fused_checks=settings, progress=False
+    )
+    cfg, samg = rows
+    assert cfg["mean_scale"] == pytest.approx(3.0) and cfg["energy_weighted_scale"] == pytest.approx(3.0)
+    assert 2.0 <= samg["mean_scale"] <= 6.0 and 2.0 <= samg["energy_weighted_scale"] <= 6.0
+    for row in rows:
+        for m in digits.METRICS:
+            assert math.isfinite(row[m]), (row["rule"], m)
+        assert 0.0 <= row["alignment"] <= 1.0 and 0.0 <= row["saturation"] <= 1.0
+    for check in checks:  # the combine inside the fused graph gives the host rule's images
+        assert check["max_abs_pixel_diff"] < 1e-3, check
+    for name in ("digits_quick.csv", "digits_quick.md", "digits_quick_metrics.png", "digits_quick_pareto.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert "Fused export vs raw export" in (tmp_path / "digits_quick.md").read_text()
