@@ -1,0 +1,75 @@
+"""Latency of an S-CFG export's denoiser vs a fused (GuidanceCombine) export of the same model, ORT CPU.
+
+    python -m samg.scfg.bench FUSED_DIR SCFG_DIR [--sizes 8 16 32] [--repeat 20]
+
+Both folders must come from the same model (e.g. `samg export --model sd15 --tiny` with
+`--guidance fused` and `--guidance scfg`). Runs are interleaved so that machine load affects both alike;
+the median per call is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+
+def _feeds(manifest: dict, batch: int, h: int, w: int, rng):
+    import numpy as np
+
+    feeds = {}
+    for name, info in manifest["denoiser"]["inputs"].items():
+        dims = {"B": batch, "2B": 2 * batch, "H": h, "W": w}
+        shape = [dims.get(d, d) for d in info["shape"]]
+        feeds[name] = rng.standard_normal(shape).astype(np.float32)
+    feeds["timestep"] = np.full((batch,), 500.0, np.float32)
+    feeds["guidance_scales"] = np.full((batch, 2), 7.5, np.float32)
+    return feeds
+
+
+def measure(fused_dir: str, scfg_dir: str, sizes=(8, 16, 32), repeat: int = 20, batch: int = 1) -> list[dict]:
+    import numpy as np
+    import onnxruntime as ort
+
+    sessions, manifests = {}, {}
+    for label, folder in (("fused", fused_dir), ("scfg", scfg_dir)):
+        manifests[label] = json.loads((Path(folder) / "samg.json").read_text())
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1  # the CPU is shared: one thread each, comparable numbers
+        sessions[label] = ort.InferenceSession(str(Path(folder) / manifests[label]["denoiser"]["file"]), opts,
+                                               providers=["CPUExecutionProvider"])
+    rows = []
+    rng = np.random.default_rng(0)
+    for size in sizes:
+        feeds = {k: _feeds(m, batch, size, size, rng) for k, m in manifests.items()}
+        times = {k: [] for k in sessions}
+        for k, s in sessions.items():  # warm-up
+            s.run(None, feeds[k])
+        for _ in range(repeat):
+            for k, s in sessions.items():
+                start = time.perf_counter()
+                s.run(None, feeds[k])
+                times[k].append(time.perf_counter() - start)
+        med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+        rows.append({"latent": size, "fused_ms": med["fused"], "scfg_ms": med["scfg"],
+                     "ratio": med["scfg"] / med["fused"]})
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("fused_dir")
+    p.add_argument("scfg_dir")
+    p.add_argument("--sizes", type=int, nargs="+", default=[8, 16, 32])
+    p.add_argument("--repeat", type=int, default=20)
+    args = p.parse_args(argv)
+    for row in measure(args.fused_dir, args.scfg_dir, args.sizes, args.repeat):
+        print(f"latent {row['latent']:>3}x{row['latent']:<3} fused {row['fused_ms']:8.2f} ms  "
+              f"scfg {row['scfg_ms']:8.2f} ms  ratio {row['ratio']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
