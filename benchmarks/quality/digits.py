@@ -275,7 +275,7 @@ def sweep(quick: bool) -> list[tuple[str, str, dict]]:
     attrs = [(0.5, 4.0), (1.0, 16.0)] if quick else [(0.5, 4.0), (2.0, 4.0), (1.0, 1.0), (1.0, 16.0)]
     attr_pair = (3, 9) if quick else (3, 10)
     variant_pairs = [(3, 9)] if quick else [(1, 5), (2, 7.5), (3, 10), (5, 15)]
-    guided_scales = [5, 10] if quick else [2, 3, 5, 7.5, 10, 15]
+    guided_scales = [5, 10] if quick else [3, 5, 7.5, 10, 15]
     lams = [0.4, 0.8] if quick else [0.2, 0.4, 0.6, 0.8, 1.0]
     out = [("cfg", f"w={w}", {"scale": float(w)}) for w in cfg_scales]
     for a, b in pairs:
@@ -312,7 +312,7 @@ def run(quick: bool, out_dir: Path, *, model_dir: Path = DEFAULT_MODEL, cache: P
     from samg.bundled import CLASSIFIER_DIR, load_digit_classifier
     from samg.runtime.pipeline import Pipeline
 
-    per_digit = per_digit or (10 if quick else 30)
+    per_digit = per_digit or (10 if quick else 24)
     steps = steps or (16 if quick else 20)
     settings = sweep(quick) if settings is None else settings
     fused_checks = FUSED_CHECKS if fused_checks is None else fused_checks
@@ -398,7 +398,7 @@ def main(argv=None) -> int:
     p.add_argument("--model-path", type=Path, default=DEFAULT_MODEL, help="diffusers pipeline folder of samg-digits")
     p.add_argument("--classifier-dir", type=Path, default=None, help="digit classifier folder (default: the bundled one)")
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the raw and fused exports are kept")
-    p.add_argument("--per-digit", type=int, default=None, help="samples per prompt (default 10 quick, 30 full)")
+    p.add_argument("--per-digit", type=int, default=None, help="samples per prompt (default 10 quick, 24 full)")
     p.add_argument("--steps", type=int, default=None, help="Euler steps (default 16 quick, 20 full)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")

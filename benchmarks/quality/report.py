@@ -93,8 +93,9 @@ def plot_metrics_vs_scale(rows: Sequence[dict], metrics: Sequence[str], path: Pa
             if not pts:
                 continue
             color, marker = FAMILY_STYLE.get(fam, ("tab:gray", "."))
-            style = "-" if fam == "cfg" else ""
-            ax.plot(*zip(*pts), style, color=color, marker=marker, ms=4, lw=1.5, label=fam, alpha=0.85)
+            # only CFG is one curve; other families mix several parameters, so joining them would zigzag
+            style = "-" if fam == "cfg" else "none"
+            ax.plot(*zip(*pts), linestyle=style, color=color, marker=marker, ms=4, lw=1.5, label=fam, alpha=0.85)
         ax.set_xlabel("mean effective scale  mean_p w(p)")
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
