@@ -23,8 +23,19 @@ def _close(got, want, atol=ATOL):
     assert err <= atol * max(1.0, float(np.max(np.abs(want)))), err
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: threads only add contention on the shared CPU."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def _session(folder, file):
-    return ort.InferenceSession(str(folder / file), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    return ort.InferenceSession(str(folder / file), options, providers=["CPUExecutionProvider"])
 
 
 _PIPES = {}

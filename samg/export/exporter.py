@@ -122,6 +122,19 @@ def _quiet_libraries():
             transformers.utils.logging.enable_progress_bar()
 
 
+@contextlib.contextmanager
+def _threads_for(opts: ExportOptions, torch):
+    """Tiny models run single-threaded: they gain nothing from threads and lose a lot when the
+    CPU is shared (several times slower under load from thread contention)."""
+    previous = torch.get_num_threads()
+    if opts.tiny:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 # --- loading ----------------------------------------------------------------------------------------
 
 
@@ -448,7 +461,12 @@ def _save_onnx(model, path: Path, onnx) -> None:
 def _validate(component: Component, folder: Path, opts: ExportOptions, torch, ort, progress: _Progress) -> None:
     import numpy as np
 
-    session = ort.InferenceSession(str(folder / component.file), providers=["CPUExecutionProvider"])
+    session_options = ort.SessionOptions()
+    if opts.tiny:
+        session_options.intra_op_num_threads = 1
+    session = ort.InferenceSession(
+        str(folder / component.file), session_options, providers=["CPUExecutionProvider"]
+    )
     worst = 0.0
     checked = []
     tolerance = TOLERANCE[opts.dtype]
@@ -630,7 +648,7 @@ def export(opts: ExportOptions) -> Path:
     check(not out.is_file(), f"--out {out} is a file: pass a folder path")
     progress = _Progress(total=6 + (3 if opts.validate else 0), quiet=opts.quiet)
     try:
-        with _quiet_libraries(), atomic_dir(out) as folder:
+        with _quiet_libraries(), _threads_for(opts, torch), atomic_dir(out) as folder:
             if opts.tiny:
                 progress.stage("building tiny model")
                 tiny = spec.build_tiny(opts.seed)
