@@ -26,6 +26,7 @@ from samg.engines.trt_build import (  # noqa: F401  (the public build API lives 
     BuildResult,
     build_export,
     make_logger,
+    read_record,
     verify_engine,
 )
 from samg.engines.trt_loader import load_trt
@@ -47,9 +48,8 @@ class TensorRTRunner:
         if path.suffix == ".onnx":
             path = path.parent / "engines" / f"{path.stem}.engine"
             check(path.is_file(), f"no engine for {path.stem}: run `samg build {path.parent.parent}` first")
-        record = verify_engine(path)
-        self.trt = trt = load_trt(record["trt"]["flavour"])
-        verify_engine(path, trt)
+        self.trt = trt = load_trt(read_record(path)["trt"]["flavour"])
+        record = verify_engine(path, trt)
         self.cp = cp = require("cupy", "to run TensorRT engines (pip install cupy-cuda12x or cupy-cuda13x)")
         if record.get("plugins"):
             from samg.engines.plugin_trt import register_plugin

@@ -101,6 +101,36 @@ def make_logger(trt: ModuleType, echo: bool = False):
     return CollectingLogger()
 
 
+def make_progress_monitor(trt: ModuleType, label: str):
+    """A trt.IProgressMonitor showing the builder's top-level phases as tqdm bars on stderr."""
+    from tqdm import tqdm
+
+    class PhaseBars(trt.IProgressMonitor):
+        def __init__(self):
+            trt.IProgressMonitor.__init__(self)
+            self.bars = {}
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            if parent_phase is None:  # nested phases would only flicker
+                self.bars[phase_name] = tqdm(
+                    total=num_steps, desc=f"samg build: {label}: {phase_name}", leave=False, file=sys.stderr
+                )
+
+        def step_complete(self, phase_name, step):
+            bar = self.bars.get(phase_name)
+            if bar is not None:
+                bar.n = step + 1
+                bar.refresh()
+            return True  # False would cancel the build
+
+        def phase_finish(self, phase_name):
+            bar = self.bars.pop(phase_name, None)
+            if bar is not None:
+                bar.close()
+
+    return PhaseBars()
+
+
 # --------------------------------------------------------------------------------------------
 # Reading the export.
 
@@ -365,9 +395,12 @@ def build_serialized(
     profiles: dict[str, dict[str, list[int]]],
     timing_cache: Path | None,
     name: str,
+    progress: bool = False,
 ) -> bytes:
     """Build the engine; the timing cache is read before and written back after."""
     config = builder.create_builder_config()
+    if progress:
+        config.progress_monitor = make_progress_monitor(trt, name)
     profile = builder.create_optimization_profile()
     inputs, _ = network_io(network)
     for input_name in inputs:
@@ -466,7 +499,9 @@ def build_export(export_dir: str | os.PathLike, options: BuildOptions | None = N
             builder = trt.Builder(logger)
             network, _parser = parse_network(trt, builder, logger, path, combine)
             _check_plugin_layers(trt, network, combine, path)
-            engine = build_serialized(trt, builder, network, logger, profiles, timing_cache, component)
+            engine = build_serialized(
+                trt, builder, network, logger, profiles, timing_cache, component, progress=not options.quiet
+            )
             inputs, outputs = network_io(network)
             record = {
                 "format": ENGINE_FORMAT,

@@ -1,0 +1,123 @@
+"""`samg build` on the tiny exports of every family (the shared `tiny_export` fixture).
+
+Export folders are shared and read-only: engines go to tmp folders (`out_dir`). Parsing is cheap
+and runs for every family; full builds of every family are marked slow, except SDXL, the
+acceptance case.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from samg.engines.trt_loader import available_flavours
+
+pytestmark = pytest.mark.tensorrt
+if not available_flavours():
+    pytest.skip("TensorRT / TensorRT-RTX is not importable (pip install tensorrt-rtx-cu13)", allow_module_level=True)
+
+from samg.engines.tensorrt import BuildOptions, ShapeRequest, build_export  # noqa: E402
+from samg.engines.trt_build import (  # noqa: E402
+    _default_tokens,
+    make_logger,
+    network_io,
+    onnx_input_dims,
+    parse_network,
+    plugin_layer_count,
+)
+from samg.engines.trt_loader import load_trt  # noqa: E402
+from samg.engines.trt_profiles import input_profiles, symbol_ranges  # noqa: E402
+
+FAMILIES = ["sd15", "sd21", "sdxl", "sd35-medium", "cogvideox", "modelscope-t2v"]
+CONDITIONING = ("encoder_hidden_states", "text_embeds", "pooled_projections")
+
+
+@pytest.fixture(scope="module")
+def trt():
+    from samg.engines.plugin_trt import register_plugin
+
+    module = load_trt()
+    register_plugin(module)
+    return module
+
+
+def latent_shape(manifest: dict, batch: int) -> list[int]:
+    latent = manifest["latent"]
+    sizes = {
+        "B": batch,
+        "C": latent["channels"],
+        "F": latent.get("latent_frames"),
+        "H": latent["height"] // latent["spatial_factor"],
+        "W": latent["width"] // latent["spatial_factor"],
+    }
+    return [sizes[axis] for axis in latent["layout"]]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_both_combine_paths_parse_and_profiles_follow_the_manifest(tiny_export, trt, family):
+    import onnx
+
+    folder = tiny_export(family)
+    manifest = json.loads((folder / "samg.json").read_text())
+    path = folder / "denoiser.onnx"
+    for combine, expected in (("function", 0), ("plugin", 1)):
+        logger = make_logger(trt)
+        builder = trt.Builder(logger)
+        network, _parser = parse_network(trt, builder, logger, path, combine)
+        assert plugin_layer_count(trt, network) == expected
+
+    model = onnx.load(str(path), load_external_data=False)
+    request = ShapeRequest(dynamic=True, opt={"batch": 2}, max={"batch": 3})
+    ranges = symbol_ranges(manifest, request, _default_tokens(manifest, model))
+    profiles = input_profiles(manifest, "denoiser", onnx_input_dims(model), ranges)
+    assert sorted(profiles) == sorted(network_io(network)[0])
+    assert profiles["latents"]["opt"] == latent_shape(manifest, 2)
+    for point in ("min", "opt", "max"):
+        batch = profiles["latents"][point][0]
+        assert profiles["timestep"][point] == [batch]
+        assert profiles["guidance_scales"][point] == [batch, 2]
+        for name in CONDITIONING:
+            if name in profiles:
+                assert profiles[name][point][0] == 2 * batch
+                declared = manifest["denoiser"]["inputs"][name]["shape"]
+                assert profiles[name][point][1:] == declared[1:]
+
+
+def test_sdxl_builds_with_both_combine_paths_and_rebuild_is_a_cache_hit(tiny_export, tmp_path):
+    folder = tiny_export("sdxl")
+    engines = tmp_path / "engines"
+    options = dict(out_dir=engines, cache_dir=tmp_path / "cache", quiet=True)
+    first = build_export(folder, BuildOptions(combine="function", **options))
+    assert [r.component for r in first] == ["text_encoder", "denoiser", "vae_decoder"]
+    assert all(r.status == "built" for r in first)
+    plugin = build_export(folder, BuildOptions(combine="plugin", components=("denoiser",), **options))[0]
+    assert plugin.status == "built" and plugin.record["plugins"] == ["samg::GuidanceCombine"]
+    again = build_export(folder, BuildOptions(combine="plugin", **options))
+    assert [r.status for r in again] == ["up-to-date"] * 3
+    # switching back to the function path reuses the first denoiser from the engine cache
+    back = build_export(folder, BuildOptions(combine="function", components=("denoiser",), **options))[0]
+    assert back.status == "from-cache" and back.record["key"] == first[1].record["key"]
+    record = json.loads((engines / "denoiser.engine.json").read_text())
+    assert record["profiles"]["encoder_hidden_states"]["opt"][0] == 2 * record["profiles"]["latents"]["opt"][0]
+    assert {"text_embeds", "guidance_scales"} <= set(record["inputs"])
+    assert not (folder / "engines").exists()  # the shared export folder stays untouched
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "sdxl"])
+def test_every_family_builds_both_combine_paths(tiny_export, tmp_path, family):
+    folder = tiny_export(family)
+    for combine in ("function", "plugin"):
+        options = BuildOptions(
+            combine=combine,
+            shapes=ShapeRequest(dynamic=True),
+            out_dir=tmp_path / combine,
+            cache_dir=tmp_path / "cache",
+            quiet=True,
+        )
+        results = {r.component: r for r in build_export(folder, options)}
+        assert set(results) == {"text_encoder", "denoiser", "vae_decoder"}
+        assert results["denoiser"].status == "built" and results["denoiser"].record["combine"] == combine
+        # text encoder and VAE do not depend on the combine path: the second pass reuses them
+        assert all(r.record["engine_bytes"] > 0 for r in results.values())
