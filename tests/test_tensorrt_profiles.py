@@ -128,8 +128,10 @@ def test_bad_ranges_are_refused_with_the_flag_named():
         symbol_ranges(manifest, ShapeRequest(dynamic=True, min={"batch": 4}, opt={"batch": 2}), 77)
     with pytest.raises(SamgError, match="need --dynamic"):
         symbol_ranges(manifest, ShapeRequest(dynamic=False, max={"batch": 4}), 77)
-    with pytest.raises(SamgError, match="multiple of the VAE factor"):
+    with pytest.raises(SamgError, match="not a multiple of 8"):
         symbol_ranges(manifest, ShapeRequest(dynamic=False, opt={"height": 500}), 77)
+    with pytest.raises(SamgError, match="not a multiple of 16"):
+        symbol_ranges(sd_manifest(size_multiple=16), ShapeRequest(dynamic=False, opt={"height": 520}), 77)
     fixed = sd_manifest(dynamic_resolution=False)
     with pytest.raises(SamgError, match="fixed at 512"):
         symbol_ranges(fixed, ShapeRequest(dynamic=True, max={"height": 1024}), 77)

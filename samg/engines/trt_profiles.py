@@ -112,8 +112,9 @@ def symbol_ranges(manifest: dict, request: ShapeRequest, default_tokens: int | N
     for key, symbol in (("height", "H"), ("width", "W")):
         if sizes[key] is None:
             continue
+        multiple = int(latent.get("size_multiple") or factor)
         for v in sizes[key]:
-            check(v % factor == 0, f"{key}={v} is not a multiple of the VAE factor {factor}")
+            check(v % multiple == 0, f"{key}={v} is not a multiple of {multiple} (this export's size step)")
         ranges[symbol] = tuple(v // factor for v in sizes[key])
     if frames is not None:
         ranges["F"] = tuple(_latent_frames(v, temporal) for v in frames)
