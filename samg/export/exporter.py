@@ -8,6 +8,7 @@ import contextlib
 import inspect
 import io
 import os
+import shutil
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -157,9 +158,16 @@ def _check_options(opts: ExportOptions, spec: ModelSpec) -> None:
 
 def _load_pipeline(spec: ModelSpec, source: str, kind: str, dtype):
     diffusers = require("diffusers", "to export models")
+    torch = require("torch", "to export models")
     pipeline_class = getattr(diffusers, spec.pipeline_class)
     if kind != "hub":
         folder = Path(source)
+        if spec.bundled and folder == Path(spec.default_source):
+            check(
+                folder.is_dir(),
+                f"the bundled {spec.bundled} model is missing at {folder}: train it "
+                "(python scripts/train_digits.py) or pass --model-path DIR or --tiny",
+            )
         check(folder.is_dir(), f"model folder {folder} does not exist: pass --model-path DIR of a diffusers model")
         check(
             (folder / "model_index.json").is_file(),
@@ -173,7 +181,11 @@ def _load_pipeline(spec: ModelSpec, source: str, kind: str, dtype):
             extra[optional] = None  # not part of generation; skip loading them
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            pipe = pipeline_class.from_pretrained(source, torch_dtype=dtype, **extra)
+            pipe = pipeline_class.from_pretrained(source, torch_dtype=torch.float32, **extra)
+        # --dtype applies to the denoiser and VAE; text encoders stay float32 (they run once per
+        # prompt, and CLIP's float16 ONNX graph mixes types in LayerNormalization).
+        getattr(pipe, spec.denoiser_component).to(dtype)
+        pipe.vae.to(dtype)
     except Exception as exc:  # noqa: BLE001 - any loader failure is a bad model source for the user
         reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         if kind == "hub":
@@ -350,19 +362,23 @@ def _tokenizer_entries(spec: ModelSpec, pipe) -> list[_TokenizerEntry]:
         limit = getattr(tokenizer, "model_max_length", None)
         # CLIP pipelines use tokenizer.model_max_length; T5 ones a fixed max_sequence_length.
         max_length = te.max_length if not limit or limit > 100_000 else min(te.max_length, int(limit))
+        positions = getattr(getattr(pipe, te.encoder).config, "max_position_embeddings", None)
+        if positions:  # a small bundled text encoder may know fewer positions than the family's default
+            max_length = min(max_length, int(positions))
         entries.append(_TokenizerEntry(te, tokenizer, max_length, f"{te.tokenizer}/tokenizer.json"))
     return entries
 
 
-def _text_encoder_module(spec: ModelSpec, pipe):
+def _text_encoder_module(spec: ModelSpec, pipe, out_dtype=None):
     from samg.export.wrappers import TextEncoder
 
-    return TextEncoder([getattr(pipe, te.encoder) for te in spec.text_encoders], spec).eval()
+    encoders = [getattr(pipe, te.encoder) for te in spec.text_encoders]
+    return TextEncoder(encoders, spec, out_dtype=out_dtype).eval()
 
 
-def _text_component(spec, pipe, torch) -> Component:
+def _text_component(spec, pipe, opts: ExportOptions, torch, dtype) -> Component:
     entries = _tokenizer_entries(spec, pipe)
-    module = _text_encoder_module(spec, pipe)
+    module = _text_encoder_module(spec, pipe, dtype)
     names = [e.spec_entry.input_name for e in entries]
     cond_shapes = _conditioning_shapes(spec, pipe, torch, None)
 
@@ -377,7 +393,7 @@ def _text_component(spec, pipe, torch) -> Component:
     axes = {**{n: {0: "N"} for n in names}, **{n: {0: "N"} for n in outputs}}
     shapes = {**{e.spec_entry.input_name: ["N", e.max_length] for e in entries},
               **{n: ["N", *cond_shapes[n]] for n in outputs}}
-    dtypes = {**{n: "int64" for n in names}, **{n: str(getattr(pipe, spec.text_encoders[0].encoder).dtype).replace("torch.", "") for n in outputs}}
+    dtypes = {**{n: "int64" for n in names}, **{n: opts.dtype for n in outputs}}
     return Component("text_encoder", TEXT_ENCODER_FILE, module, names, outputs, axes, shapes, dtypes, make_inputs)
 
 
@@ -420,12 +436,17 @@ def _vae_component(spec, pipe, sizes: Sizes, opts: ExportOptions, torch, dtype) 
 
 def _export_onnx(component: Component, folder: Path, opts: ExportOptions, torch, onnx) -> None:
     path = folder / component.file
+    # Trace into a scratch folder: for models over 2 GB the exporter writes one external file per
+    # weight, which _save_onnx then gathers into a single NAME.onnx.data.
+    scratch = folder / f".trace-{component.name}"
+    scratch.mkdir()
+    traced = scratch / component.file
     inputs = component.make_inputs(TRACE_BATCH, 0)
     with torch.no_grad():
         torch.onnx.export(
             component.module,
             inputs,
-            str(path),
+            str(traced),
             input_names=component.input_names,
             output_names=component.output_names,
             dynamic_axes=component.dynamic_axes,
@@ -433,7 +454,8 @@ def _export_onnx(component: Component, folder: Path, opts: ExportOptions, torch,
             dynamo=False,
             do_constant_folding=True,
         )
-    model = onnx.load(str(path))
+    model = onnx.load(str(traced))
+    shutil.rmtree(scratch)
     if component.name == "denoiser" and opts.guidance == "fused":
         from samg.op import attach_function
 
@@ -581,6 +603,7 @@ def _manifest(spec, pipe, opts, sizes, source, components, tokenizers, folder) -
         },
         "text_encoder": {
             "file": TEXT_ENCODER_FILE,
+            "compute_dtype": "float32",
             "tokenizers": tokenizers,
             "outputs": list(spec.conditioning),
             "output_shapes": by_name(text, text.output_names),
@@ -669,7 +692,7 @@ def export(opts: ExportOptions) -> Path:
             progress.done()
             components = [
                 _denoiser_component(spec, pipe, sizes, opts, torch, dtype),
-                _text_component(spec, pipe, torch),
+                _text_component(spec, pipe, opts, torch, dtype),
                 _vae_component(spec, pipe, sizes, opts, torch, dtype),
             ]
             for component in components:

@@ -134,10 +134,11 @@ TEXT_COMBINES: dict[str, Callable] = {"single": _combine_single, "sdxl": _combin
 class TextEncoder(nn.Module):
     """input_ids, input_ids_2, ... -> the denoiser's conditioning tensors for N prompts."""
 
-    def __init__(self, encoders: list, spec: ModelSpec):
+    def __init__(self, encoders: list, spec: ModelSpec, out_dtype: torch.dtype | None = None):
         super().__init__()
         self.encoders = nn.ModuleList(encoders)
         self.spec = spec
+        self.out_dtype = out_dtype  # the denoiser's dtype, when the encoders compute in another
         self._combine = TEXT_COMBINES[spec.text_combine]
 
     def forward(self, *input_ids):
@@ -147,6 +148,8 @@ class TextEncoder(nn.Module):
             states.append(s)
             pooled.append(p)
         outputs = self._combine(states, pooled)
+        if self.out_dtype is not None:
+            outputs = tuple(o.to(self.out_dtype) for o in outputs)
         return outputs if len(outputs) > 1 else outputs[0]
 
 
