@@ -13,6 +13,17 @@ pytest.importorskip("diffusers")
 from samg.export.exporter import ExportOptions, export
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: threads only add contention on the shared CPU."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def _nothing_left(parent, name):
     return not any(p.name == name or p.name.startswith(f".{name}.") for p in parent.iterdir())
 

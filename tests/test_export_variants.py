@@ -16,6 +16,17 @@ from samg.export.exporter import ExportOptions, export
 from samg.models.specs import get_spec
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: threads only add contention on the shared CPU."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def _input_types(path):
     model = onnx.load(str(path), load_external_data=False)
     elem = {i.name: i.type.tensor_type.elem_type for i in [*model.graph.input, *model.graph.output]}

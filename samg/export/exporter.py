@@ -297,7 +297,8 @@ def _denoiser_component(spec, pipe, sizes: Sizes, opts: ExportOptions, torch, dt
     def make_inputs(batch: int, scale: int):
         gen = torch.Generator().manual_seed(1234 + 10 * scale + batch)
         lh, lw = (sizes.latent_height, sizes.latent_width) if scale == 0 else _second_size(sizes, spec)
-        shape = _latent_shape(spec, channels, batch, sizes.latent_frames, lh, lw)
+        frames = sizes.latent_frames + 2 if scale and spec.dynamic_frames else sizes.latent_frames
+        shape = _latent_shape(spec, channels, batch, frames, lh, lw)
         latents = torch.randn(shape, generator=gen).to(dtype)
         timestep = torch.rand(batch, generator=gen) * 999.0
         cond = [torch.randn([2 * batch, *s], generator=gen).to(dtype) for s in cond_shapes.values()]
@@ -333,7 +334,7 @@ def _denoiser_component(spec, pipe, sizes: Sizes, opts: ExportOptions, torch, dt
         dtypes["guidance_scales"] = "float32"
     return Component(
         "denoiser", DENOISER_FILE, module, names, outputs, axes, shapes, dtypes, make_inputs,
-        check_scales=(0, 1) if dynamic_res else (0,),
+        check_scales=(0, 1) if dynamic_res or spec.dynamic_frames else (0,),
     )
 
 
