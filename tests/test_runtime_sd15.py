@@ -17,17 +17,9 @@ STEPS, SCALE = 3, 5.0
 LATENT_ATOL = 2e-4
 
 
-def _export(root, guidance):
-    from samg.export.exporter import ExportOptions, export
-
-    return export(ExportOptions(model="sd15", out=str(root / f"sd15-{guidance}"), tiny=True, guidance=guidance,
-                                validate=False, quiet=True))
-
-
 @pytest.fixture(scope="module")
-def exports(tmp_path_factory):
-    root = tmp_path_factory.mktemp("runtime-sd15")
-    return {"fused": _export(root, "fused"), "raw": _export(root, "raw")}
+def exports(tiny_export):
+    return {"fused": tiny_export("sd15", "fused"), "raw": tiny_export("sd15", "raw")}
 
 
 @pytest.fixture(scope="module")

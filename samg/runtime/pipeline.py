@@ -105,8 +105,13 @@ class Pipeline:
         return {name: np.asarray(outs[name], np.float32) for name in self.manifest["text_encoder"]["outputs"]}
 
     def conditioning(self, prompt: str, negative_prompt: str, batch: int) -> dict[str, np.ndarray]:
-        """[2B, ...] per conditioning input: B copies of the negative, then B of the positive."""
+        """[2B, ...] per conditioning input: B copies of the negative, then B of the positive.
+
+        Models trained with zeroed negative conditioning (SDXL: `force_zeros_for_empty_prompt`)
+        get zeros for an empty negative prompt, as diffusers' pipelines do."""
         enc = self.encode([negative_prompt, prompt])
+        if not negative_prompt and self.manifest["text_encoder"].get("force_zeros_for_empty_prompt", False):
+            enc = {name: np.concatenate([np.zeros_like(v[1:]), v[1:]]) for name, v in enc.items()}
         return {name: np.repeat(v, batch, axis=0) for name, v in enc.items()}
 
     def latent_shape(self, batch: int, height: int, width: int, frames: int | None) -> tuple[int, ...]:
