@@ -1,0 +1,141 @@
+"""S-CFG on samg-digits: the mask picture (torch reference), the exported graph, the quality-sweep rows.
+
+Mask tracing and the probe graph run on the tiny digits export of the session fixture (random weights,
+the same two-level UNet layout); graph-vs-reference agreement and the scored rows need the trained,
+bundled model (a random UNet's token maps are tied to float rounding).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from benchmarks.quality import scfg_digits
+from samg.bundled import CLASSIFIER_DIR, SAMG_DIGITS_DIR
+from samg.errors import SamgError
+
+pytest.importorskip("torch")
+pytest.importorskip("onnxruntime")
+
+ROW_FIELDS = {"rule", "setting", "mean_scale", "energy_weighted_scale", "alignment", "fd", "diversity",
+              "saturation", "overshoot", "nominal_scale"}
+
+
+@pytest.fixture(scope="module")
+def scfg_export(tiny_export):
+    import torch
+
+    torch.set_num_threads(1)
+    return tiny_export("digits", "scfg")
+
+
+@pytest.fixture(scope="module")
+def trace(scfg_export):
+    pipe = scfg_digits.load_diffusers_pipeline(scfg_export / "source")
+    return scfg_digits.trace_masks(pipe, ["a handwritten 3", "a handwritten 8"], scale=4.0, steps=3, show=2)
+
+
+def test_applied_scale_recovers_a_known_scale_map():
+    rng = np.random.default_rng(0)
+    u, c = rng.normal(size=(2, 4, 5, 6)), rng.normal(size=(2, 4, 5, 6))
+    s = rng.uniform(0.8, 12.0, size=(2, 1, 5, 6))
+    mean, weighted = scfg_digits.applied_scale(u, c, u + s * (c - u))
+    energy = ((c - u) ** 2).sum(1, keepdims=True)
+    assert mean == pytest.approx(s.mean(), rel=1e-9)
+    assert weighted == pytest.approx((s * energy).sum() / energy.sum(), rel=1e-9)
+    assert weighted != pytest.approx(mean, rel=1e-3)  # the two summaries are different numbers
+
+
+def test_trace_records_masks_and_scale_maps(trace):
+    assert [v.step for v in trace.views] == [0, 2]
+    assert trace.factors == (1, 2)  # the digits UNet has attention at two levels only: the full latent and /2
+    num_tokens = len(trace.tokens[0])
+    assert trace.tokens[0][0] == "<|startoftext|>" and num_tokens == 77  # the tiny model's CLIP tokenizer
+    for view in trace.views:
+        n, height, width, rgb = view.x0_images.shape
+        assert (n, rgb) == (2, 3) and height == width >= 8  # decoded pixels: latent 8x8 times the VAE factor
+        assert 0 <= view.x0_images.min() <= view.x0_images.max() <= 1
+        assert view.token_of_max.shape == (2, 8, 8) and view.token_of_max.max() < num_tokens
+        assert view.foreground.dtype == bool and view.foreground.shape == (2, 8, 8)
+        # rate clamped to [0.8, 3] (and <= 15 / w) then blurred by a normalized kernel: w·rate stays inside
+        assert view.scale_map.shape == (2, 8, 8)
+        assert 0.8 * 4.0 - 1e-5 <= view.scale_map.min() and view.scale_map.max() <= 3.0 * 4.0 + 1e-5
+
+
+needs_model = pytest.mark.skipif(not (SAMG_DIGITS_DIR / "model_index.json").exists(),
+                                 reason="samg-digits not bundled yet")
+needs_classifier = pytest.mark.skipif(not (CLASSIFIER_DIR / "config.json").exists(), reason="digit classifier not bundled")
+
+
+@pytest.fixture(scope="module")
+def digits_scfg_export(tmp_path_factory):
+    """The bundled samg-digits exported with --guidance scfg (checked against torch by the test below)."""
+    from samg.export.exporter import ExportOptions, export
+
+    out = tmp_path_factory.mktemp("samg-digits") / "scfg"
+    return export(ExportOptions(model="digits", out=str(out), model_path=str(SAMG_DIGITS_DIR), guidance="scfg",
+                                validate=False, quiet=True))
+
+
+@needs_model
+def test_exported_graph_gives_the_reference_guided_prediction_on_samg_digits(digits_scfg_export):
+    # On the trained model only: in a random-weight UNet the token maps are tied to float rounding
+    # (relative margins ~1e-7), so the arg-max masks of graph and reference can differ (docs/scfg.md).
+    pipe = scfg_digits.load_diffusers_pipeline(SAMG_DIGITS_DIR)
+    trace = scfg_digits.trace_masks(pipe, ["a handwritten 2", "a handwritten 5"], scale=5.0, steps=6, show=6)
+    assert trace.factors == (1, 2) and trace.tokens[0][:5] == ["<bos>", "a", "handwritten", "2", "<eos>"]
+    assert scfg_digits.onnx_agreement(trace, digits_scfg_export) < 1e-4
+
+
+def test_mask_picture_is_written(trace, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "masks.png"
+    scfg_digits.plot_masks(trace, out, note="test")
+    with Image.open(out) as image:
+        width, height = image.size
+    assert height > width > 300  # 3 rows per prompt, one column per shown step plus the legend
+
+
+def test_probe_graph_exposes_both_predictions(scfg_export, tmp_path):
+    import onnxruntime as ort
+
+    probe = scfg_digits.probe_model(scfg_export / "denoiser.onnx", tmp_path / "probe" / "denoiser.onnx")
+    rng = np.random.default_rng(1)
+    feeds = {"latents": rng.standard_normal((2, 4, 8, 8), dtype=np.float32),
+             "timestep": np.array([500.0, 20.0], np.float32),
+             "encoder_hidden_states": rng.standard_normal((4, 77, 32), dtype=np.float32),
+             "guidance_scales": np.array([[3.0, 3.0], [6.0, 6.0]], np.float32)}
+    plain = ort.InferenceSession(str(scfg_export / "denoiser.onnx")).run(["guided"], feeds)[0]
+    runner = scfg_digits.ScaleProbeRunner(probe)
+    guided = runner.run(feeds)["guided"]
+    np.testing.assert_allclose(guided, plain, atol=1e-6)
+    (batch, mean, weighted), = runner.records
+    assert batch == 2 and 0.8 * 3.0 <= mean <= 3.0 * 6.0 and np.isfinite(weighted)
+
+
+def test_probe_refuses_a_graph_without_semantic_combine(tiny_export, tmp_path):
+    fused = tiny_export("digits", "fused")
+    with pytest.raises(SamgError, match="--guidance scfg"):
+        scfg_digits.probe_model(fused / "denoiser.onnx", tmp_path / "p.onnx")
+    with pytest.raises(SamgError, match="--guidance scfg"):
+        scfg_digits.onnx_agreement(scfg_digits.MaskTrace([], [], 1.0, (1,), 1, []), fused)
+
+
+@needs_model
+@needs_classifier
+def test_scfg_rows_have_the_benchmark_fields(digits_scfg_export, tmp_path):
+    rows = scfg_digits.scfg_rows(True, export_dir=digits_scfg_export, cache=tmp_path, per_digit=2, steps=3,
+                                 scales=[2.0, 5.0], progress=False)
+    assert [r["setting"] for r in rows] == ["w=2", "w=5"]
+    for row, w in zip(rows, (2.0, 5.0)):
+        assert set(row) == ROW_FIELDS and row["rule"] == "scfg" and row["nominal_scale"] == w
+        assert all(math.isfinite(row[k]) for k in ROW_FIELDS - {"rule", "setting"})
+        assert 0.8 * w <= row["mean_scale"] <= min(3 * w, 15.0)
+        assert 0.0 <= row["alignment"] <= 1.0 and row["fd"] >= 0.0
+    assert rows[1]["mean_scale"] > rows[0]["mean_scale"]
+    text = scfg_digits.summarize(rows + [dict(rows[0], rule="cfg", setting="w=1", mean_scale=1.0),
+                                         dict(rows[1], rule="cfg", setting="w=15", mean_scale=15.0)])
+    assert "2 S-CFG settings vs CFG" in text
