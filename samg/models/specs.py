@@ -8,7 +8,7 @@ the tiny-config builders in :mod:`samg.models.tiny` import torch/diffusers when 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
@@ -115,62 +115,47 @@ class ModelSpec:
 
 _CLIP_L = TextEncoderSpec("tokenizer", "text_encoder", 77)
 
+_SD15 = ModelSpec(
+    name="sd15",
+    family="sd15",
+    hub_id="stable-diffusion-v1-5/stable-diffusion-v1-5",
+    pipeline_class="StableDiffusionPipeline",
+    denoiser_class="UNet2DConditionModel",
+    denoiser_component="unet",
+    prediction_type="epsilon",
+    layout="BCHW",
+    latent_channels=4,
+    spatial_factor=8,
+    temporal_factor=1,
+    default_height=512,
+    default_width=512,
+    default_frames=None,
+    text_encoders=(_CLIP_L,),
+    text_combine="single",
+    conditioning=("encoder_hidden_states",),
+    scheduler=_frozen(_SD_DISCRETE),
+    scheduler_class="PNDMScheduler",
+    vae_class="AutoencoderKL",
+    vae_scaling_factor=0.18215,
+    vae_shift_factor=0.0,
+    vae_frames="none",
+    dynamic_resolution=True,
+    tiny="tiny_sd",
+)
+
 SPECS: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in (
-        ModelSpec(
-            name="sd15",
-            family="sd15",
-            hub_id="stable-diffusion-v1-5/stable-diffusion-v1-5",
-            pipeline_class="StableDiffusionPipeline",
-            denoiser_class="UNet2DConditionModel",
-            denoiser_component="unet",
-            prediction_type="epsilon",
-            layout="BCHW",
-            latent_channels=4,
-            spatial_factor=8,
-            temporal_factor=1,
-            default_height=512,
-            default_width=512,
-            default_frames=None,
-            text_encoders=(_CLIP_L,),
-            text_combine="single",
-            conditioning=("encoder_hidden_states",),
-            scheduler=_frozen(_SD_DISCRETE),
-            scheduler_class="PNDMScheduler",
-            vae_class="AutoencoderKL",
-            vae_scaling_factor=0.18215,
-            vae_shift_factor=0.0,
-            vae_frames="none",
-            dynamic_resolution=True,
-            tiny="tiny_sd",
-        ),
-        ModelSpec(
+        _SD15,
+        replace(
+            _SD15,
             name="sd21",
             family="sd21",
             hub_id="stabilityai/stable-diffusion-2-1",
-            pipeline_class="StableDiffusionPipeline",
-            denoiser_class="UNet2DConditionModel",
-            denoiser_component="unet",
             prediction_type="v_prediction",
-            layout="BCHW",
-            latent_channels=4,
-            spatial_factor=8,
-            temporal_factor=1,
             default_height=768,
             default_width=768,
-            default_frames=None,
-            text_encoders=(_CLIP_L,),
-            text_combine="single",
-            conditioning=("encoder_hidden_states",),
-            scheduler=_frozen(_SD_DISCRETE),
             scheduler_class="DDIMScheduler",
-            vae_class="AutoencoderKL",
-            vae_scaling_factor=0.18215,
-            vae_shift_factor=0.0,
-            vae_frames="none",
-            dynamic_resolution=True,
-            tiny="tiny_sd",
         ),
         ModelSpec(
             name="sdxl",
@@ -306,34 +291,15 @@ SPECS: dict[str, ModelSpec] = {
             dynamic_frames=True,
             tiny="tiny_modelscope",
         ),
-        ModelSpec(
+        replace(
+            _SD15,
             name="digits",
-            family="sd15",
             hub_id="samg/samg-digits",
-            pipeline_class="StableDiffusionPipeline",
-            denoiser_class="UNet2DConditionModel",
-            denoiser_component="unet",
-            prediction_type="epsilon",
-            layout="BCHW",
-            latent_channels=4,
-            spatial_factor=8,
-            temporal_factor=1,
             # Real sizes are read from the bundled model's config at export time.
             default_height=64,
             default_width=64,
-            default_frames=None,
-            text_encoders=(_CLIP_L,),
-            text_combine="single",
-            conditioning=("encoder_hidden_states",),
-            scheduler=_frozen(_SD_DISCRETE),
             scheduler_class="DDPMScheduler",
-            vae_class="AutoencoderKL",
-            vae_scaling_factor=0.18215,
-            vae_shift_factor=0.0,
-            vae_frames="none",
-            dynamic_resolution=True,
             bundled="samg-digits",
-            tiny="tiny_sd",
         ),
     )
 }
