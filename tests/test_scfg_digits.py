@@ -139,3 +139,51 @@ def test_scfg_rows_have_the_benchmark_fields(digits_scfg_export, tmp_path):
     text = scfg_digits.summarize(rows + [dict(rows[0], rule="cfg", setting="w=1", mean_scale=1.0),
                                          dict(rows[1], rule="cfg", setting="w=15", mean_scale=15.0)])
     assert "2 S-CFG settings vs CFG" in text
+
+
+@pytest.fixture(scope="module")
+def scfg_module(scfg_export):
+    """The exporter's S-CFG denoiser module over the tiny digits UNet, and validation-style inputs."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from samg.export.wrappers import Denoiser
+    from samg.models.specs import get_spec
+    from samg.scfg.export import scfg_denoiser
+
+    unet = UNet2DConditionModel.from_pretrained(scfg_export / "source" / "unet").eval()
+    module = scfg_denoiser(Denoiser(unet, get_spec("digits"), fused=True, combine={}, extras={"spatial_factor": 8}))
+    gen = torch.Generator().manual_seed(3)
+    inputs = (torch.randn(2, 4, 8, 8, generator=gen), torch.tensor([700.0, 30.0]),
+              torch.randn(4, 77, unet.config.cross_attention_dim, generator=gen), torch.tensor([[4.0, 4.0], [7.0, 7.0]]))
+    with torch.no_grad():
+        u, c, *_ = module.parts(*inputs)
+        guided = module(*inputs)
+    return module, inputs, u.numpy(), c.numpy(), guided.numpy()
+
+
+@pytest.mark.parametrize("decided_margin", [-1.0, 2.0])  # every sample decided (exact check) / none (line check)
+def test_scfg_validation_accepts_the_reference_and_flags_wrong_graphs(scfg_module, monkeypatch, decided_margin):
+    import samg.scfg.export as scfg_export_module
+
+    monkeypatch.setattr(scfg_export_module, "DECIDED_MARGIN", decided_margin)
+    module, inputs, u, c, guided = scfg_module
+    assert module.validation_error(inputs, guided) < 1e-6
+    wrong_uncond = guided + 0.05 * np.random.default_rng(0).standard_normal(guided.shape).astype(np.float32)
+    assert module.validation_error(inputs, wrong_uncond) > 1e-3  # off the line u + s·Δ, and not the reference
+    too_strong = u + 4.0 * np.array([4.0, 7.0], np.float32)[:, None, None, None] * (c - u)  # rate 4 > clamp 3
+    assert module.validation_error(inputs, too_strong) > 1e-3
+
+
+def test_scfg_validation_tells_exact_from_line_check(scfg_module, monkeypatch):
+    # Plain CFG at w lies on the S-CFG line with s = w inside the clamps: accepted only where the masks are
+    # undecided (a tie may explain any rate), refused where they are decided and the output must be exact.
+    import samg.scfg.export as scfg_export_module
+
+    module, inputs, u, c, guided = scfg_module
+    cfg = u + np.array([4.0, 7.0], np.float32)[:, None, None, None] * (c - u)
+    assert np.abs(cfg - guided).max() > 1e-3  # S-CFG's rates are not all 1 here
+    monkeypatch.setattr(scfg_export_module, "DECIDED_MARGIN", 2.0)
+    assert module.validation_error(inputs, cfg) < 1e-5
+    monkeypatch.setattr(scfg_export_module, "DECIDED_MARGIN", -1.0)
+    assert module.validation_error(inputs, cfg) > 1e-3

@@ -55,6 +55,8 @@ class StepView:
     token_of_max: np.ndarray  # [N, h, w] int: index of the token whose normalized map is largest
     foreground: np.ndarray  # [N, h, w] bool: where the non-start tokens' map beats the start-of-text map
     scale_map: np.ndarray  # [N, H, W] float: w·rate(p), the scale applied per latent location
+    token_gap: np.ndarray  # [N]: median relative gap between the largest and second token map
+    map_contrast: np.ndarray  # [N]: spatial std of the normalized token maps (mean over tokens)
     onnx_inputs: dict = field(default_factory=dict)  # the denoiser graph's feeds at this step
     guided: np.ndarray | None = None  # torch reference guided prediction [N, C, H, W]
 
@@ -126,6 +128,9 @@ def trace_masks(pipe, prompts=MASK_PROMPTS, *, scale: float = 5.0, steps: int = 
                 token_maps, _ = semantic_maps(self_maps, cross_maps, latent_hw, factors=factors)
                 _, fore = semantic_masks(self_maps, cross_maps, latent_hw, factors=factors)
                 _, rate = scfg_combine(u, c, self_maps, cross_maps, scale, factors=factors, return_rate=True)
+                cond_maps = token_maps[n:]
+                top2 = cond_maps.topk(min(2, cond_maps.shape[1]), dim=1).values
+                gap = (top2[:, 0] - top2[:, -1]) / top2[:, 0]
                 x0 = x - sigma * guided
                 image = vae.decode(x0 / vae.config.scaling_factor).sample.clamp(-1, 1)
                 views.append(StepView(
@@ -134,6 +139,8 @@ def trace_masks(pipe, prompts=MASK_PROMPTS, *, scale: float = 5.0, steps: int = 
                     token_of_max=token_maps[n:].argmax(1).numpy(),  # masks come from the conditional half
                     foreground=fore[:, 0].numpy() > 0.5,  # from the unconditional half (the code's quirk)
                     scale_map=scale * rate[:, 0].numpy(),
+                    token_gap=gap.flatten(1).median(1).values.numpy(),
+                    map_contrast=cond_maps.std(dim=(2, 3)).mean(1).numpy(),
                     onnx_inputs={"latents": model_in.numpy(), "timestep": timestep.numpy().astype(np.float32),
                                  "encoder_hidden_states": cond.numpy(),
                                  "guidance_scales": np.full((n, 2), scale, np.float32)},
@@ -183,8 +190,8 @@ def plot_masks(trace: MaskTrace, path: Path, *, note: str = "") -> None:
     # one colour range for every scale panel, from the data (the clamps allow 0.8 w .. min(3 w, 15))
     lo = min(float(v.scale_map.min()) for v in trace.views)
     hi = max(max(float(v.scale_map.max()) for v in trace.views), lo + 1e-3)
-    fig, axes = plt.subplots(3 * n, cols + 1, figsize=(1.6 * cols + 2.6, 1.55 * 3 * n),
-                             gridspec_kw={"width_ratios": [1] * cols + [1.6]}, squeeze=False)
+    fig, axes = plt.subplots(3 * n, cols + 1, figsize=(1.2 * cols + 2.3, 1.3 * 3 * n + 0.4),
+                             gridspec_kw={"width_ratios": [1] * cols + [1.9]}, squeeze=False)
     rows_names = ("x0 estimate", "token of\nlargest map", "w·rate(p)")
     for p in range(n):
         for col, view in enumerate(trace.views):
@@ -195,6 +202,7 @@ def plot_masks(trace: MaskTrace, path: Path, *, note: str = "") -> None:
             # background (start-of-text wins): hatched dark overlay, so the foreground stands out
             background = np.ma.masked_where(view.foreground[p], np.ones_like(view.token_of_max[p], float))
             a_tok.imshow(background, cmap=ListedColormap(["black"]), alpha=0.55, interpolation="nearest")
+            a_tok.set_title(f"contrast {view.map_contrast[p]:.0e}", fontsize=7)
             im = a_rate.imshow(view.scale_map[p], cmap="viridis", vmin=lo, vmax=hi, interpolation="nearest")
             a_rate.set_title(f"mean {view.scale_map[p].mean():.2f}", fontsize=8)
             for k, ax in enumerate((a_img, a_tok, a_rate)):
@@ -202,15 +210,15 @@ def plot_masks(trace: MaskTrace, path: Path, *, note: str = "") -> None:
                 ax.set_yticks([])
                 if col == 0:
                     ax.set_ylabel(rows_names[k], fontsize=8)
-        axes[3 * p, 0].annotate(f"“{trace.prompts[p]}”", xy=(0, 1.45), xycoords="axes fraction", fontsize=10,
-                                fontweight="bold", ha="left", va="bottom")
         side_img, side_tok, side_rate = (axes[3 * p + k, cols] for k in range(3))
         side_img.axis("off")
+        side_img.text(0.0, 0.5, f"“{trace.prompts[p]}”", fontsize=10, fontweight="bold", ha="left", va="center",
+                      transform=side_img.transAxes)
         side_tok.axis("off")
         winners = set(np.unique([v.token_of_max[p] for v in trace.views]).tolist()) | {0}
         shown = [i for i in range(num_tokens) if num_tokens <= 20 or i in winners][:24]
         handles = [Patch(color=palette[i], label=token_label(trace.tokens[p][i], i)) for i in shown]
-        handles.append(Patch(facecolor="grey", edgecolor="black", label="dark: background"))
+        handles.append(Patch(facecolor=(0, 0, 0, 0.55), label="darkened: background\n(start of text wins)"))
         side_tok.legend(handles=handles, loc="center left", fontsize=6.5, frameon=False, borderaxespad=0)
         side_rate.axis("off")
         bar = fig.colorbar(im, cax=side_rate.inset_axes((0.02, 0.05, 0.1, 0.9)))

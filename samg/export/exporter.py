@@ -512,6 +512,8 @@ def _validate(component: Component, folder: Path, opts: ExportOptions, torch, or
                 err = float(np.max(np.abs(have.astype(np.float32) - want))) if want.size else 0.0
                 # Relative to the output's magnitude, so large-valued outputs are judged fairly.
                 err /= max(1.0, float(np.max(np.abs(want))))
+                if hasattr(component.module, "validation_error"):  # S-CFG: tie-aware (samg.scfg.export)
+                    err = component.module.validation_error(inputs, have)
                 worst = max(worst, err)
             checked.append([list(t.shape) for t in inputs[:1]][0])
     component.validation = {"max_abs_err": worst, "tolerance": tolerance, "checked_shapes": checked}
