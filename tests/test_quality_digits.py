@@ -129,3 +129,15 @@ def test_tiny_end_to_end_run(tmp_path):
     for name in ("digits_quick.csv", "digits_quick.md", "digits_quick_metrics.png", "digits_quick_pareto.png"):
         assert (tmp_path / name).stat().st_size > 0
     assert "Fused export vs raw export" in (tmp_path / "digits_quick.md").read_text()
+
+
+@needs_model
+def test_unclipped_decoder_is_the_exported_decoder_before_its_clip():
+    from samg.runtime.pipeline import Pipeline
+
+    pipe = Pipeline.load(digits.ensure_export(SAMG_DIGITS_DIR, digits.DEFAULT_CACHE, "raw"))
+    latents = pipe("a handwritten 3", guidance="cfg", scale=10.0, steps=4, seed=0, num_images=4, output="latents")
+    unclipped = digits.decode_unclipped(pipe, latents)
+    as_users_get_it = ((unclipped.transpose(0, 2, 3, 1) / 2 + 0.5).clip(0, 1) * 255).round()
+    assert np.array_equal(as_users_get_it, pipe.decode(latents))
+    assert np.abs(unclipped).max() > 1.0  # strong guidance overshoots: the Clip really is gone
