@@ -2,6 +2,7 @@
 
 #include <onnxruntime_cxx_api.h>
 
+#include <chrono>
 #include <cmath>
 #include <fstream>
 #include <stdexcept>
@@ -12,6 +13,11 @@ namespace samg {
 namespace {
 
 using Json = nlohmann::json;
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
 
 std::vector<float> scaled(const std::vector<float>& x, double factor) {
   std::vector<float> out(x.size());
@@ -43,7 +49,7 @@ Tensor to_tensor(const Ort::Value& value, const std::string& name) {
 }
 
 std::map<std::string, Tensor> run(Ort::Session& session, std::map<std::string, std::pair<std::vector<float>, std::vector<int64_t>>>& feeds,
-                                  const std::vector<std::string>& outputs) {
+                                  const std::vector<std::string>& outputs, double* run_seconds = nullptr) {
   std::vector<const char*> in_names, out_names;
   std::vector<Ort::Value> values;
   for (auto& [name, feed] : feeds) {
@@ -51,8 +57,10 @@ std::map<std::string, Tensor> run(Ort::Session& session, std::map<std::string, s
     values.push_back(float_tensor(feed.first, feed.second));
   }
   for (const auto& name : outputs) out_names.push_back(name.c_str());
+  const auto start = Clock::now();
   auto results = session.Run(Ort::RunOptions{nullptr}, in_names.data(), values.data(), values.size(), out_names.data(),
                              out_names.size());
+  if (run_seconds) *run_seconds += seconds_since(start);
   std::map<std::string, Tensor> out;
   for (size_t i = 0; i < outputs.size(); ++i) out[outputs[i]] = to_tensor(results[i], outputs[i]);
   return out;
@@ -68,7 +76,7 @@ Runtime::Runtime(const std::string& export_dir, const RuntimeOptions& options) :
     throw std::runtime_error(export_dir + "/samg.json is not a samg export manifest of format_version 1: re-export");
   for (const auto& name : manifest_["text_encoder"]["outputs"]) conditioning_names_.push_back(name.get<std::string>());
 
-  env_ = std::make_unique<Ort::Env>(ORT_LOGGING_LEVEL_WARNING, "samg");
+  env_ = std::make_unique<Ort::Env>(ORT_LOGGING_LEVEL_ERROR, "samg");
   Ort::SessionOptions session_options;
   if (options.intra_op_threads > 0) session_options.SetIntraOpNumThreads(options.intra_op_threads);
   if (!options.custom_op_library.empty()) session_options.RegisterCustomOpsLibrary(options.custom_op_library.c_str());
@@ -96,11 +104,17 @@ Tensor Runtime::denoise(const Tensor& x, double sigma, double timestep, const st
   for (int64_t b = 0; b < batch; ++b) scales.insert(scales.end(), {static_cast<float>(w_lo), static_cast<float>(w_hi)});
 
   Tensor guided;
+  std::map<std::string, Tensor> out;
   if (fused) {
     feeds["guidance_scales"] = {scales, {batch, 2}};
-    guided = run(*denoiser_, feeds, {"guided"})["guided"];
+    out = run(*denoiser_, feeds, {"guided"}, &timing_.denoiser_run_s);
   } else {
-    auto out = run(*denoiser_, feeds, {"pred_uncond", "pred_cond"});
+    out = run(*denoiser_, feeds, {"pred_uncond", "pred_cond"}, &timing_.denoiser_run_s);
+  }
+  timing_.denoiser_calls += 1;
+  if (fused) {
+    guided = std::move(out["guided"]);
+  } else {
     const Tensor& u = out["pred_uncond"];
     guided = u;
     const Json combine = manifest_.value("combine", Json::object());
@@ -152,6 +166,8 @@ Tensor Runtime::sample(const std::map<std::string, Tensor>& conditioning, const 
     cond[name] = std::move(expanded);
   }
 
+  timing_ = Timing{};
+  const auto loop_start = Clock::now();
   Tensor x{noise.shape, scaled(noise.data, static_cast<float>(schedule.init_noise_sigma))};
   const size_t n = schedule.sigmas.size() - 1;
   std::vector<float> old_denoised;
@@ -188,6 +204,7 @@ Tensor Runtime::sample(const std::map<std::string, Tensor>& conditioning, const 
     const double last = schedule.sigmas.back();
     x.data = scaled(x.data, 1.0 / std::sqrt(1.0 + last * last));
   }
+  timing_.loop_s = seconds_since(loop_start);
   return x;
 }
 

@@ -3,9 +3,14 @@
 //   samg-run EXPORT_DIR --cond DIR --noise noise.npy [--guidance samg|cfg] [--scale W | --w-min A --w-max B]
 //            [--sampler euler|ddim|dpmpp_2m|flow_euler] [--steps N] [--karras] [--threads N]
 //            [--custom-op-library PATH|none] [--out-latents out.npy] [--out-image out.png|out.ppm]
+//            [--timing] [--repeat N]
 //
 // --cond DIR holds one <name>.npy per conditioning input, written by `samg encode`; --noise is the
 // standard normal initial noise [B, *latent] (e.g. np.random.default_rng(seed).standard_normal).
+// --timing prints one JSON line on stdout: session load time and, per sampling loop, the loop's
+// wall time and the time inside the denoiser session's Run calls. --repeat N runs the loop N times
+// in this process (the outputs are the last run's), so later runs show warm-session timings.
+#include <chrono>
 #include <cstdlib>
 #include <exception>
 #include <fstream>
@@ -19,7 +24,8 @@ namespace {
 constexpr const char* kUsage =
     "usage: samg-run EXPORT_DIR --cond DIR --noise noise.npy [--guidance samg|cfg] [--scale W | --w-min A --w-max B]\n"
     "                [--sampler euler|ddim|dpmpp_2m|flow_euler] [--steps N] [--karras] [--threads N]\n"
-    "                [--custom-op-library PATH|none] [--out-latents out.npy] [--out-image out.png|out.ppm]\n";
+    "                [--custom-op-library PATH|none] [--out-latents out.npy] [--out-image out.png|out.ppm]\n"
+    "                [--timing] [--repeat N]\n";
 
 bool ends_with(const std::string& s, const std::string& suffix) {
   return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
@@ -45,6 +51,8 @@ int main(int argc, char** argv) {
     samg::Request request;
     samg::RuntimeOptions options;
     double scale = -1, w_min = -1, w_max = -1;
+    bool timing = false;
+    int repeat = 1;
     for (int i = 1; i < argc; ++i) {
       const std::string arg = argv[i];
       auto value = [&]() -> std::string {
@@ -67,6 +75,8 @@ int main(int argc, char** argv) {
       else if (arg == "--custom-op-library") custom_ops = value();
       else if (arg == "--out-latents") out_latents = value();
       else if (arg == "--out-image") out_image = value();
+      else if (arg == "--timing") timing = true;
+      else if (arg == "--repeat") repeat = static_cast<int>(parse_number(arg, value()));
       else if (!arg.empty() && arg[0] == '-') throw std::invalid_argument("unknown option " + arg + "\n" + kUsage);
       else if (export_dir.empty()) export_dir = arg;
       else throw std::invalid_argument("unexpected argument " + arg + "\n" + kUsage);
@@ -85,14 +95,28 @@ int main(int argc, char** argv) {
       request.w_max = w;
       request.w_min = request.guidance == "samg" ? (1 + w) / 2 : w;
     }
+    if (repeat < 1) throw std::invalid_argument("--repeat must be at least 1");
     if (custom_ops == "none") custom_ops.clear();
     options.custom_op_library = custom_ops;
 
+    const auto load_start = std::chrono::steady_clock::now();
     samg::Runtime runtime(export_dir, options);
+    const double load_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - load_start).count();
     std::map<std::string, samg::Tensor> conditioning;
     for (const auto& name : runtime.conditioning_names()) conditioning[name] = samg::read_npy(cond_dir + "/" + name + ".npy");
     const samg::Tensor noise = samg::read_npy(noise_path);
-    const samg::Tensor latents = runtime.sample(conditioning, noise, request);
+    samg::Tensor latents;
+    nlohmann::json runs = nlohmann::json::array();
+    for (int r = 0; r < repeat; ++r) {
+      latents = runtime.sample(conditioning, noise, request);
+      const samg::Timing& t = runtime.last_timing();
+      runs.push_back({{"loop_s", t.loop_s}, {"denoiser_run_s", t.denoiser_run_s}, {"denoiser_calls", t.denoiser_calls}});
+    }
+    if (timing) {
+      const nlohmann::json report = {{"session_load_s", load_s}, {"steps", request.steps}, {"sampler", request.sampler},
+                                     {"guidance", request.guidance}, {"runs", runs}};
+      std::cout << report.dump() << std::endl;
+    }
     if (!out_latents.empty()) samg::write_npy(out_latents, latents);
     if (!out_image.empty()) {
       const auto images = runtime.decode(latents);

@@ -33,6 +33,14 @@ struct Request {
   bool karras = false;
 };
 
+// Wall-clock time of the last sample() call: the whole loop, and the part spent inside the
+// denoiser session's Run (so loop_s - denoiser_run_s is the runtime's own per-step overhead).
+struct Timing {
+  double loop_s = 0.0;
+  double denoiser_run_s = 0.0;
+  int denoiser_calls = 0;
+};
+
 struct Image {  // uint8 RGB, row-major
   int height = 0, width = 0;
   std::vector<uint8_t> rgb;
@@ -52,6 +60,8 @@ class Runtime {
   Tensor sample(const std::map<std::string, Tensor>& conditioning, const Tensor& noise, const Request& request);
   // Images from model-space latents (image models: [N, C, h, w]).
   std::vector<Image> decode(const Tensor& latents);
+  // Timing of the last sample() call.
+  const Timing& last_timing() const { return timing_; }
 
  private:
   Tensor denoise(const Tensor& x, double sigma, double timestep, const std::map<std::string, Tensor>& cond,
@@ -62,6 +72,7 @@ class Runtime {
   std::vector<std::string> conditioning_names_;
   std::unique_ptr<Ort::Env> env_;
   std::unique_ptr<Ort::Session> denoiser_, vae_;
+  Timing timing_;
 };
 
 // Throws std::runtime_error on failure.
