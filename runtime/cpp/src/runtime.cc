@@ -78,6 +78,8 @@ Runtime::Runtime(const std::string& export_dir, const RuntimeOptions& options) :
 
   env_ = std::make_unique<Ort::Env>(ORT_LOGGING_LEVEL_ERROR, "samg");
   Ort::SessionOptions session_options;
+  // As samg's Python runner: idle ORT threads spin by default, stealing a shared CPU from the rest.
+  session_options.AddConfigEntry("session.intra_op.allow_spinning", "0");
   if (options.intra_op_threads > 0) session_options.SetIntraOpNumThreads(options.intra_op_threads);
   if (!options.custom_op_library.empty()) session_options.RegisterCustomOpsLibrary(options.custom_op_library.c_str());
   const std::string denoiser = export_dir + "/" + manifest_["denoiser"]["file"].get<std::string>();
