@@ -202,7 +202,7 @@ def plot_masks(trace: MaskTrace, path: Path, *, note: str = "") -> None:
             # background (start-of-text wins): hatched dark overlay, so the foreground stands out
             background = np.ma.masked_where(view.foreground[p], np.ones_like(view.token_of_max[p], float))
             a_tok.imshow(background, cmap=ListedColormap(["black"]), alpha=0.55, interpolation="nearest")
-            a_tok.set_title(f"contrast {view.map_contrast[p]:.0e}", fontsize=7)
+            a_tok.set_title(f"map contrast {view.map_contrast[p]:.0e}", fontsize=7)
             im = a_rate.imshow(view.scale_map[p], cmap="viridis", vmin=lo, vmax=hi, interpolation="nearest")
             a_rate.set_title(f"mean {view.scale_map[p].mean():.2f}", fontsize=8)
             for k, ax in enumerate((a_img, a_tok, a_rate)):
@@ -395,19 +395,25 @@ def write_sweep(rows: list[dict], out_dir: Path, *, quick: bool, facts: dict) ->
 
 
 def summarize(rows: list[dict]) -> str:
-    """Plain-language comparison at matched mean effective scale (wins counted per metric)."""
-    matched = report.matched_scale_table(rows, ["alignment", "fd", "saturation"])
-    if not matched:
-        return "No S-CFG setting falls inside the CFG sweep's scale range.\n"
-    higher_is_better = {"alignment": True, "fd": False, "saturation": False}
-    parts = []
-    for metric, up in higher_is_better.items():
-        diff = [(r[metric] - r[f"cfg_{metric}"]) * (1 if up else -1) for r in matched]
-        parts.append(f"{metric} better/equal/worse {sum(d > 0 for d in diff)}/{sum(d == 0 for d in diff)}/"
-                     f"{sum(d < 0 for d in diff)}")
-    deltas = [r["alignment"] - r["cfg_alignment"] for r in matched]
-    return (f"At matched mean effective scale, {len(matched)} S-CFG settings vs CFG: {'; '.join(parts)} "
-            f"(alignment difference S-CFG − CFG from {min(deltas):+.3f} to {max(deltas):+.3f}).\n")
+    """Plain-language comparison with CFG at matched scale, under both scale conventions."""
+    lines = []
+    for scale_key, name in (("mean_scale", "mean effective scale mean_p w·rate(p)"),
+                            ("energy_weighted_scale", "energy-weighted scale")):
+        matched = report.matched_scale_table(rows, ["alignment", "fd", "saturation"], scale_key=scale_key)
+        if not matched:
+            lines.append(f"No S-CFG setting falls inside the CFG sweep's range of {name}.")
+            continue
+        parts = []
+        for metric, up in (("alignment", True), ("fd", False), ("saturation", False)):
+            diff = [(r[metric] - r[f"cfg_{metric}"]) * (1 if up else -1) for r in matched]
+            parts.append(f"{metric} better/equal/worse {sum(d > 0 for d in diff)}/{sum(d == 0 for d in diff)}/"
+                         f"{sum(d < 0 for d in diff)}")
+        fd_ratio = [r["fd"] / r["cfg_fd"] for r in matched if r["cfg_fd"] > 0]
+        align = [r["alignment"] - r["cfg_alignment"] for r in matched]
+        lines.append(f"At matched {name}, {len(matched)} S-CFG settings vs CFG: {'; '.join(parts)}; "
+                     f"FD ratio S-CFG/CFG {min(fd_ratio):.3f}–{max(fd_ratio):.3f}; "
+                     f"alignment difference {min(align):+.3f} to {max(align):+.3f}.")
+    return "\n\n".join(lines) + "\n"
 
 
 def sweep_main(a) -> int:
