@@ -154,6 +154,24 @@ def _check_options(opts: ExportOptions, spec: ModelSpec) -> None:
         opts.frames is None or spec.is_video,
         f"--frames is for video models; {spec.name} makes images: drop --frames",
     )
+    if not opts.tiny and (opts.model_path or spec.bundled):
+        _check_source_folder(spec, Path(opts.model_path or spec.default_source))
+
+
+def _check_source_folder(spec: ModelSpec, folder: Path) -> None:
+    """A local model folder must be a diffusers pipeline folder (checked before any heavy import)."""
+    if spec.bundled and folder == Path(spec.default_source):
+        check(
+            folder.is_dir(),
+            f"the bundled {spec.bundled} model is missing at {folder}: train it "
+            "(python scripts/train_digits.py) or pass --model-path DIR or --tiny",
+        )
+    check(folder.is_dir(), f"model folder {folder} does not exist: pass --model-path DIR of a diffusers model")
+    check(
+        (folder / "model_index.json").is_file(),
+        f"{folder} is not a diffusers pipeline folder (no model_index.json): "
+        "pass the folder written by save_pretrained",
+    )
 
 
 def _load_pipeline(spec: ModelSpec, source: str, kind: str, dtype):
@@ -161,19 +179,7 @@ def _load_pipeline(spec: ModelSpec, source: str, kind: str, dtype):
     torch = require("torch", "to export models")
     pipeline_class = getattr(diffusers, spec.pipeline_class)
     if kind != "hub":
-        folder = Path(source)
-        if spec.bundled and folder == Path(spec.default_source):
-            check(
-                folder.is_dir(),
-                f"the bundled {spec.bundled} model is missing at {folder}: train it "
-                "(python scripts/train_digits.py) or pass --model-path DIR or --tiny",
-            )
-        check(folder.is_dir(), f"model folder {folder} does not exist: pass --model-path DIR of a diffusers model")
-        check(
-            (folder / "model_index.json").is_file(),
-            f"{folder} is not a diffusers pipeline folder (no model_index.json): "
-            "pass the folder written by save_pretrained",
-        )
+        _check_source_folder(spec, Path(source))
     extra = {}
     params = inspect.signature(pipeline_class.__init__).parameters
     for optional in ("safety_checker", "feature_extractor", "image_encoder"):
@@ -189,6 +195,7 @@ def _load_pipeline(spec: ModelSpec, source: str, kind: str, dtype):
     except Exception as exc:  # noqa: BLE001 - any loader failure is a bad model source for the user
         reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         if kind == "hub":
+            reason = reason.split(" (")[0]  # the loader's first clause; its details name cache internals
             raise SamgError(
                 f"cannot load {spec.hub_id} from the Hugging Face hub ({reason}): pass --model-path DIR "
                 "(a local diffusers folder) or --tiny (a tiny random model)"
