@@ -398,6 +398,7 @@ def write_outputs(rows, checks, out_dir: Path, *, quick: bool, **facts) -> None:
     matched_w = report.matched_scale_table(rows, key, scale_key="energy_weighted_scale")
     front_fd = report.pareto_front(rows, "fd", "alignment", maximize_x=False, maximize_y=True)
     front_sat = report.pareto_front(rows, "saturation", "alignment", maximize_x=False, maximize_y=True)
+    front_over = report.pareto_front(rows, "overshoot", "alignment", maximize_x=False, maximize_y=True)
     best = best_cfg(rows)
     command = "python -m benchmarks.quality.digits" + (" --quick" if quick else "")
     fact_text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in facts.items())
@@ -412,13 +413,17 @@ def write_outputs(rows, checks, out_dir: Path, *, quick: bool, **facts) -> None:
         "\n## Against plain CFG at the same energy-weighted scale (CFG interpolated)\n",
         report.markdown_table(matched_w, list(matched_w[0]) if matched_w else ["rule"]),
         "\n## Pareto front: alignment vs FD\n", report.markdown_table(front_fd, cols),
-        "\n## Pareto front: alignment vs saturation\n", report.markdown_table(front_sat, cols),
+        "\n## Pareto front: alignment vs saturation (fraction of pixels outside [-1, 1])\n",
+        report.markdown_table(front_sat, cols),
+        "\n## Pareto front: alignment vs overshoot (mean excess beyond [-1, 1])\n",
+        report.markdown_table(front_over, cols),
     ]
     if checks:
         text += ["\n## Fused export vs raw export + host rule (same noise)\n", report.markdown_table(checks, list(checks[0]))]
     atomic_write_bytes(out_dir / f"{stem}.md", "\n".join(text).encode())
     report.plot_metrics_vs_scale(rows, METRICS, out_dir / f"{stem}_metrics.png", "samg-digits: metrics vs mean effective scale")
-    report.plot_pareto(rows, [("fd", "alignment", False, True), ("saturation", "alignment", False, True)],
+    report.plot_pareto(rows, [("fd", "alignment", False, True), ("saturation", "alignment", False, True),
+                              ("overshoot", "alignment", False, True)],
                        out_dir / f"{stem}_pareto.png", "samg-digits: Pareto fronts")
 
 
