@@ -89,7 +89,8 @@ def test_samg_step_is_samg_v1_of_the_two_predictions(pipes):
              **raw.conditioning(PROMPT, NEGATIVE, 1)}
     outs = raw.runners["denoiser"].run(feeds)
     u, c = outs["pred_uncond"], outs["pred_cond"]
-    expected = x - sigma * samg_v1(u, c, w_min, w_max)
+    attrs = {k: fused.manifest["combine"][k] for k in ("tau", "sharpness", "smooth", "channel_axis")}
+    expected = x - sigma * samg_v1(u, c, w_min, w_max, **attrs)
     np.testing.assert_allclose(got, expected, atol=LATENT_ATOL * sigma)
     cfg_mid = x - sigma * (u + 0.5 * (w_min + w_max) * (c - u))
     assert np.abs(got - cfg_mid).max() > 100 * LATENT_ATOL * sigma  # SAMG is not a uniform scale

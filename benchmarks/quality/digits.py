@@ -32,7 +32,7 @@ import numpy as np
 
 from benchmarks.quality import report
 from samg.errors import SamgError
-from samg.runtime.denoiser import Denoiser, Guidance
+from samg.runtime.denoiser import Denoiser, Guidance, host_rule_params
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -161,26 +161,20 @@ def ensure_export(model_dir: Path, cache: Path, guidance: str, *, quiet: bool = 
         raise SamgError(
             f"{model_dir} is not a diffusers pipeline folder: train it with scripts/train_digits.py or pass --model-path"
         )
-    out = cache / model_fingerprint(model_dir) / guidance
+    out = cache / model_fingerprint(model_dir) / f"{guidance}-smooth0"
     if not (out / "samg.json").is_file():
         from samg.export.exporter import ExportOptions, export
 
         out.parent.mkdir(parents=True, exist_ok=True)
-        export(ExportOptions(model="digits", out=str(out), model_path=str(model_dir), guidance=guidance, quiet=quiet))
+        # smooth=0: the sweep sets smoothing per row; the export's own default must not leak in.
+        export(ExportOptions(model="digits", out=str(out), model_path=str(model_dir), guidance=guidance,
+                             smooth=0, quiet=quiet))
     return out
 
 
 def rule_params(rule, guidance: Guidance, w_min: float, w_max: float, combine: dict) -> dict:
-    """The rule's keyword parameters exactly as Denoiser._host_combine builds them."""
-    params = dict(guidance.options)
-    for name in rule.params:
-        if name == "w_min":
-            params[name] = w_min
-        elif name in ("w_max", "scale", "lam"):
-            params[name] = w_max
-        elif name in ("tau", "sharpness", "smooth", "channel_axis") and name in combine:
-            params.setdefault(name, combine[name])
-    return params
+    """The rule's keyword parameters exactly as the runtime's Denoiser builds them."""
+    return host_rule_params(rule, guidance.options, w_min, w_max, combine)
 
 
 class MeasuringDenoiser(Denoiser):
@@ -330,7 +324,7 @@ def sweep(quick: bool) -> list[tuple[str, str, dict]]:
 
 
 # Settings re-run on the fused export: the combine in the graph must give the raw path's images.
-# The fused graph carries the export's default attributes (tau 1, sharpness 4, no smoothing).
+# The fused graph carries the attributes ensure_export pins (tau 1, sharpness 4, no smoothing).
 FUSED_CHECKS = [("cfg", "w=5", {"scale": 5.0}), ("samg", "(3,9)", {"w_min": 3.0, "w_max": 9.0})]
 
 

@@ -24,7 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frames", type=int, help="video frames (video models only)")
     parser.add_argument("--tau", type=float, default=1.0, help="SAMG energy threshold (default 1.0)")
     parser.add_argument("--sharpness", type=float, default=4.0, help="SAMG sigmoid sharpness (default 4.0)")
-    parser.add_argument("--smooth", type=int, choices=(0, 3), default=0, help="3: smooth the scale map 3x3")
+    parser.add_argument("--smooth", type=int, choices=(0, 3), default=3,
+                        help="3 (default): smooth the SAMG scale map 3x3; 0: no smoothing")
     parser.add_argument("--no-validate", dest="validate", action="store_false", help="skip ONNX Runtime vs torch checks")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
 

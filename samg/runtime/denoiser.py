@@ -59,6 +59,21 @@ def _x0_from(prediction_type: str, out: np.ndarray, x: np.ndarray, sigma: float)
     return x / (1.0 + sigma**2) - (sigma / np.sqrt(1.0 + sigma**2)) * out
 
 
+def host_rule_params(rule, options: dict[str, Any], w_min: float, w_max: float,
+                     combine: dict[str, Any]) -> dict[str, Any]:
+    """A host-side rule's keyword parameters: the step's scales by parameter name, the export's
+    combine attributes (tau, sharpness, smooth, channel_axis) unless the options set them."""
+    params = dict(options)
+    for name in rule.params:
+        if name == "w_min":
+            params[name] = w_min
+        elif name in ("w_max", "scale", "lam"):
+            params[name] = w_max
+        elif name in ("tau", "sharpness", "smooth", "channel_axis") and name in combine:
+            params.setdefault(name, combine[name])
+    return params
+
+
 def _model_input_scale(prediction_type: str, sigma: float) -> float:
     return 1.0 if prediction_type == "flow" else 1.0 / np.sqrt(1.0 + sigma**2)
 
@@ -135,14 +150,7 @@ class Denoiser:
         from samg.guidance import get_rule
 
         rule, pt = get_rule(self.guidance.rule), self.prediction_type
-        params = dict(self.guidance.options)
-        for name in rule.params:  # scales and the fused graph's attributes, by parameter name
-            if name == "w_min":
-                params[name] = w_min
-            elif name in ("w_max", "scale", "lam"):
-                params[name] = w_max
-            elif name in ("tau", "sharpness", "smooth", "channel_axis") and name in self.combine:
-                params.setdefault(name, self.combine[name])
+        params = host_rule_params(rule, self.guidance.options, w_min, w_max, self.combine)
         if rule.needs_state and self._apg_state is None:
             self._apg_state = rule.new_state()
         if rule.space == "x0":  # APG: combine denoised predictions
