@@ -158,34 +158,43 @@ def function_proto(opset: int = 18):
     return onnx.parser.parse_function(text)
 
 
-def _default_opset(model) -> int:
+def default_opset(model) -> int:
+    """The model's default-domain opset (a function body must be built for it)."""
     for entry in model.opset_import:
         if entry.domain in ("", "ai.onnx"):
             return int(entry.version)
     raise SamgError("the ONNX model has no default-domain opset import: re-export it with opset 17 or 18")
 
 
-def attach_function(model) -> None:
-    """Add the function body and the `samg` opset import to `model` in place (idempotent).
-
-    The body is built for the model's own default-domain opset, as ONNX requires.
-    """
-    strip_function(model)
-    model.functions.append(function_proto(_default_opset(model)))
-    if not any(entry.domain == DOMAIN for entry in model.opset_import):
+def attach_function_body(model, body, *, domain: str, version: int) -> None:
+    """Add a model-local function `body` and its domain's opset import to `model` in place,
+    replacing an earlier body of the same op (so attaching twice is harmless)."""
+    strip_function_body(model, domain=body.domain, name=body.name)
+    model.functions.append(body)
+    if not any(entry.domain == domain for entry in model.opset_import):
         entry = model.opset_import.add()
-        entry.domain = DOMAIN
-        entry.version = OP_VERSION
+        entry.domain = domain
+        entry.version = version
     # Model-local functions need IR >= 8 (IR >= 9 for the attribute defaults in the body).
     model.ir_version = max(model.ir_version, 9)
 
 
-def strip_function(model) -> None:
-    """Remove the GuidanceCombine body so runtimes use their plugin/custom op instead (in place)."""
-    keep = [f for f in model.functions if not (f.domain == DOMAIN and f.name == OP_TYPE)]
+def strip_function_body(model, *, domain: str, name: str) -> None:
+    """Remove the model-local function `domain::name` in place (runtimes then need a plugin/custom op)."""
+    keep = [f for f in model.functions if not (f.domain == domain and f.name == name)]
     if len(keep) != len(model.functions):
         del model.functions[:]
         model.functions.extend(keep)
+
+
+def attach_function(model) -> None:
+    """Add the GuidanceCombine body (built for the model's own opset) and the `samg` opset import."""
+    attach_function_body(model, function_proto(default_opset(model)), domain=DOMAIN, version=OP_VERSION)
+
+
+def strip_function(model) -> None:
+    """Remove the GuidanceCombine body so runtimes use their plugin/custom op instead (in place)."""
+    strip_function_body(model, domain=DOMAIN, name=OP_TYPE)
 
 
 def make_standalone_model(

@@ -257,27 +257,17 @@ def register_schema() -> None:
             raise SamgError(f"could not register the {DOMAIN}::{OP_TYPE} schema with onnx: {exc}") from exc
 
 
-def _default_opset(model) -> int:
-    for entry in model.opset_import:
-        if entry.domain in ("", "ai.onnx"):
-            return int(entry.version)
-    raise SamgError("the ONNX model has no default-domain opset import: re-export it with opset 18")
-
-
 def attach_function(model) -> None:
     """Add the SemanticCombine body and the `samg` opset import to `model` in place (idempotent)."""
-    strip_function(model)
-    model.functions.append(function_proto(_default_opset(model)))
-    if not any(entry.domain == DOMAIN for entry in model.opset_import):
-        model.opset_import.add(domain=DOMAIN, version=OP_VERSION)
-    model.ir_version = max(model.ir_version, 9)
+    from samg.op.function import attach_function_body, default_opset
+
+    attach_function_body(model, function_proto(default_opset(model)), domain=DOMAIN, version=OP_VERSION)
 
 
 def strip_function(model) -> None:
-    keep = [f for f in model.functions if not (f.domain == DOMAIN and f.name == OP_TYPE)]
-    if len(keep) != len(model.functions):
-        del model.functions[:]
-        model.functions.extend(keep)
+    from samg.op.function import strip_function_body
+
+    strip_function_body(model, domain=DOMAIN, name=OP_TYPE)
 
 
 def make_standalone_model(*, factors=(4, 8), corrected: bool = False, opset: int = 18):
