@@ -82,3 +82,20 @@ def test_pareto_front_and_matched_scale():
     matched = report.matched_scale_table(rows, ["q"])
     by = {r["setting"]: r for r in matched}
     assert by["c"]["cfg_q"] == pytest.approx(0.7) and by["d"]["cfg_q"] == pytest.approx(0.8)
+
+
+def test_outputs_are_written_for_a_small_sweep(data, tmp_path):
+    """A few real settings through sample_guided/score into every output file."""
+    labels = np.repeat(np.arange(data.num_classes), 8)
+    ref = analytic.sample_true(data, labels, np.random.default_rng(6))
+    model = data.inflated(0.25)
+    rows = []
+    for rule, params in [("cfg", {"scale": 1.0}), ("cfg", {"scale": 4.0}), ("samg", {"w_min": 2.0, "w_max": 6.0})]:
+        x, mean_scale, weighted = analytic.sample_guided(model, labels, rule, params, steps=8, seed=0)
+        rows.append({"rule": rule, "setting": str(params), "mean_scale": mean_scale,
+                     "energy_weighted_scale": weighted, "smooth": 0, **analytic.score(data, x, labels, ref, labels)})
+    assert rows[2]["energy_weighted_scale"] < rows[2]["mean_scale"] <= 6.0  # SAMG lowers w where Δ is large
+    analytic.write_outputs(rows, tmp_path, "analytic_test", inflate=0.25)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["analytic_test.csv", "analytic_test.md", "analytic_test_metrics.png", "analytic_test_pareto.png"]
+    assert "| samg |" in (tmp_path / "analytic_test.md").read_text()

@@ -5,7 +5,7 @@
     python -m benchmarks.quality             # full sweeps (see benchmarks/quality/RESULTS.md)
 
 Outputs go to benchmarks/quality/results/ (digits*.{csv,md,png}, scfg_digits*.{csv,md,png},
-analytic.{csv,md}, analytic_*.png).
+analytic[_quick].{csv,md}, analytic[_quick]_*.png).
 """
 
 from __future__ import annotations
