@@ -74,6 +74,9 @@ def write_output(images, out: Path, fps: int = 8) -> None:
                                     "or pip install imageio-ffmpeg") from None
             else:
                 iio.v3.imwrite(tmp, frames, extension=".gif", duration=1000 / fps, loop=0)
+            # Some writers report failure only on stderr: never hand over an empty file.
+            if tmp.stat().st_size == 0:
+                raise SamgError(f"the {suffix} writer produced an empty file: use --out clip.gif, or check imageio's ffmpeg")
         return
     if suffix != ".png":
         raise SamgError(f"an image model writes .png, not {suffix or 'no suffix'}: e.g. --out image.png")
