@@ -209,7 +209,7 @@ class CupyLauncher:
     """Launches the trt_kernels stages with CuPy on an external (TensorRT) stream."""
 
     def __init__(self):
-        self.cp = require("cupy", "to run the GuidanceCombine TensorRT plugin on the GPU (pip install cupy-cuda12x or cupy-cuda13x)")
+        self.cp = require("cupy", "to run the GuidanceCombine TensorRT plugin; CUDA 12 hosts: pip install cupy-cuda12x")
         from samg.engines.trt_kernels import KERNEL_NAMES, KERNEL_SOURCE
 
         module = self.cp.RawModule(code=KERNEL_SOURCE, options=("--std=c++14",))

@@ -50,7 +50,7 @@ class TensorRTRunner:
             check(path.is_file(), f"no engine for {path.stem}: run `samg build {path.parent.parent}` first")
         self.trt = trt = load_trt(read_record(path)["trt"]["flavour"])
         record = verify_engine(path, trt)
-        self.cp = cp = require("cupy", "to run TensorRT engines (pip install cupy-cuda12x or cupy-cuda13x)")
+        self.cp = cp = require("cupy", "to run TensorRT engines; CUDA 12 hosts: pip install cupy-cuda12x")
         if record.get("plugins"):
             from samg.engines.plugin_trt import register_plugin
 
