@@ -90,3 +90,9 @@ def test_bad_requests_raise_samg_error():
         schedules.make_schedule({"kind": "flow", "shift": 3.0}, "ddim", 4)
     with pytest.raises(SamgError, match="sampler"):
         schedules.make_schedule(SD15, "heun", 4)
+
+
+def test_clip_sample_recipe_is_refused_not_ignored():
+    with pytest.raises(SamgError, match="clip_sample"):
+        schedules.make_schedule(dict(SD15, clip_sample=True), "ddim", 4)
+    schedules.make_schedule(dict(SD15, clip_sample=False), "ddim", 4)

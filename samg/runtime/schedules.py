@@ -214,6 +214,9 @@ def make_schedule(cfg: Mapping[str, Any], sampler: str, steps: int, *, karras: b
         return flow_schedule(cfg, steps)
     if kind != "discrete":
         raise SamgError(f"unknown scheduler kind {kind!r} in samg.json: re-export the model")
+    if cfg.get("clip_sample", False):  # a pixel-space DDPM recipe; diverging silently would be worse
+        raise SamgError("the model's scheduler clips x0 (clip_sample=true in samg.json), which samg's samplers "
+                        "do not do: set it false in samg.json if the model is a latent diffusion model")
     if sampler == "flow_euler":
         raise SamgError("flow_euler needs a flow-matching model: use --sampler euler, euler_a, ddim or dpmpp_2m")
     if sampler == "ddim":
