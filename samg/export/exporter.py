@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import io
-import os
 import shutil
 import sys
 import warnings
