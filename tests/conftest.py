@@ -12,6 +12,10 @@ torch) unless you pass validate=False. Treat the folders as read-only: they are 
 Example:
     def test_something(tiny_export):
         folder = tiny_export("sd15", "raw")
+
+`digits_export` (session scope): the bundled samg-digits model exported once (fused, not
+validated: validation is the export tests' job). `samg_run` (session scope): the path of the C++
+runtime, built on first use (skips with the build command when cmake/c++ are missing).
 """
 
 from __future__ import annotations
@@ -39,3 +43,28 @@ def tiny_export(tmp_path_factory):
         return cache[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def digits_export(tmp_path_factory):
+    pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    pytest.importorskip("onnxruntime")
+    from samg.bundled import SAMG_DIGITS_DIR
+    from samg.export.exporter import ExportOptions, export
+
+    if not (SAMG_DIGITS_DIR / "model_index.json").is_file():
+        pytest.skip("the bundled samg-digits model is missing: python scripts/train_digits.py")
+    out = tmp_path_factory.mktemp("digits-export") / "samg-digits"
+    return export(ExportOptions(model="digits", out=str(out), validate=False, quiet=True))
+
+
+@pytest.fixture(scope="session")
+def samg_run() -> str:
+    import samg.native
+
+    if samg.native.missing_build_tools():
+        pytest.skip(f"cmake/c++ missing: install them and run {samg.native.BUILD_COMMAND}")
+    path = samg.native.runtime_executable(build_if_missing=True)
+    assert path is not None
+    return path

@@ -16,7 +16,6 @@ import subprocess
 import numpy as np
 import pytest
 
-import samg.native
 
 pytestmark = pytest.mark.native
 
@@ -30,24 +29,6 @@ BATCH = 2
 LATENT_RTOL = 1e-4  # of max |latent|
 PIXEL_TOLERANCE = 1  # levels of 255: rounding at a .5 boundary may differ
 SCALES = {"samg": (2.0, 5.0), "cfg": (4.0, 4.0)}
-
-
-@pytest.fixture(scope="module")
-def samg_run() -> str:
-    if samg.native.missing_build_tools():
-        pytest.skip(f"cmake/c++ missing: install them and run {samg.native.BUILD_COMMAND}")
-    path = samg.native.runtime_executable(build_if_missing=True)
-    assert path is not None
-    return path
-
-
-@pytest.fixture(scope="module")
-def digits_export(tmp_path_factory):
-    from samg.export.exporter import ExportOptions, export
-
-    out = tmp_path_factory.mktemp("native-digits") / "samg-digits"
-    # Validation (ORT vs torch) belongs to the export tests; here it would only double the time.
-    return export(ExportOptions(model="digits", out=str(out), validate=False, quiet=True))
 
 
 @pytest.fixture(scope="module")

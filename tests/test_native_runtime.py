@@ -12,7 +12,6 @@ import subprocess
 import numpy as np
 import pytest
 
-import samg.native
 
 # Two tiny exports take ~45 s to build on 2 cores, hence slow.
 pytestmark = [pytest.mark.native, pytest.mark.slow]
@@ -26,21 +25,8 @@ LATENT_RTOL = 1e-4  # of max |latent|
 
 
 @pytest.fixture(scope="module")
-def samg_run() -> str:
-    if samg.native.missing_build_tools():
-        pytest.skip(f"cmake/c++ missing: install them and run {samg.native.BUILD_COMMAND}")
-    path = samg.native.runtime_executable(build_if_missing=True)
-    assert path is not None
-    return path
-
-
-@pytest.fixture(scope="module")
-def exports(tmp_path_factory):
-    from samg.export.exporter import ExportOptions, export
-
-    root = tmp_path_factory.mktemp("native-runtime")
-    return {g: export(ExportOptions(model="sd15", out=str(root / f"sd15-{g}"), tiny=True, guidance=g, validate=False,
-                                    quiet=True)) for g in ("fused", "raw")}
+def exports(tiny_export):
+    return {g: tiny_export("sd15", g) for g in ("fused", "raw")}
 
 
 @pytest.fixture(scope="module")

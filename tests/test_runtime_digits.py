@@ -15,12 +15,8 @@ LATENT_ATOL = 2e-4  # ORT vs torch differ by ~1e-6 per denoiser call on this mod
 
 
 @pytest.fixture(scope="module")
-def export_dir(tmp_path_factory):
-    if not (SAMG_DIGITS_DIR / "model_index.json").is_file():
-        pytest.skip("the bundled samg-digits model is missing: python scripts/train_digits.py")
-    from samg.export.exporter import ExportOptions, export
-
-    return export(ExportOptions(model="digits", out=str(tmp_path_factory.mktemp("digits") / "export"), quiet=True))
+def export_dir(digits_export):
+    return digits_export
 
 
 @pytest.fixture(scope="module")
