@@ -186,3 +186,22 @@ def test_torch_reference_runner_matches_onnxruntime_in_samg_mode(exports, pipes)
     kw = dict(guidance="samg", w_min=2.0, w_max=8.0, steps=2, sampler="euler", output="latents", seed=7)
     ref = Pipeline.load(exports["fused"], backend="torch")(PROMPT, NEGATIVE, **kw)
     np.testing.assert_allclose(pipes["fused"](PROMPT, NEGATIVE, **kw), ref, atol=LATENT_ATOL)
+
+
+def test_guidance_schedule_feeds_per_step_scales(pipes):
+    """--schedule linear over 3 steps: gains 0, 1, 2, so the graph gets w = 1, W, 2W - 1 step by step."""
+    from samg.runtime.denoiser import Guidance
+
+    p, w = pipes["fused"], 5.0
+    noise = _noise(p, seed=9)
+    kw = dict(guidance="cfg", scale=w, steps=3, sampler="euler", latents=noise, output="latents")
+    constant = p(PROMPT, NEGATIVE, **kw)
+    assert np.array_equal(p(PROMPT, NEGATIVE, schedule="constant", **kw), constant)
+    linear = p(PROMPT, NEGATIVE, schedule="linear", **kw)
+    per_step = [(1.0, 1.0), (w, w), (2 * w - 1, 2 * w - 1)]
+    by_hand = p.sample(p.conditioning(PROMPT, NEGATIVE, 1), noise, guidance=Guidance("cfg", w, w), sampler="euler",
+                       steps=3, scale_schedule=lambda step, sigma: per_step[step])
+    np.testing.assert_allclose(linear, by_hand, atol=1e-6)
+    assert np.abs(linear - constant).max() > 1e-3
+    with pytest.raises(SamgError, match="unknown guidance schedule"):
+        p(PROMPT, NEGATIVE, schedule="wavy", **kw)

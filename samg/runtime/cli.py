@@ -21,6 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="guidance scale W (default 7.5); for samg alone it means w_min=(1+W)/2, w_max=W")
     p.add_argument("--w-min", type=float, default=None, help="SAMG scale on high-energy detail")
     p.add_argument("--w-max", type=float, default=None, help="SAMG scale on flat regions")
+    p.add_argument("--schedule", choices=("constant", "linear", "cosine", "interval"), default="constant",
+                   help="per-step guidance weight: scales become 1 + (w-1)*gain(step); linear and cosine "
+                        "rise over the run with the same mean as constant (default constant)")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--sampler", choices=SAMPLER_NAMES, default=None,
                    help="default: euler (flow_euler for flow-matching models)")
@@ -99,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         args.prompt, args.negative_prompt, guidance=args.guidance, scale=args.scale, w_min=args.w_min,
         w_max=args.w_max, steps=args.steps, sampler=args.sampler, karras=args.karras, seed=args.seed,
         height=args.height, width=args.width, frames=args.frames, num_images=args.num_images,
-        progress=not args.quiet,
+        progress=not args.quiet, schedule=args.schedule,
     )
     write_output(images, out, fps=args.fps)
     if not args.quiet:

@@ -203,9 +203,11 @@ class Pipeline:
                  sampler: str | None = None, karras: bool = False, seed: int = 0,
                  height: int | None = None, width: int | None = None, frames: int | None = None,
                  num_images: int = 1, latents: np.ndarray | None = None, output: str = "uint8",
-                 progress: bool = False) -> np.ndarray:
+                 progress: bool = False, schedule: str = "constant") -> np.ndarray:
         """Images (uint8 [N, H, W, 3], video [N, F, H, W, 3]) or, with output="latents", the
-        final model-space latents. `latents` replaces the seeded standard normal noise."""
+        final model-space latents. `latents` replaces the seeded standard normal noise.
+        `schedule` names a per-step guidance-weight schedule (samg.guidance.SCHEDULES): each step's
+        scales become 1 + (w − 1)·gain(step), fed to the graph at that step."""
         if not isinstance(prompt, str) or not prompt.strip():
             raise SamgError("a prompt is required: pass --prompt \"...\"")
         if not isinstance(steps, (int, np.integer)) or steps < 1:
@@ -215,6 +217,12 @@ class Pipeline:
         lo, hi = resolve_scales(guidance, scale, w_min, w_max)
         g = Guidance(guidance, lo, hi, dict(guidance_options or {}))
         g.validate()
+        scale_schedule = None
+        if schedule != "constant":
+            from samg.guidance import get_schedule, scheduled
+
+            get_schedule(schedule)  # SamgError naming the known schedules
+            scale_schedule = lambda step, sigma: scheduled(schedule, (lo, hi), step, int(steps), sigma)  # noqa: E731
         height, width, frames = self.validate_size(height, width, frames)
         sampler = sampler or samplers.default_sampler(self.prediction_type)
         shape = self.latent_shape(num_images, height, width, frames)
@@ -227,7 +235,7 @@ class Pipeline:
                 raise SamgError(f"latents have shape {noise.shape}, this request needs {shape}: match --height/--width")
         cond = self.conditioning(prompt, negative_prompt or "", num_images)
         final = self.sample(cond, noise, guidance=g, sampler=sampler, steps=int(steps), karras=karras,
-                            rng=rng, progress=progress)
+                            rng=rng, progress=progress, scale_schedule=scale_schedule)
         if output == "latents":
             return final
         return self.decode(final)
