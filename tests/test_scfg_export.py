@@ -125,3 +125,31 @@ def test_cli_export_and_generate(tmp_path):
     assert png.stat().st_size > 0
     assert main(["generate", str(out), "--prompt", "a cat", "--guidance", "cfg", "--steps", "1",
                  "--out", str(png)]) == 2  # an S-CFG export refuses other rules with a one-line error
+
+
+def test_export_options_choose_levels_and_variant(tiny_export):
+    """--scfg-levels/--scfg-corrected reach the graph's SemanticCombine node and the manifest."""
+    import json
+
+    import onnx
+
+    folder = tiny_export("sd15", "scfg", scfg_levels=(2,), scfg_corrected=True, validate=False)
+    combine = json.loads((folder / "samg.json").read_text())["combine"]
+    assert (combine["levels"], combine["factor_fine"], combine["factor_coarse"], combine["corrected"]) == ([2], 2, 2, 1)
+    node = next(n for n in onnx.load(str(folder / "denoiser.onnx"), load_external_data=False).graph.node
+                if n.op_type == "SemanticCombine")
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    assert attrs.get("corrected") == 1
+
+
+@pytest.mark.parametrize("options,match", [
+    (dict(guidance="fused", scfg_levels=(4,)), "apply to --guidance scfg only"),
+    (dict(guidance="scfg", scfg_levels=(1, 2, 4)), "one or two downsampling factors"),
+    (dict(guidance="scfg", scfg_levels=(16,)), "not available"),
+])
+def test_bad_scfg_options_are_one_line_errors(tmp_path, options, match):
+    from samg.export.exporter import ExportOptions, export
+
+    with pytest.raises(SamgError, match=match):
+        export(ExportOptions(model="sd15", out=str(tmp_path / "x"), tiny=True, quiet=True, **options))
+    assert not (tmp_path / "x").exists()

@@ -7,6 +7,13 @@ import argparse
 MODEL_NAMES = ("sd15", "sd21", "sdxl", "sd35-medium", "cogvideox", "modelscope-t2v", "digits")
 
 
+def _factors(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 4,8, got {text!r}") from None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, metavar="NAME", help=f"model family: {', '.join(MODEL_NAMES)}")
     parser.add_argument("--model-path", metavar="DIR", help="local diffusers pipeline folder (save_pretrained)")
@@ -26,6 +33,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sharpness", type=float, default=4.0, help="SAMG sigmoid sharpness (default 4.0)")
     parser.add_argument("--smooth", type=int, choices=(0, 3), default=3,
                         help="3 (default): smooth the SAMG scale map 3x3; 0: no smoothing")
+    parser.add_argument("--scfg-levels", type=_factors, metavar="F[,F]",
+                        help="S-CFG: UNet attention levels by downsampling factor, e.g. 4,8 (default: the two "
+                        "coarsest with self- and cross-attention; SDXL at 1024 px: 4 keeps the op fast)")
+    parser.add_argument("--scfg-corrected", action="store_true",
+                        help="S-CFG: true average of attention powers, foreground from the conditional half "
+                        "(default: as the paper's code)")
     parser.add_argument("--no-validate", dest="validate", action="store_false", help="skip ONNX Runtime vs torch checks")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
 
@@ -48,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
             tau=args.tau,
             sharpness=args.sharpness,
             smooth=args.smooth,
+            scfg_levels=args.scfg_levels,
+            scfg_corrected=args.scfg_corrected,
             validate=args.validate,
             quiet=args.quiet,
         )

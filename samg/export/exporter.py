@@ -45,6 +45,10 @@ class ExportOptions:
     # plain CFG's fidelity with less overshoot (benchmarks/quality/RESULTS.md). The op attribute's
     # own default stays 0 (the op contract); the export sets it explicitly.
     smooth: int = 3
+    # S-CFG (--guidance scfg): UNet attention levels by downsampling factor (default: the two
+    # coarsest with self- and cross-attention), and the corrected variant instead of the paper's code.
+    scfg_levels: tuple[int, ...] | None = None
+    scfg_corrected: bool = False
     validate: bool = True
     quiet: bool = False
     seed: int = 0
@@ -148,6 +152,10 @@ def _check_options(opts: ExportOptions, spec: ModelSpec) -> None:
     check(opts.dtype in TOLERANCE, f"--dtype must be float32 or float16, got {opts.dtype!r}")
     check(17 <= opts.opset <= 21, f"--opset must be between 17 and 21 (default 18), got {opts.opset}")
     check(not (opts.tiny and opts.model_path), "--tiny and --model-path exclude each other: pass one of them")
+    check(opts.guidance == "scfg" or (opts.scfg_levels is None and not opts.scfg_corrected),
+          "--scfg-levels and --scfg-corrected apply to --guidance scfg only: add it or drop them")
+    check(opts.scfg_levels is None or 1 <= len(opts.scfg_levels) <= 2,
+          f"--scfg-levels takes one or two downsampling factors (e.g. 4,8), got {opts.scfg_levels}")
     validate_attributes(tau=opts.tau, sharpness=opts.sharpness, smooth=opts.smooth, channel_axis=spec.channel_axis)
     for flag in ("height", "width", "frames"):
         value = getattr(opts, flag)
@@ -299,7 +307,7 @@ def _denoiser_component(spec, pipe, sizes: Sizes, opts: ExportOptions, torch, dt
     if opts.guidance == "scfg":
         from samg.scfg.export import scfg_denoiser
 
-        module = scfg_denoiser(module)
+        module = scfg_denoiser(module, factors=opts.scfg_levels, corrected=opts.scfg_corrected)
     dynamic_res = spec.dynamic_resolution
     cond_shapes = _conditioning_shapes(spec, pipe, torch, dtype)
 
