@@ -172,11 +172,6 @@ def ensure_export(model_dir: Path, cache: Path, guidance: str, *, quiet: bool = 
     return out
 
 
-def rule_params(rule, guidance: Guidance, w_min: float, w_max: float, combine: dict) -> dict:
-    """The rule's keyword parameters exactly as the runtime's Denoiser builds them."""
-    return host_rule_params(rule, guidance.options, w_min, w_max, combine)
-
-
 class MeasuringDenoiser(Denoiser):
     """A raw-export Denoiser that also records mean_p w(p) and its delta-energy-weighted mean per step."""
 
@@ -189,7 +184,7 @@ class MeasuringDenoiser(Denoiser):
 
         rule = get_rule(self.guidance.rule)
         if rule.scale_map is not None:
-            merged = rule.check_params(rule_params(rule, self.guidance, w_min, w_max, self.combine))
+            merged = rule.check_params(host_rule_params(rule, self.guidance.options, w_min, w_max, self.combine))
             if rule.needs_sigma:
                 merged["sigma"] = sigma
             w = np.asarray(rule.scale_map(u, c, **merged), np.float64)  # [B, 1, H, W]

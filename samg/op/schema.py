@@ -132,8 +132,17 @@ def register_schema() -> None:
         ],
     )
     schema.set_type_and_shape_inference_function(_infer_output_type)
+    register_once(schema)
+
+
+def register_once(schema) -> None:
+    """Register an op schema with onnx.defs unless one of that name, version and domain exists."""
+    defs = require("onnx", "to register op schemas").defs
+    name, version, domain = schema.name, schema.since_version, schema.domain
+    if defs.has(name, version, domain):
+        return
     try:
         defs.register_schema(schema)
     except Exception as exc:  # a concurrent registration of the same schema is fine
-        if not defs.has(OP_TYPE, OP_VERSION, DOMAIN):
-            raise SamgError(f"could not register the {DOMAIN}::{OP_TYPE} schema with onnx: {exc}") from exc
+        if not defs.has(name, version, domain):
+            raise SamgError(f"could not register the {domain}::{name} schema with onnx: {exc}") from exc

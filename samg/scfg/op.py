@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import warnings
 
-from samg.errors import SamgError, check, require
+from samg.errors import check, require
 from samg.scfg.reference import BLUR_1D, EPS, RATE_BUDGET, RATE_MAX, RATE_MIN
 
 DOMAIN = "samg"
@@ -250,11 +250,9 @@ def register_schema() -> None:
         ],
     )
     schema.set_type_and_shape_inference_function(_infer)
-    try:
-        defs.register_schema(schema)
-    except Exception as exc:  # a concurrent registration of the same schema is fine
-        if not defs.has(OP_TYPE, OP_VERSION, DOMAIN):
-            raise SamgError(f"could not register the {DOMAIN}::{OP_TYPE} schema with onnx: {exc}") from exc
+    from samg.op.schema import register_once
+
+    register_once(schema)
 
 
 def attach_function(model) -> None:
