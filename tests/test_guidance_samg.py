@@ -7,11 +7,11 @@ import math
 
 import numpy as np
 import pytest
-import scipy.ndimage
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from samg.errors import SamgError
+from samg_expectation import energy_sum_overflow_case, huge_delta_case, spec_samg_v1, spec_scale_map
 from samg.guidance import (
     EPS,
     SMOOTH_WEIGHTS,
@@ -46,17 +46,16 @@ def _pair(shape, seed, delta_scale=1.0):
 
 def _reference_map(u, c, w_min, w_max, tau, sharpness, smooth, channel_axis=1):
     """samg-v1's map written out plainly in float64 (mirrors the doc, not the library)."""
-    delta = c.astype(np.float64) - u.astype(np.float64)
-    energy = (delta**2).sum(axis=channel_axis, keepdims=True)
-    non_batch = tuple(range(1, energy.ndim))
-    e_hat = energy / (energy.mean(axis=non_batch, keepdims=True) + 1e-12)
-    m = 1.0 / (1.0 + np.exp(-sharpness * (e_hat - tau)))
-    if smooth:
-        kernel = np.outer(SMOOTH_WEIGHTS, SMOOTH_WEIGHTS).reshape((1,) * (m.ndim - 2) + (3, 3))
-        m = scipy.ndimage.correlate(m, kernel, mode="mirror")  # scipy "mirror" = reflect w/o edge repeat
-    w_min = np.asarray(w_min, np.float64).reshape((-1,) + (1,) * (u.ndim - 1))
-    w_max = np.asarray(w_max, np.float64).reshape((-1,) + (1,) * (u.ndim - 1))
-    return w_max - (w_max - w_min) * m
+    return spec_scale_map(
+        u, c, w_min, w_max, tau=tau, sharpness=sharpness, smooth=smooth, channel_axis=channel_axis
+    )
+
+
+def _run(lib, fn, u, c, *args, **kwargs):
+    """fn on numpy arrays or on torch tensors, result as numpy."""
+    if lib == "torch":
+        return fn(torch.from_numpy(u), torch.from_numpy(c), *args, **kwargs).numpy()
+    return fn(u, c, *args, **kwargs)
 
 
 # ---------------------------------------------------------------- exact reductions
@@ -120,6 +119,74 @@ def test_map_is_high_energy_low_scale():
     assert w[0, 0, 1, 2] == pytest.approx(2.0, abs=1e-3)
     # Ê ≈ 0 elsewhere: m = sigmoid(−4) ≈ 0.018, so w ≈ 8 − 6·0.018.
     assert np.all(np.abs(np.delete(w.ravel(), 1 * 4 + 2) - (8 - 6 / (1 + math.exp(4)))) < 0.01)
+
+
+# ---------------------------------------------------------------- range: the energy of Δ / max|Δ|
+
+
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
+@pytest.mark.parametrize("smooth", [0, 3])
+def test_huge_delta_with_equal_scales_is_cfg(lib, smooth):
+    # Δ² overflows float32 here; the unscaled energy made the map NaN even though w_max − 0·m = w.
+    u, c = huge_delta_case()
+    out = _run(lib, samg_v1, u, c, 7.5, 7.5, smooth=smooth)
+    expected = u.astype(np.float64) + 7.5 * (c.astype(np.float64) - u.astype(np.float64))
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out, expected, rtol=3e-7)  # two float32 roundings of u + w·Δ
+    # Unequal scales: finite, and the map is the float64 spec's (it depends only on Δ's shape).
+    out = _run(lib, samg_v1, u, c, 2.0, 8.0, smooth=smooth)
+    np.testing.assert_allclose(out, spec_samg_v1(u, c, 2.0, 8.0, smooth=smooth), rtol=1e-5)
+
+
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
+@pytest.mark.parametrize("smooth", [0, 3])
+def test_energy_sum_overflow_gives_the_spec_result(lib, smooth):
+    # Each location's energy is finite, the sample's sum is not: the mean became inf, Ê 0.
+    u, c = energy_sum_overflow_case()
+    out = _run(lib, samg_v1, u, c, 2.0, 8.0, smooth=smooth)
+    expected = spec_samg_v1(u, c, 2.0, 8.0, smooth=smooth)
+    np.testing.assert_allclose(out, expected, rtol=1e-5)
+    if not smooth:  # the two energy levels (1:4, about half each) get clearly different scales
+        w = _run(lib, samg_scale_map, u, c, 2.0, 8.0)
+        assert w.min() < 5.5 and w.max() > 7.0
+
+
+def _spec_e_hat(u, c):
+    """Ê in float64 from the spec (Δ scaled by its max, E = Σ_c Δ̃², Ê = E/(mean E + ε)), [B, 1, H, W]."""
+    delta = c.astype(np.float64) - u.astype(np.float64)
+    scaled = delta / np.abs(delta).max(axis=(1, 2, 3), keepdims=True)
+    energy = (scaled**2).sum(axis=1, keepdims=True)
+    return energy, energy / (energy.mean(axis=(1, 2, 3), keepdims=True) + EPS)
+
+
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
+def test_variants_survive_an_energy_sum_overflow(lib):
+    u, c = energy_sum_overflow_case()
+    lo, hi = 2.0, 8.0
+    energy, e_hat = _spec_e_hat(u, c)
+    bound = np.clip(1 + (5.0 - 1) / np.sqrt(np.maximum(e_hat, EPS)), lo, hi)
+    np.testing.assert_allclose(_run(lib, bound_scale_map, u, c, lo, hi), bound, rtol=1e-5)
+    e_min, e_max = e_hat.min(axis=(1, 2, 3), keepdims=True), e_hat.max(axis=(1, 2, 3), keepdims=True)
+    linear = hi - (hi - lo) * (e_hat - e_min) / (e_max - e_min + EPS)
+    np.testing.assert_allclose(_run(lib, linear_scale_map, u, c, lo, hi), linear, rtol=1e-5, atol=1e-5)
+    # Quantile: the top q·N by energy get w_min; the high level holds about half the locations.
+    flat = energy.reshape(2, -1)
+    k = math.floor(0.2 * flat.shape[1] + 0.5)
+    threshold = np.sort(flat, axis=1)[:, -k].reshape(2, 1, 1, 1)
+    quantile = np.where(energy >= threshold, lo, hi)
+    np.testing.assert_array_equal(_run(lib, quantile_scale_map, u, c, lo, hi), quantile)
+    assert (quantile == lo).mean() > 0.3  # ties at the threshold (the whole high level) all get w_min
+
+
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
+def test_map_does_not_depend_on_the_scale_of_delta(lib):
+    # Ê is a ratio of energies: Δ·1e-12 (below EPS's reach unscaled) and Δ·1e12 give Δ's own map.
+    u, c = _pair((2, 3, 6, 7), seed=9)
+    w = _run(lib, samg_scale_map, u, c, 2.0, 8.0, smooth=3)
+    for factor in (1e-12, 1e12):
+        u_scaled, c_scaled = (factor * u).astype(np.float32), (factor * c).astype(np.float32)
+        got = _run(lib, samg_scale_map, u_scaled, c_scaled, 2.0, 8.0, smooth=3)
+        np.testing.assert_allclose(got, w, rtol=1e-4, atol=1e-4)
 
 
 # ---------------------------------------------------------------- smoothing

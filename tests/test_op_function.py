@@ -24,6 +24,7 @@ from samg.op import (  # noqa: E402
     strip_function,
 )
 from samg.op.schema import EPSILON, SMOOTH_WEIGHTS  # noqa: E402
+from samg_expectation import energy_sum_overflow_case, huge_delta_case, spec_samg_v1  # noqa: E402
 
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -200,6 +201,30 @@ def test_non_finite_inputs_stay_non_finite(smooth):
     assert not np.isfinite(got[1, :, 1, 1]).any()
     want = reference(u, c, scales, smooth=smooth)
     np.testing.assert_array_equal(np.isfinite(got), np.isfinite(want))
+
+
+@pytest.mark.parametrize("opset", [17, 18])
+@pytest.mark.parametrize("smooth", [0, 3])
+def test_huge_delta_with_equal_scales_is_cfg(smooth, opset):
+    # Δ ≈ 1e19: Δ² overflows float32. The energy is taken on Δ / max|Δ|, so the map stays finite
+    # and equal scales give u + w·Δ (the unscaled body returned NaN).
+    u, c = huge_delta_case()
+    scales = np.array([[7.5, 7.5], [3.0, 3.0]], np.float32)
+    got = run_body(u, c, scales, smooth=smooth, opset=opset)
+    expected = u.astype(np.float64) + scales[:, :1, None, None] * (c.astype(np.float64) - u.astype(np.float64))
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, expected, rtol=3e-7)
+
+
+@pytest.mark.parametrize("opset", [17, 18])
+@pytest.mark.parametrize("smooth", [0, 3])
+def test_energy_sum_overflow_gives_the_spec_result(smooth, opset):
+    # Every location's energy is finite in float32, the sample's sum is not.
+    u, c = energy_sum_overflow_case()
+    scales = np.array([[2.0, 8.0], [1.0, 6.0]], np.float32)
+    got = run_body(u, c, scales, smooth=smooth, opset=opset)
+    expected = spec_samg_v1(u, c, scales[:, 0], scales[:, 1], smooth=smooth)
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
 
 
 def test_node_without_attributes_uses_the_defaults():

@@ -52,6 +52,10 @@ class _NumpyOps:
     def amin(self, x, axes):
         return np.min(x, axis=tuple(axes), keepdims=True)
 
+    def max_abs(self, x, axes):
+        """max |x| over `axes` (0 for an empty reduction); NaN propagates."""
+        return np.max(np.abs(x), axis=tuple(axes), keepdims=True, initial=0.0)
+
     def std(self, x, axes, correction):
         return np.std(x, axis=tuple(axes), keepdims=True, ddof=correction, dtype=np.float32)
 
@@ -135,6 +139,13 @@ class _TorchOps:
 
     def amin(self, x, axes):
         return x.amin(dim=tuple(axes), keepdim=True)
+
+    def max_abs(self, x, axes):
+        """max |x| over `axes` (0 for an empty reduction, which amax refuses); NaN propagates."""
+        if x.numel() == 0:
+            shape = [1 if axis in axes else size for axis, size in enumerate(x.shape)]
+            return x.new_zeros(shape)
+        return x.abs().amax(dim=tuple(axes), keepdim=True)
 
     def std(self, x, axes, correction):
         return x.std(dim=tuple(axes), keepdim=True, correction=correction)

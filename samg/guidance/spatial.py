@@ -18,7 +18,9 @@ import math
 from samg.errors import SamgError
 from samg.guidance._xp import check_pair, ops_for
 
-#: Added to the mean energy before dividing, so Δ = 0 gives Ê = 0 instead of 0/0.
+#: Added to the mean (scaled) energy before dividing, so Δ = 0 gives Ê = 0 instead of 0/0. The
+#: energy is that of Δ / max|Δ|, whose mean is at least 1/N when Δ ≠ 0: EPS is negligible there,
+#: and Ê does not depend on the scale of Δ.
 EPS = 1e-12
 
 _E1 = math.exp(-1.0)
@@ -49,13 +51,30 @@ def _non_batch_axes(x) -> tuple[int, ...]:
     return tuple(range(1, x.ndim))
 
 
+def energy_scale(ops, delta):
+    """Per sample max |Δ| over every non-batch element ([B, 1, ...]), or 1 where that is 0.
+
+    The energy is taken on Δ / energy_scale so that its squares and sums stay in float32 range
+    (|Δ| up to float32's max): Ê is a ratio of energies, unchanged by the scale (see EPS), and
+    Δ = 0 divides by 1, not 0. A NaN in Δ leaves the scale at 1 or NaN: either way the sample's
+    energy is NaN, as it would be unscaled.
+    """
+    peak = ops.max_abs(delta, _non_batch_axes(delta))
+    return ops.where(peak > 0, peak, 1.0)
+
+
 def delta_energy(u, c, channel_axis: int = 1):
-    """Return (ops, u32, Δ32, E): float32 copies and the energy E(p) = Σ_c Δ_c(p)², channel axis kept."""
+    """Return (ops, u32, Δ32, E): float32 copies and the energy E(p) = Σ_c (Δ_c(p)/s)², channel axis kept.
+
+    s = :func:`energy_scale` (the sample's max |Δ|): the energy of the scaled Δ, so that no square
+    or sum overflows; the maps only use energy ratios and order.
+    """
     ops = check_pair(u, c)
     _validate_layout(u, channel_axis)
     u32, c32 = ops.f32(u), ops.f32(c)
     delta = c32 - u32
-    energy = ops.sum(delta * delta, (channel_axis,))
+    scaled = delta / energy_scale(ops, delta)
+    energy = ops.sum(scaled * scaled, (channel_axis,))
     return ops, u32, delta, energy
 
 

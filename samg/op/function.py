@@ -32,9 +32,9 @@ STANDALONE_IR_VERSION = 10
 _FLOAT = 1  # onnx.TensorProto.FLOAT
 _BOOL = 9  # onnx.TensorProto.BOOL
 
-# Steps: fp32 delta -> energy over channels -> per-sample normalization -> sigmoid membership m
-# (flattened to [B, N] so the body is rank-agnostic) -> optional smoothing of m per frame ->
-# w = w_max - (w_max - w_min) m -> out = u + w delta, cast back to the input dtype.
+# Steps: fp32 delta -> energy over channels of delta / max|delta| -> per-sample normalization ->
+# sigmoid membership m (flattened to [B, N] so the body is rank-agnostic) -> optional smoothing of
+# m per frame -> w = w_max - (w_max - w_min) m -> out = u + w delta, cast back to the input dtype.
 # In the text syntax `float[]` is a float tensor of unknown shape (`float` alone means a scalar).
 _BODY = """
 <domain: "{domain}", opset_import: ["" : {opset}]>
@@ -50,7 +50,20 @@ _BODY = """
     u = Cast <to = {float}> (pred_uncond)
     c = Cast <to = {float}> (pred_cond)
     delta = Sub (c, u)
-    delta_sq = Mul (delta, delta)
+    # Energy of delta / (the sample's max |delta|, or 1 where that is 0): squares and sums stay in
+    # float32 range, and the normalized energy (a ratio) is unchanged.
+    flat_shape = Constant <value_ints: ints = [0, -1]> ()
+    delta_flat = Reshape (delta, flat_shape)
+    delta_abs = Abs (delta_flat)
+{peak_line}
+    zero = Constant <value_float: float = 0.0> ()
+    one = Constant <value_float: float = 1.0> ()
+    peak_positive = Greater (delta_peak, zero)
+    energy_scale = Where (peak_positive, delta_peak, one)
+    scaled_flat = Div (delta_flat, energy_scale)
+    delta_shape = Shape (delta)
+    scaled = Reshape (scaled_flat, delta_shape)
+    delta_sq = Mul (scaled, scaled)
     # TensorRT's parser needs reduce axes that are constants themselves (not derived from an
     # attribute), so each channel_axis value gets its own branch; the condition folds at build.
     two = Constant <value_int: int = 2> ()
@@ -67,7 +80,6 @@ _BODY = """
     >
     energy_shape = Shape (energy)
 
-    flat_shape = Constant <value_ints: ints = [0, -1]> ()
     energy_flat = Reshape (energy, flat_shape)
 {mean_line}
     epsilon = Constant <value_float: float = {epsilon}> ()
@@ -115,12 +127,17 @@ _BODY = """
 }}
 """
 
-# ReduceMean took `axes` as an attribute before opset 18 and as an input from 18 on.
-_MEAN_AXES_INPUT = """\
-    mean_axes = Constant <value_ints: ints = [1]> ()
-    energy_mean = ReduceMean <keepdims = 1> (energy_flat, mean_axes)"""
-_MEAN_AXES_ATTRIBUTE = """\
-    energy_mean = ReduceMean <keepdims = 1, axes = [1]> (energy_flat)"""
+
+
+def _reduce_over_axis_one(op: str, output: str, data: str, opset: int) -> str:
+    """`output = op(data)` over axis 1 of a [B, N] tensor, keepdims: ReduceMean and ReduceMax took
+    `axes` as an attribute before opset 18 and as an input from 18 on."""
+    if opset >= 18:
+        return (
+            f"    {output}_axes = Constant <value_ints: ints = [1]> ()\n"
+            f"    {output} = {op} <keepdims = 1> ({data}, {output}_axes)"
+        )
+    return f"    {output} = {op} <keepdims = 1, axes = [1]> ({data})"
 
 
 def _float_literal(value: float) -> str:
@@ -146,7 +163,8 @@ def function_proto(opset: int = 18):
         channel_axis=DEFAULT_CHANNEL_AXIS,
         inputs=", ".join(INPUT_NAMES),
         outputs=", ".join(OUTPUT_NAMES),
-        mean_line=_MEAN_AXES_INPUT if opset >= 18 else _MEAN_AXES_ATTRIBUTE,
+        peak_line=_reduce_over_axis_one("ReduceMax", "delta_peak", "delta_abs", opset),
+        mean_line=_reduce_over_axis_one("ReduceMean", "energy_mean", "energy_flat", opset),
         epsilon=_float_literal(EPSILON),
         int64_max=2**63 - 1,
         w0=_float_literal(SMOOTH_WEIGHTS[0]),
