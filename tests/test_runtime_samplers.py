@@ -98,3 +98,47 @@ def test_renoise_x0_changes_only_the_noise_direction():
 def test_unknown_sampler():
     with pytest.raises(SamgError, match="unknown sampler"):
         samplers.get_sampler("lms")
+
+
+# Zero terminal SNR (alpha_bar_T = 0, sigma = inf): the variable holds x_t there, and one step must be
+# diffusers' DDIM step at alpha_bar = 0, written out here in VP form from the DDIM paper:
+#   x0 = sqrt(a) x_t - sqrt(1 - a) v = -v,  x_prev = sqrt(1 - a_prev) * x_t + sqrt(a_prev) * x0.
+def _first_step_at_zero_snr(sampler, a_prev, **kw):
+    from samg.runtime.denoiser import _model_input_scale, _x0_from
+
+    x_t = np.random.default_rng(3).standard_normal((2, 3))
+    v = np.random.default_rng(4).standard_normal((2, 3))
+    seen = []
+
+    def denoise(x, sigma):
+        seen.append(x * _model_input_scale("v_prediction", sigma))  # what the model would be fed
+        return _x0_from("v_prediction", v, x, sigma)
+
+    sigma_prev = np.sqrt((1 - a_prev) / a_prev)
+    out = samplers.get_sampler(sampler)(denoise, x_t.copy(), np.array([np.inf, sigma_prev]), **kw)
+    expected_vp = np.sqrt(1 - a_prev) * x_t + np.sqrt(a_prev) * (-v)
+    return seen[0], x_t, out / np.sqrt(1 + sigma_prev**2), expected_vp
+
+
+@pytest.mark.parametrize("sampler", ["euler", "ddim", "dpmpp_2m"])
+def test_infinite_first_sigma_is_the_ddim_step_at_zero_alpha_bar(sampler):
+    fed, x_t, got_vp, expected_vp = _first_step_at_zero_snr(sampler, a_prev=0.3)
+    np.testing.assert_array_equal(fed, x_t)  # the model sees x_t itself, not x * 0
+    np.testing.assert_allclose(got_vp, expected_vp, rtol=1e-12, atol=1e-12)
+
+
+def test_infinite_first_sigma_ancestral_adds_noise_only_and_stays_finite():
+    # euler_a at sigma_from = inf: sigma_up -> sigma_next, sigma_down -> 0: the step lands on x0 + fresh noise
+    fed, x_t, got_vp, _ = _first_step_at_zero_snr("euler_a", a_prev=0.3, rng=np.random.default_rng(0))
+    assert np.isfinite(got_vp).all()
+    noise = np.random.default_rng(0).standard_normal((2, 3))
+    v = np.random.default_rng(4).standard_normal((2, 3))
+    sigma_prev = np.sqrt(0.7 / 0.3)
+    np.testing.assert_allclose(got_vp * np.sqrt(1 + sigma_prev**2), -v + sigma_prev * noise, rtol=1e-12)
+
+
+def test_infinite_sigma_with_an_epsilon_model_is_refused():
+    from samg.runtime.denoiser import _x0_from
+
+    with pytest.raises(SamgError, match="v_prediction"):
+        _x0_from("epsilon", np.zeros(2), np.zeros(2), np.inf)

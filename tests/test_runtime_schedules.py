@@ -96,3 +96,49 @@ def test_clip_sample_recipe_is_refused_not_ignored():
     with pytest.raises(SamgError, match="clip_sample"):
         schedules.make_schedule(dict(SD15, clip_sample=True), "ddim", 4)
     schedules.make_schedule(dict(SD15, clip_sample=False), "ddim", 4)
+
+
+# CogVideoX-2b's scheduler_config.json (CogVideoXDDIMScheduler), as the manifest records it.
+COGVIDEOX = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                 timestep_spacing="trailing", steps_offset=0, rescale_betas_zero_snr=True, snr_shift_scale=3.0,
+                 set_alpha_to_one=True)
+
+
+def _cogvideox_reference():
+    return diffusers.CogVideoXDDIMScheduler(**COGVIDEOX, clip_sample=False, prediction_type="v_prediction")
+
+
+def test_cogvideox_alphas_cumprod_are_shifted_then_rescaled_to_zero():
+    ref = _cogvideox_reference().alphas_cumprod.double().numpy()
+    ours = schedules.alphas_cumprod(COGVIDEOX)
+    np.testing.assert_allclose(ours, ref, rtol=1e-12, atol=1e-15)
+    assert ours[-1] == 0.0  # exactly zero terminal SNR, no clamp
+    # the issue's number: sigma at t = 749 is 9.50 in diffusers (5.40 when the shift was ignored)
+    assert schedules.train_sigmas(ours)[749] == pytest.approx(9.4969, abs=1e-3)
+    # independent of diffusers: SD's scaled_linear alpha_bar at t=0 shifted by 3, the rescale keeps index 0
+    a0 = 1 - 0.00085
+    assert ours[0] == pytest.approx(a0 / (3 + (1 - 3) * a0), rel=1e-12)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4, 5, 10, 50])
+def test_cogvideox_ddim_matches_diffusers(steps):
+    ref = _cogvideox_reference()
+    ref.set_timesteps(steps)
+    ours = schedules.make_schedule(COGVIDEOX, "ddim", steps)
+    t = ref.timesteps.numpy()
+    np.testing.assert_array_equal(ours.timesteps, t)
+    ac = ref.alphas_cumprod.double().numpy()
+    prev = np.concatenate([ac[t[1:]], [float(ref.final_alpha_cumprod)]])
+    assert t[0] == 999 and np.isinf(ours.sigmas[0])  # alpha_bar_T = 0: infinite first sigma
+    np.testing.assert_allclose(ours.sigmas[1:], np.sqrt((1 - prev) / prev), rtol=1e-10)
+    assert ours.init_noise_sigma == float(ref.init_noise_sigma) == 1.0  # the variable starts as x_T = noise
+
+
+def test_zero_terminal_snr_refusals_are_one_line_errors():
+    with pytest.raises(SamgError, match="divides 1000"):  # diffusers' DDIM would land between timesteps
+        schedules.make_schedule(COGVIDEOX, "ddim", 3)
+    for sampler in ("euler", "dpmpp_2m"):
+        with pytest.raises(SamgError, match="drop --karras"):
+            schedules.make_schedule(COGVIDEOX, sampler, 4, karras=True)
+    with pytest.raises(SamgError, match="snr_shift_scale"):
+        schedules.make_schedule(dict(COGVIDEOX, snr_shift_scale=0.0), "ddim", 4)

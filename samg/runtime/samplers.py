@@ -1,6 +1,9 @@
 """Samplers, k-diffusion style: plain functions `sample_x(denoise, x, sigmas, *, callback, rng)`.
 
-`denoise(x, sigma) -> x0` works on the sampler variable (see schedules.py). Each step checks the
+`denoise(x, sigma) -> x0` works on the sampler variable (see schedules.py). A first sigma of inf
+(zero terminal SNR) is the limit the samplers take there: the variable holds x_VE / sigma = x_t, the
+noise direction (x - x0) / sigma is x itself, and every update is its sigma -> inf limit (as diffusers'
+DDIM at alpha_bar = 0). Each step checks the
 new latents for NaN/Inf and names the step. A denoiser may expose `renoise_x0` (set on each call,
 None when unused): the x0 whose noise direction re-noises the next state (CFG++ uses the
 unconditional x0 there); the deterministic samplers honour it.
@@ -8,6 +11,7 @@ unconditional x0 there); the deterministic samplers honour it.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import numpy as np
@@ -28,6 +32,11 @@ def _renoise_x0(denoise: Denoise, denoised: np.ndarray) -> np.ndarray:
     return denoised if other is None else other
 
 
+def _noise_direction(x: np.ndarray, x0: np.ndarray, sigma: float) -> np.ndarray:
+    """(x - x0) / sigma; at sigma = inf the variable already holds x / sigma and x0 / sigma is 0."""
+    return x if math.isinf(sigma) else (x - x0) / sigma
+
+
 def sample_euler(denoise: Denoise, x: np.ndarray, sigmas: np.ndarray, *, callback: Callback | None = None,
                  rng: np.random.Generator | None = None) -> np.ndarray:
     """Euler (first order, deterministic). With DDIM's sigmas this is DDIM (eta 0); with flow
@@ -36,7 +45,7 @@ def sample_euler(denoise: Denoise, x: np.ndarray, sigmas: np.ndarray, *, callbac
     for i in range(n):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         denoised = denoise(x, sigma)
-        d = (x - _renoise_x0(denoise, denoised)) / sigma
+        d = _noise_direction(x, _renoise_x0(denoise, denoised), sigma)
         x = denoised + d * sigma_next  # == x + d*(sigma_next - sigma) when nothing re-noises differently
         _check(x, i, n)
         if callback is not None:
@@ -52,7 +61,10 @@ def ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tupl
     """(sigma_down, sigma_up) for an ancestral step (k-diffusion / diffusers EulerAncestral)."""
     if not eta:
         return sigma_to, 0.0
-    sigma_up = min(sigma_to, eta * (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5)
+    if math.isinf(sigma_from):  # (sigma_from^2 - sigma_to^2) / sigma_from^2 -> 1
+        sigma_up = min(sigma_to, eta * sigma_to)
+    else:
+        sigma_up = min(sigma_to, eta * (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5)
     return (sigma_to**2 - sigma_up**2) ** 0.5, sigma_up
 
 
@@ -65,7 +77,10 @@ def sample_euler_ancestral(denoise: Denoise, x: np.ndarray, sigmas: np.ndarray, 
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         denoised = denoise(x, sigma)
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
-        x = x + (x - denoised) / sigma * (sigma_down - sigma)
+        if math.isinf(sigma):
+            x = denoised + x * sigma_down  # the limit of the line below (x holds x_VE / sigma)
+        else:
+            x = x + (x - denoised) / sigma * (sigma_down - sigma)
         if sigma_up > 0:
             x = x + rng.standard_normal(x.shape).astype(x.dtype) * sigma_up
         _check(x, i, n)
@@ -94,7 +109,9 @@ def sample_dpmpp_2m(denoise: Denoise, x: np.ndarray, sigmas: np.ndarray, *, call
             else:
                 r = h_last / h
                 d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
-            x = (sigma_next / sigma) * x - np.expm1(-h) * d
+            # at sigma = inf: x holds x_VE / sigma, h = inf, expm1(-h) = -1 (and r = inf next step)
+            ratio = sigma_next if math.isinf(sigma) else sigma_next / sigma
+            x = ratio * x - np.expm1(-h) * d
             h_last = h
         old_denoised = denoised
         _check(x, i, n)

@@ -4,8 +4,12 @@ Everything is expressed k-diffusion style as a decreasing list of sigmas ending 
 plus the model timestep fed at each step. For DDPM-family models sigma is the variance-exploding
 noise level `sqrt((1 - alpha_bar) / alpha_bar)` and the sampler variable is `x_t * sqrt(1 + sigma^2)`;
 for flow models sigma is the interpolation weight and the sampler variable is `x_t` itself.
-The formulas follow diffusers 0.42 (EulerDiscreteScheduler, DDIMScheduler,
+The formulas follow diffusers 0.42 (EulerDiscreteScheduler, DDIMScheduler, CogVideoXDDIMScheduler,
 DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler) so that CFG runs match diffusers.
+
+Zero terminal SNR (CogVideoX: alpha_bar_T = 0 exactly) makes the first sigma infinite. There the
+sampler variable holds its limit `x_VE / sigma`, which is the model latents x_t themselves (= the
+noise), so `init_noise_sigma` is 1 and the samplers/denoiser treat `sigma == inf` as that limit.
 """
 
 from __future__ import annotations
@@ -67,7 +71,32 @@ def rescale_zero_terminal_snr(b: np.ndarray) -> np.ndarray:
     return 1.0 - alphas
 
 
+def shifted_alphas_cumprod(cfg: Mapping[str, Any]) -> np.ndarray:
+    """CogVideoXDDIMScheduler's alpha_bar: cumprod of 1 - betas, shifted by `snr_shift_scale` as SD3,
+    `alpha_bar / (s + (1 - s) * alpha_bar)`, then (if asked) rescaled to zero terminal SNR, which
+    ends exactly at 0. Its scaled_linear betas are float64 (other diffusers schedulers: float32)."""
+    n = int(cfg.get("num_train_timesteps", 1000))
+    start, end = float(cfg.get("beta_start", 0.00085)), float(cfg.get("beta_end", 0.012))
+    kind = str(cfg.get("beta_schedule", "scaled_linear"))
+    if kind == "scaled_linear":
+        b = np.linspace(start**0.5, end**0.5, n, dtype=np.float64) ** 2
+    else:
+        b = betas(n, start, end, kind).astype(np.float32)
+    shift = float(cfg["snr_shift_scale"])
+    if not (np.isfinite(shift) and shift > 0):
+        raise SamgError(f"snr_shift_scale {shift} in samg.json must be a positive number: re-export the model")
+    ac = np.cumprod(1.0 - b, dtype=b.dtype)
+    ac = (ac / (shift + (1 - shift) * ac)).astype(b.dtype)
+    if bool(cfg.get("rescale_betas_zero_snr", False)):  # diffusers' version on alphas_cumprod, no clamp
+        sqrt_ab = np.sqrt(ac)
+        first, last = sqrt_ab[0], sqrt_ab[-1]
+        ac = (((sqrt_ab - last) * (first / (first - last))) ** 2).astype(b.dtype)
+    return ac
+
+
 def alphas_cumprod(cfg: Mapping[str, Any]) -> np.ndarray:
+    if "snr_shift_scale" in cfg:  # CogVideoXDDIMScheduler's recipe (see the manifest's scheduler.class)
+        return shifted_alphas_cumprod(cfg)
     b = betas(
         int(cfg.get("num_train_timesteps", 1000)),
         float(cfg.get("beta_start", 0.0001)),
@@ -85,8 +114,22 @@ def alphas_cumprod(cfg: Mapping[str, Any]) -> np.ndarray:
 
 
 def train_sigmas(ac: np.ndarray) -> np.ndarray:
-    """sigma(t) for t = 0..T-1 (increasing)."""
-    return np.sqrt((1.0 - ac) / ac).astype(np.float64)
+    """sigma(t) for t = 0..T-1 (increasing); inf where alpha_bar is 0 (zero terminal SNR)."""
+    ac = np.asarray(ac, np.float64)
+    with np.errstate(divide="ignore"):
+        return np.sqrt((1.0 - ac) / ac)
+
+
+def init_noise_scale(first_sigma: float, finite_scale: float) -> float:
+    """The starting scale of standard normal noise: `finite_scale` of the scheduler, or 1 when the
+    first sigma is infinite (the sampler variable then holds the model latents, see the module doc)."""
+    return 1.0 if np.isinf(first_sigma) else float(finite_scale)
+
+
+def _refuse_karras_at_zero_snr(sigmas: np.ndarray) -> None:
+    if np.isinf(sigmas).any():
+        raise SamgError("--karras spaces sigmas between the smallest and the largest, and this schedule's largest "
+                        "is infinite (zero terminal SNR): drop --karras")
 
 
 def sigma_to_t(sigma: np.ndarray | float, log_sigmas: np.ndarray) -> np.ndarray:
@@ -126,16 +169,16 @@ def euler_schedule(cfg: Mapping[str, Any], steps: int, *, karras: bool = False) 
     spacing = str(cfg.get("timestep_spacing", "leading"))
     ts = spaced_timesteps(spacing, steps, num_train, int(cfg.get("steps_offset", 0)))
     full = train_sigmas(ac)
-    log_full = np.log(full)
     sig = np.interp(ts, np.arange(num_train), full)
     if karras:
+        _refuse_karras_at_zero_snr(full)
         sig = karras_sigmas(float(sig[-1]), float(sig[0]), steps)
-        ts = sigma_to_t(sig, log_full)
+        ts = sigma_to_t(sig, np.log(full))
     sig = np.concatenate([sig, [0.0]])
     max_sigma = float(sig.max())
     # diffusers' quirk: the starting noise is scaled by sqrt(sigma^2 + 1) for "leading" spacing
     init = max_sigma if spacing in ("linspace", "trailing") else (max_sigma**2 + 1) ** 0.5
-    return Schedule(sig, ts.astype(np.float64), init, "discrete")
+    return Schedule(sig, ts.astype(np.float64), init_noise_scale(max_sigma, init), "discrete")
 
 
 def ddim_schedule(cfg: Mapping[str, Any], steps: int) -> Schedule:
@@ -150,13 +193,15 @@ def ddim_schedule(cfg: Mapping[str, Any], steps: int) -> Schedule:
     prev = ts - num_train // steps  # DDIM's own "previous timestep" rule, even for trailing spacing
     final_ac = 1.0 if bool(cfg.get("set_alpha_to_one", True)) else float(ac[0])  # diffusers default: True
     ac_at = np.where(prev >= 0, ac[np.clip(prev, 0, None)], final_ac)
-    sig_now = np.sqrt((1 - ac[ts]) / ac[ts])
-    sig_next = np.sqrt((1 - ac_at) / ac_at)
-    # DDIM steps from t to prev; consecutive steps meet exactly when prev == next t (leading spacing)
+    sig_now = train_sigmas(ac[ts])
+    sig_next = train_sigmas(ac_at)
+    # DDIM steps from t to prev; consecutive steps meet exactly when prev == next t. diffusers then
+    # evaluates the model at a timestep the previous step did not land on; samg does not copy that.
     sig = np.concatenate([sig_now, sig_next[-1:]])
-    if not np.allclose(sig_next[:-1], sig_now[1:]):
-        raise SamgError("DDIM with this timestep_spacing skips timesteps: use --sampler euler")
-    return Schedule(sig, ts.astype(np.float64), float(np.sqrt(1 + sig[0] ** 2)), "discrete")
+    if not np.array_equal(prev[:-1], ts[1:]):
+        raise SamgError(f"DDIM with {spacing} spacing at {steps} steps evaluates the model at timesteps its steps "
+                        f"do not land on: use a step count that divides {num_train} (e.g. 50) or --sampler euler")
+    return Schedule(sig, ts.astype(np.float64), init_noise_scale(sig[0], np.sqrt(1 + sig[0] ** 2)), "discrete")
 
 
 def dpm_schedule(cfg: Mapping[str, Any], steps: int, *, karras: bool = False) -> Schedule:
@@ -176,12 +221,13 @@ def dpm_schedule(cfg: Mapping[str, Any], steps: int, *, karras: bool = False) ->
         raise SamgError(f"unknown timestep_spacing {spacing!r} in samg.json: use leading, trailing or linspace")
     full = train_sigmas(ac)
     if karras:
+        _refuse_karras_at_zero_snr(full)
         sig = karras_sigmas(float(full[0]), float(full[-1]), steps)
         ts = sigma_to_t(sig, np.log(full)).round()
     else:
         sig = np.interp(ts, np.arange(num_train), full)
     sig = np.concatenate([sig, [0.0]])
-    return Schedule(sig, ts.astype(np.float64), float(np.sqrt(1 + sig[0] ** 2)), "discrete")
+    return Schedule(sig, ts.astype(np.float64), init_noise_scale(sig[0], np.sqrt(1 + sig[0] ** 2)), "discrete")
 
 
 # ---------------------------------------------------------------- flow matching
