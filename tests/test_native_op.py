@@ -13,6 +13,7 @@ import pytest
 
 import samg.native
 from samg.guidance import samg_v1
+from samg_expectation import energy_sum_overflow_case, huge_delta_case, spec_samg_v1
 
 pytestmark = pytest.mark.native
 
@@ -127,6 +128,27 @@ def test_non_finite_input_is_not_hidden(library):
     out = _run_custom_op(library, u, c, scales)
     assert np.isnan(out[0]).all()  # NaN enters sample 0's mean energy, like the reference
     assert np.isfinite(out[1]).all()
+
+
+@pytest.mark.parametrize("smooth", [0, 3])
+def test_huge_delta_with_equal_scales_is_cfg(library, smooth):
+    # Δ ≈ 1e19: Δ² overflows float32; the energy of Δ / max|Δ| does not, so equal scales give
+    # u + w·Δ (the unscaled kernel returned NaN).
+    u, c = huge_delta_case()
+    scales = np.array([[7.5, 7.5], [3.0, 3.0]], np.float32)
+    out = _run_custom_op(library, u, c, scales, smooth=smooth)
+    expected = u.astype(np.float64) + scales[:, :1, None, None] * (c.astype(np.float64) - u.astype(np.float64))
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out, expected, rtol=3e-7)
+
+
+@pytest.mark.parametrize("smooth", [0, 3])
+def test_energy_sum_overflow_gives_the_spec_result(library, smooth):
+    # Every location's energy is finite in float32, the sample's sum is not (in float32).
+    u, c = energy_sum_overflow_case()
+    scales = np.array([[2.0, 8.0], [1.0, 6.0]], np.float32)
+    out = _run_custom_op(library, u, c, scales, smooth=smooth)
+    np.testing.assert_allclose(out, spec_samg_v1(u, c, scales[:, 0], scales[:, 1], smooth=smooth), rtol=1e-5)
 
 
 def test_fp16_matches_reference(library):

@@ -1,7 +1,8 @@
 // CPU implementation of samg::GuidanceCombine v1 (see guidance_combine.h for the math).
 //
-// Two passes over the inputs: (1) energy per location and its per-sample sum; (2) scale map and
-// combine. Between them, map-sized work only (the map is 1/C of the data). Work is split into
+// Three passes over the inputs: (0) the per-sample max |c - u|; (1) energy per location of the
+// difference divided by that max, and its per-sample sum; (2) scale map and combine. Between them,
+// map-sized work only (the map is 1/C of the data). Work is split into
 // tasks of (sample, outer index, run of inner positions) so that every loop walks contiguous memory
 // with no cross-task writes, and the inner loops are plain float loops the compiler vectorizes.
 #include "guidance_combine.h"
@@ -122,23 +123,45 @@ void combine(const typename Type::Storage* u, const typename Type::Storage* c, c
   const int64_t num_tasks = static_cast<int64_t>(tasks.size());
   std::vector<float> energy(static_cast<size_t>(L.batch * positions));
   std::vector<double> partial_sums(tasks.size());
+  std::vector<float> partial_peaks(tasks.size());
 
   auto data_offset = [&](const Task& t, int64_t channel) {
     return ((t.batch_index * L.outer + t.outer_index) * L.channels + channel) * L.inner;
   };
   auto map_offset = [&](const Task& t) { return t.batch_index * positions + t.outer_index * L.inner; };
 
-  // Pass 1: E(p) = sum_c (c - u)^2 in float32, and this task's share of the sample's sum.
+  // Pass 0: this task's max |c - u| (a NaN is skipped here; it makes the sample's energy NaN below).
+  parallel.run(num_tasks, [&](int64_t task_index) {
+    const Task& t = tasks[task_index];
+    float peak = 0.0f;
+    for (int64_t ch = 0; ch < L.channels; ++ch) {
+      const auto* uc = u + data_offset(t, ch);
+      const auto* cc = c + data_offset(t, ch);
+      for (int64_t i = t.inner_begin; i < t.inner_end; ++i)
+        peak = std::max(peak, std::fabs(Type::load(cc[i]) - Type::load(uc[i])));
+    }
+    partial_peaks[task_index] = peak;
+  });
+  // Per sample: the energy is taken on (c - u) / max|c - u| so that its squares and sums stay in
+  // float32 range (the normalized energy is a ratio: unchanged); 1 where the max is 0 (Δ = 0).
+  std::vector<float> energy_scale(static_cast<size_t>(L.batch), 0.0f);
+  for (int64_t t = 0; t < num_tasks; ++t)
+    energy_scale[tasks[t].batch_index] = std::max(energy_scale[tasks[t].batch_index], partial_peaks[t]);
+  for (float& scale : energy_scale)
+    if (!(scale > 0.0f)) scale = 1.0f;
+
+  // Pass 1: E(p) = sum_c ((c - u) / scale)^2 in float32, and this task's share of the sample's sum.
   parallel.run(num_tasks, [&](int64_t task_index) {
     const Task& t = tasks[task_index];
     float* e = energy.data() + map_offset(t);
+    const float scale = energy_scale[t.batch_index];
     const int64_t begin = t.inner_begin, end = t.inner_end;
     for (int64_t i = begin; i < end; ++i) e[i] = 0.0f;
     for (int64_t ch = 0; ch < L.channels; ++ch) {
       const auto* uc = u + data_offset(t, ch);
       const auto* cc = c + data_offset(t, ch);
       for (int64_t i = begin; i < end; ++i) {
-        const float d = Type::load(cc[i]) - Type::load(uc[i]);
+        const float d = (Type::load(cc[i]) - Type::load(uc[i])) / scale;
         e[i] += d * d;
       }
     }

@@ -36,17 +36,48 @@ __device__ __forceinline__ int64_t data_base(const Shape& s, int64_t b, int64_t 
 
 __device__ __forceinline__ int64_t reflect(int64_t i, int64_t n) { return i < 0 ? -i : (i >= n ? 2 * n - 2 - i : i); }
 
+// Non-negative floats order like their bit patterns read as unsigned ints: atomicMax on the bits.
+__device__ __forceinline__ void atomic_max_non_negative(float* address, float value) {
+  atomicMax(reinterpret_cast<unsigned int*>(address), __float_as_uint(value));
+}
+
+// peaks[b] = max |c - u| over sample b (peaks zeroed before). fmaxf skips a NaN; the sample's energy
+// is NaN anyway then.
 template <typename T>
-__global__ void energy_kernel(const T* __restrict__ u, const T* __restrict__ c, float* __restrict__ energy,
-                              double* __restrict__ sums, Shape s) {
+__global__ void peak_kernel(const T* __restrict__ u, const T* __restrict__ c, float* __restrict__ peaks, Shape s) {
   const int64_t b = blockIdx.y;
+  float local = 0.0f;
+  for (int64_t p = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; p < s.positions;
+       p += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t base = data_base(s, b, p);
+    for (int64_t ch = 0; ch < s.channels; ++ch)
+      local = fmaxf(local, fabsf(load(c[base + ch * s.inner]) - load(u[base + ch * s.inner])));
+  }
+  for (int offset = 16; offset > 0; offset >>= 1) local = fmaxf(local, __shfl_down_sync(0xffffffffu, local, offset));
+  __shared__ float warp_peaks[kThreads / 32];
+  if ((threadIdx.x & 31) == 0) warp_peaks[threadIdx.x >> 5] = local;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    float v = threadIdx.x < blockDim.x / 32 ? warp_peaks[threadIdx.x] : 0.0f;
+    for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_down_sync(0xffffffffu, v, offset));
+    if (threadIdx.x == 0) atomic_max_non_negative(&peaks[b], v);
+  }
+}
+
+// E(p) = sum_c ((c - u) / scale)^2 with scale = the sample's max |c - u| (1 where that is 0), so
+// squares and sums stay in float32 range; the normalized energy (a ratio) is unchanged.
+template <typename T>
+__global__ void energy_kernel(const T* __restrict__ u, const T* __restrict__ c, const float* __restrict__ peaks,
+                              float* __restrict__ energy, double* __restrict__ sums, Shape s) {
+  const int64_t b = blockIdx.y;
+  const float scale = peaks[b] > 0.0f ? peaks[b] : 1.0f;
   float local = 0.0f;
   for (int64_t p = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; p < s.positions;
        p += (int64_t)gridDim.x * blockDim.x) {
     const int64_t base = data_base(s, b, p);
     float e = 0.0f;
     for (int64_t ch = 0; ch < s.channels; ++ch) {
-      const float d = load(c[base + ch * s.inner]) - load(u[base + ch * s.inner]);
+      const float d = (load(c[base + ch * s.inner]) - load(u[base + ch * s.inner])) / scale;
       e += d * d;
     }
     energy[b * s.positions + p] = e;
@@ -117,6 +148,7 @@ size_t align_up(size_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
 
 struct Workspace {
   double* sums;
+  float* peaks;
   float* energy;
   float* member;
 };
@@ -124,13 +156,15 @@ struct Workspace {
 size_t workspace_bytes(const samg_combine_layout& L, int smooth, Workspace* parts, void* base) {
   const size_t map_bytes = align_up(sizeof(float) * static_cast<size_t>(L.batch * L.outer * L.inner));
   const size_t sums_bytes = align_up(sizeof(double) * static_cast<size_t>(L.batch));
+  const size_t peaks_bytes = align_up(sizeof(float) * static_cast<size_t>(L.batch));
   if (parts) {
     char* p = static_cast<char*>(base);
     parts->sums = reinterpret_cast<double*>(p);
-    parts->energy = reinterpret_cast<float*>(p + sums_bytes);
-    parts->member = smooth ? reinterpret_cast<float*>(p + sums_bytes + map_bytes) : nullptr;
+    parts->peaks = reinterpret_cast<float*>(p + sums_bytes);
+    parts->energy = reinterpret_cast<float*>(p + sums_bytes + peaks_bytes);
+    parts->member = smooth ? reinterpret_cast<float*>(p + sums_bytes + peaks_bytes + map_bytes) : nullptr;
   }
-  return sums_bytes + map_bytes * (smooth ? 2 : 1);
+  return sums_bytes + peaks_bytes + map_bytes * (smooth ? 2 : 1);
 }
 
 template <typename T>
@@ -145,7 +179,10 @@ const char* launch(const void* u_raw, const void* c_raw, const float* scales, vo
   const dim3 grid(static_cast<unsigned>(blocks_needed < 4096 ? blocks_needed : 4096), static_cast<unsigned>(L.batch));
   cudaError_t status = cudaMemsetAsync(ws.sums, 0, sizeof(double) * static_cast<size_t>(L.batch), stream);
   if (status != cudaSuccess) return cudaGetErrorString(status);
-  energy_kernel<T><<<grid, kThreads, 0, stream>>>(u, c, ws.energy, ws.sums, s);
+  status = cudaMemsetAsync(ws.peaks, 0, sizeof(float) * static_cast<size_t>(L.batch), stream);
+  if (status != cudaSuccess) return cudaGetErrorString(status);
+  peak_kernel<T><<<grid, kThreads, 0, stream>>>(u, c, ws.peaks, s);
+  energy_kernel<T><<<grid, kThreads, 0, stream>>>(u, c, ws.peaks, ws.energy, ws.sums, s);
   if (P.smooth == 3) {
     membership_kernel<<<grid, kThreads, 0, stream>>>(ws.energy, ws.sums, ws.member, s, P.tau, P.sharpness);
     combine_kernel<T, true><<<grid, kThreads, 0, stream>>>(u, c, scales, out, ws.member, ws.sums, s, P.tau,

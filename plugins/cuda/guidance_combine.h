@@ -4,8 +4,9 @@
  * device pointer (scales too: [B, 2] float32 on the device); `stream` is a cudaStream_t (NULL for
  * the default stream). The call only enqueues work: it does not synchronize.
  *
- * Two passes over the predictions: (1) energy per location + per-sample sum (one double atomic
- * per block); (2) scale map and combine. With smooth=3 a map-sized kernel between them writes the
+ * Three passes over the predictions: (0) per-sample max |c - u| (one atomic max per block);
+ * (1) energy per location of (c - u) / that max + per-sample sum (one double atomic per block);
+ * (2) scale map and combine. With smooth=3 a map-sized kernel between them writes the
  * membership map that pass 2 reads with its 3x3 neighbourhood.
  */
 #ifndef SAMG_PLUGINS_CUDA_GUIDANCE_COMBINE_H_

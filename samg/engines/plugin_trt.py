@@ -233,7 +233,14 @@ class CupyLauncher:
         suffix = "f16" if half else "f32"
         with cp.cuda.ExternalStream(int(stream)):
             k = self.kernels
-            k[f"energy_{suffix}"](self._grid(batch * positions), (_THREADS,), (u_ptr, c_ptr, energy, *shape_args))
+            # The member plane's first B floats hold each sample's max |c - u| until `membership`
+            # overwrites the plane (after `energy`, their only reader).
+            k[f"sample_peak_{suffix}"](
+                (batch,), (_SUM_THREADS,), (u_ptr, c_ptr, member, i64(positions * channels)),
+                shared_mem=4 * _SUM_THREADS,
+            )
+            k[f"energy_{suffix}"](self._grid(batch * positions), (_THREADS,),
+                                  (u_ptr, c_ptr, member, energy, *shape_args))
             k["sample_sum"]((batch,), (_SUM_THREADS,), (energy, sums, i64(positions)), shared_mem=4 * _SUM_THREADS)
             k["membership"](
                 self._grid(batch * positions),

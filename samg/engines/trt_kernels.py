@@ -7,7 +7,8 @@ set of kernels serves `[B,C,H,W]`, `[B,C,F,H,W]` and `[B,F,C,H,W]`. The per-loca
 runs on `B * P / (H * W)` planes of H x W.
 
 Stages (one launch each, all on TensorRT's stream; float32 throughout):
-  energy      E[b,p]   = sum_c (c - u)^2
+  sample_peak D[b]     = max |c - u| over the sample (the energy's scale; 1 where it is 0)
+  energy      E[b,p]   = sum_c ((c - u) / D[b])^2   (no square or sum overflows; Ê is a ratio)
   sample_sum  S[b]     = sum_p E[b,p]
   membership  M[b,p]   = sigmoid(k * (E / (S / P + eps) - tau))
   smooth_rows / smooth_cols (optional): 1-D [a, 1-2a, a] along W then H, reflect padding
@@ -31,8 +32,26 @@ __device__ __forceinline__ long long reflect(long long i, long long n) {
     return i;
 }
 
+// One block per sample; blockDim.x must be a power of two <= 1024. fmaxf skips a NaN: the
+// sample's energy is NaN anyway then.
 template <typename T>
-__device__ void energy_impl(const T* u, const T* c, float* energy,
+__device__ void sample_peak_impl(const T* u, const T* c, float* peaks, long long per_sample) {
+    extern __shared__ float partial[];
+    const long long base = blockIdx.x * per_sample;
+    float acc = 0.f;
+    for (long long i = threadIdx.x; i < per_sample; i += blockDim.x)
+        acc = fmaxf(acc, fabsf(load(c, base + i) - load(u, base + i)));
+    partial[threadIdx.x] = acc;
+    __syncthreads();
+    for (unsigned stride = blockDim.x / 2; stride > 0; stride >>= 1) {
+        if (threadIdx.x < stride) partial[threadIdx.x] = fmaxf(partial[threadIdx.x], partial[threadIdx.x + stride]);
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) peaks[blockIdx.x] = partial[0];
+}
+
+template <typename T>
+__device__ void energy_impl(const T* u, const T* c, const float* peaks, float* energy,
                             long long B, long long O, long long C, long long I) {
     long long positions = O * I;
     long long total = B * positions;
@@ -41,9 +60,10 @@ __device__ void energy_impl(const T* u, const T* c, float* energy,
         long long b = idx / positions, p = idx % positions;
         long long o = p / I, i = p % I;
         long long base = ((b * O + o) * C) * I + i;
+        float scale = peaks[b] > 0.f ? peaks[b] : 1.f;
         float acc = 0.f;
         for (long long ch = 0; ch < C; ++ch) {
-            float d = load(c, base + ch * I) - load(u, base + ch * I);
+            float d = (load(c, base + ch * I) - load(u, base + ch * I)) / scale;
             acc += d * d;
         }
         energy[idx] = acc;
@@ -68,13 +88,20 @@ __device__ void combine_impl(const T* u, const T* c, const float* scales, const 
 
 extern "C" {
 
-__global__ void energy_f32(const float* u, const float* c, float* e,
-                           long long B, long long O, long long C, long long I) {
-    energy_impl(u, c, e, B, O, C, I);
+__global__ void sample_peak_f32(const float* u, const float* c, float* peaks, long long per_sample) {
+    sample_peak_impl(u, c, peaks, per_sample);
 }
-__global__ void energy_f16(const __half* u, const __half* c, float* e,
+__global__ void sample_peak_f16(const __half* u, const __half* c, float* peaks, long long per_sample) {
+    sample_peak_impl(u, c, peaks, per_sample);
+}
+
+__global__ void energy_f32(const float* u, const float* c, const float* peaks, float* e,
                            long long B, long long O, long long C, long long I) {
-    energy_impl(u, c, e, B, O, C, I);
+    energy_impl(u, c, peaks, e, B, O, C, I);
+}
+__global__ void energy_f16(const __half* u, const __half* c, const float* peaks, float* e,
+                           long long B, long long O, long long C, long long I) {
+    energy_impl(u, c, peaks, e, B, O, C, I);
 }
 
 // One block per sample; blockDim.x must be a power of two <= 1024.
@@ -135,6 +162,8 @@ __global__ void combine_f16(const __half* u, const __half* c, const float* scale
 """
 
 KERNEL_NAMES = (
+    "sample_peak_f32",
+    "sample_peak_f16",
     "energy_f32",
     "energy_f16",
     "sample_sum",
