@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from benchmarks.quality import digits
+from benchmarks.quality import digits, report
 from samg.bundled import CLASSIFIER_DIR, SAMG_DIGITS_DIR
 from samg.errors import SamgError
 
@@ -109,15 +109,89 @@ def test_alignment_of_held_out_digits_is_the_classifier_accuracy():
     assert digits.frechet_distance(features, features) == pytest.approx(0.0, abs=1e-6)
 
 
+# Student-t quantiles t(0.975, df) from a printed table (df 1: 12.706, df 2: 4.303).
+T975_DF1, T975_DF2 = 12.7062047, 4.3026527
+
+
+def test_interval_over_seeds_is_the_student_t_interval_of_the_mean():
+    iv = report.interval([1.0, 2.0, 3.0])  # mean 2, std 1, half-width 4.303 / sqrt(3) = 2.484
+    assert (iv["mean"], iv["std"], iv["n"]) == (pytest.approx(2.0), pytest.approx(1.0), 3)
+    assert (iv["lo"], iv["hi"]) == pytest.approx((2 - T975_DF2 / math.sqrt(3), 2 + T975_DF2 / math.sqrt(3)), abs=1e-6)
+    assert not report.resolved(iv)  # the interval straddles zero
+    iv = report.interval([1.0, 1.2, 1.1])  # std 0.1: half-width 0.248, lower bound 0.852 > 0
+    assert iv["lo"] == pytest.approx(1.1 - T975_DF2 * 0.1 / math.sqrt(3), abs=1e-6) and report.resolved(iv)
+    one = report.interval([0.5])
+    assert one["mean"] == 0.5 and math.isnan(one["std"]) and not report.resolved(one)
+
+
+def _synthetic_rows():
+    """Two seeds; CFG at scales 1 and 3, one SAMG setting in between (values chosen for hand arithmetic)."""
+    rows = []
+    for seed, (cfg1, cfg3, scale, fd, smooth_scale, smooth_fd) in enumerate(
+        [(10.0, 30.0, 2.0, 18.0, 2.0, 19.0), (12.0, 36.0, 2.5, 27.0, 1.5, 16.0)]
+    ):
+        rows += [
+            {"rule": "cfg", "setting": "w=1", "seed": seed, "energy_weighted_scale": 1.0, "fd": cfg1},
+            {"rule": "cfg", "setting": "w=3", "seed": seed, "energy_weighted_scale": 3.0, "fd": cfg3},
+            {"rule": "samg", "setting": "(2,6)", "seed": seed, "energy_weighted_scale": scale, "fd": fd},
+            {"rule": "samg", "setting": "(2,6) smooth", "seed": seed, "energy_weighted_scale": smooth_scale, "fd": smooth_fd},
+        ]
+    return rows
+
+
+def test_differences_from_cfg_are_paired_within_each_seed():
+    by = {e["setting"]: e for e in report.matched_differences(_synthetic_rows(), ["fd"], relative=("fd",))}
+    samg = by["(2,6)"]
+    # seed 0: CFG at 2.0 interpolates to 20 -> 18 - 20 = -2 (-10%); seed 1: CFG at 2.5 is
+    # 12 + 24 * 0.75 = 30 -> 27 - 30 = -3 (-10%).
+    assert samg["seeds"] == 2 and samg["energy_weighted_scale"] == pytest.approx(2.25)
+    d = samg["d_fd"]
+    assert (d["mean"], d["std"]) == pytest.approx((-2.5, math.sqrt(0.5)))
+    assert d["hi"] == pytest.approx(-2.5 + T975_DF1 * math.sqrt(0.5) / math.sqrt(2), abs=1e-5)
+    assert not report.resolved(d)  # two seeds that disagree by 1 leave the sign open
+    r = samg["r_fd"]
+    assert r["mean"] == pytest.approx(-0.1) and r["std"] == pytest.approx(0.0, abs=1e-12)
+    assert report.resolved(r)  # -10% in both seeds
+    assert "**-10 [-10, -10]**" in report.interval_table([samg], [("r_fd", "FD %", 100.0)])
+
+
+def test_contrast_compares_two_settings_each_against_cfg_at_its_own_scale():
+    c = report.contrast(_synthetic_rows(), ["fd"], ("samg", "(2,6) smooth"), ("samg", "(2,6)"))
+    # smooth vs CFG: seed 0: 19 - 20 = -1; seed 1: at 1.5 CFG is 18 -> 16 - 18 = -2.
+    # minus plain vs CFG (-2, -3): +1 in both seeds.
+    assert c["seeds"] == 2
+    assert (c["d_fd"]["mean"], c["d_fd"]["std"]) == pytest.approx((1.0, 0.0), abs=1e-12)
+    assert report.contrast(_synthetic_rows(), ["fd"], ("samg", "(2,6)"), ("samg", "missing")) is None
+
+
+def test_quick_runs_do_not_write_into_the_tracked_results():
+    from benchmarks.quality import __main__ as quality_main
+    from benchmarks.quality import analytic
+
+    results = report.RESULTS_DIR.resolve()
+    for parse in (quality_main.parse_args, digits.parse_args, analytic.parse_args):
+        quick = parse(["--quick"]).out.resolve()
+        assert results != quick and results not in quick.parents, parse.__module__
+        assert quick.relative_to(report.REPO).parts[0] == "out"  # /out/ is git-ignored
+        assert parse([]).out.resolve() == results  # full runs are the committed evidence
+    assert "/out/" in (report.REPO / ".gitignore").read_text().split()
+
+
 @needs_model
 @needs_classifier
 def test_tiny_end_to_end_run(tmp_path):
-    """Two settings, two samples per digit, three steps; exports are cached in the default cache."""
+    """Two settings, two samples per digit, three steps, two seeds; exports are cached in the default cache."""
     settings = [("cfg", "w=3", {"scale": 3.0}), ("samg", "(2,6)", {"w_min": 2.0, "w_max": 6.0})]
     rows, checks, facts = digits.run(
-        True, tmp_path, per_digit=2, steps=3, settings=settings, fused_checks=settings, progress=False
+        True, tmp_path, per_digit=2, steps=3, seeds=2, settings=settings, fused_checks=settings, progress=False
     )
-    cfg, samg = rows
+    assert [(r["setting"], r["seed"]) for r in rows] == [("w=3", 0), ("(2,6)", 0), ("w=3", 1), ("(2,6)", 1)]
+    assert rows[0]["fd"] != rows[2]["fd"]  # the two seeds draw different noise
+    assert len(checks) == 2  # the fused check runs on the first seed only
+    back = report.read_csv(tmp_path / "digits_quick.csv")  # what --report-only re-renders from
+    assert [(r["rule"], r["setting"], r["seed"]) for r in back] == [(r["rule"], r["setting"], r["seed"]) for r in rows]
+    assert [r["fd"] for r in back] == pytest.approx([r["fd"] for r in rows], rel=1e-12)
+    cfg, samg = rows[:2]
     assert cfg["mean_scale"] == pytest.approx(3.0) and cfg["energy_weighted_scale"] == pytest.approx(3.0)
     assert 2.0 <= samg["mean_scale"] <= 6.0 and 2.0 <= samg["energy_weighted_scale"] <= 6.0
     for row in rows:

@@ -1,11 +1,12 @@
 """The quality benchmarks: samg-digits (real model, ONNX Runtime; every rule), S-CFG on samg-digits
 (its own exported graph), and the analytic Gaussian mixture.
 
-    python -m benchmarks.quality --quick     # reduced tables and plots, < 10 min on 2 cores
-    python -m benchmarks.quality             # full sweeps (see benchmarks/quality/RESULTS.md)
+    python -m benchmarks.quality --quick     # reduced tables and plots -> out/quality-quick/ (untracked)
+    python -m benchmarks.quality             # full sweeps -> benchmarks/quality/results/ (see RESULTS.md)
 
-Outputs go to benchmarks/quality/results/ (digits*.{csv,md,png}, scfg_digits*.{csv,md,png},
-analytic[_quick].{csv,md}, analytic[_quick]_*.png).
+Full runs write benchmarks/quality/results/ (digits.{csv,md,png}, scfg_digits.{csv,md,png},
+analytic.{csv,md,png}), the committed evidence behind RESULTS.md; quick runs write the *_quick files
+to out/quality-quick/ unless --out says otherwise, so they never overwrite it.
 """
 
 from __future__ import annotations
@@ -15,19 +16,24 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.quality import analytic, digits, scfg_digits
+from benchmarks.quality import analytic, digits, report, scfg_digits
 from samg.errors import SamgError
 
-HERE = Path(__file__).resolve().parent
 
-
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="reduced sweeps and sample counts")
-    p.add_argument("--out", type=Path, default=HERE / "results", help="output folder")
+    p.add_argument("--out", type=Path, default=None,
+                   help=f"output folder (default: {report.RESULTS_DIR} for full runs, {report.QUICK_DIR} for --quick)")
     p.add_argument("--only", choices=("digits", "scfg", "analytic"), help="run one of the benchmarks")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     a = p.parse_args(argv)
+    a.out = a.out if a.out is not None else report.default_out_dir(a.quick)
+    return a
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
     t0 = time.perf_counter()
     try:
         if a.only in (None, "digits"):

@@ -15,8 +15,8 @@ Every rule from `samg.guidance` runs in the same Euler sampler and is scored aga
 conditional: alignment (exact Bayes classifier), NLL per dimension, distance off the thin
 manifold, MMD, precision/recall (k-NN), diversity, and the mean effective scale.
 
-    python -m benchmarks.quality.analytic --quick      # reduced sweep, ~1 min
-    python -m benchmarks.quality.analytic              # full sweep
+    python -m benchmarks.quality.analytic --quick      # reduced sweep -> out/quality-quick/ (untracked)
+    python -m benchmarks.quality.analytic              # full sweep, 3 seeds -> benchmarks/quality/results/
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.quality import report
+from samg.errors import SamgError
 from samg.guidance import get_rule
 
 HERE = Path(__file__).resolve().parent
@@ -262,80 +263,114 @@ def sweep(quick: bool) -> list[tuple[str, str, dict]]:
 METRICS = ["alignment", "nll_per_dim", "off_manifold", "mmd2", "precision", "recall", "diversity"]
 
 
+DATA_SEED = 0  # the mixture itself is fixed; seeds vary the sampling noise and the reference draw
+DEFAULT_SEEDS = 3
+KEY_METRICS = ["alignment", "mmd2", "off_manifold", "nll_per_dim", "precision", "recall"]
+
+
 def run(quick: bool, out_dir: Path, *, inflate: float = 0.25, steps: int = 24, per_class: int | None = None, seed: int = 0,
-        quiet: bool = False):
-    truth = make_data(seed)
+        seeds: int = 1, quiet: bool = False):
+    """Every setting on `seeds` noise draws (seed, seed+1, ...) of the same mixture; one row per setting and seed."""
+    from tqdm import tqdm
+
+    truth = make_data(DATA_SEED)
     model = truth.inflated(inflate)
     per_class = per_class or (64 if quick else 256)
     labels = np.repeat(np.arange(truth.num_classes), per_class)
-    ref = sample_true(truth, labels, np.random.default_rng(seed + 1))
     settings = sweep(quick)
     rows = []
-    from tqdm import tqdm
-
     t0 = time.perf_counter()
-    for rule, label, params in tqdm(settings, desc="analytic sweep", file=sys.stderr, disable=quiet):
-        x, mean_scale, weighted = sample_guided(model, labels, rule, params, steps=steps, seed=seed + 2)
-        row = {"rule": rule, "setting": label, "mean_scale": mean_scale, "energy_weighted_scale": weighted}
-        if np.isfinite(x).all():
-            row.update(score(truth, x, labels, ref, labels))
-        else:
-            row.update({m: float("nan") for m in METRICS})
-        row["smooth"] = params.get("smooth", 0)
-        rows.append(row)
+    for s in range(seed, seed + seeds):
+        ref = sample_true(truth, labels, np.random.default_rng(s + 1))
+        for rule, label, params in tqdm(settings, desc=f"analytic sweep, seed {s}", file=sys.stderr, disable=quiet):
+            x, mean_scale, weighted = sample_guided(model, labels, rule, params, steps=steps, seed=s + 2)
+            row = {"rule": rule, "setting": label, "seed": s, "mean_scale": mean_scale, "energy_weighted_scale": weighted}
+            if np.isfinite(x).all():
+                row.update(score(truth, x, labels, ref, labels))
+            else:
+                row.update({m: float("nan") for m in METRICS})
+            row["smooth"] = params.get("smooth", 0)
+            rows.append(row)
     write_outputs(rows, out_dir, "analytic_quick" if quick else "analytic", inflate=inflate, steps=steps,
-                  per_class=per_class, seconds=round(time.perf_counter() - t0))
+                  per_class=per_class, seeds=" ".join(str(s) for s in range(seed, seed + seeds)),
+                  seconds=round(time.perf_counter() - t0))
     return rows
 
 
 def write_outputs(rows, out_dir: Path, stem: str = "analytic", **facts) -> None:
+    """CSV of every (setting, seed); markdown of means ± std and of differences from CFG with intervals."""
     out_dir.mkdir(parents=True, exist_ok=True)
     report.write_csv(rows, out_dir / f"{stem}.csv")
-    cols = ["rule", "setting", "mean_scale", "energy_weighted_scale", *METRICS]
-    key_metrics = ["alignment", "mmd2", "off_manifold", "nll_per_dim", "precision", "recall"]
-    matched = report.matched_scale_table(rows, key_metrics)
-    matched_w = report.matched_scale_table(rows, key_metrics, scale_key="energy_weighted_scale")
-    front_a = report.pareto_front(rows, "mmd2", "alignment", maximize_x=False, maximize_y=True)
-    front_b = report.pareto_front(rows, "off_manifold", "alignment", maximize_x=False, maximize_y=True)
+    scale_cols = ["mean_scale", "energy_weighted_scale"]
+    summary = report.seed_summary(rows, scale_cols + METRICS)
+    cols = ["rule", "setting", "seeds", *scale_cols, *[c for m in METRICS for c in (m, f"{m}_std")]]
+    front_cols = ["rule", "setting", *scale_cols, *METRICS]
+    diff_cols = [("d_alignment", "Δ alignment", 1.0), ("r_mmd2", "MMD² vs CFG, %", 100.0),
+                 ("d_off_manifold", "Δ off-manifold", 1.0), ("d_nll_per_dim", "Δ NLL/dim", 1.0),
+                 ("d_precision", "Δ precision", 1.0), ("d_recall", "Δ recall", 1.0)]
+    matched = report.matched_differences(rows, KEY_METRICS, scale_key="mean_scale", relative=("mmd2",))
+    matched_w = report.matched_differences(rows, KEY_METRICS, relative=("mmd2",))
+    front_a = report.pareto_front(summary, "mmd2", "alignment", maximize_x=False, maximize_y=True)
+    front_b = report.pareto_front(summary, "off_manifold", "alignment", maximize_x=False, maximize_y=True)
     text = [
         "# Analytic benchmark: guidance on an exact Gaussian mixture\n",
         f"Generated by `python -m benchmarks.quality.analytic{' --quick' if stem.endswith('quick') else ''}` "
         + " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in facts.items()) + "\n",
-        "## All settings\n", report.markdown_table(rows, cols),
-        "\n## Against plain CFG at the same mean effective scale (CFG interpolated)\n",
-        report.markdown_table(matched, list(matched[0]) if matched else ["rule"]),
-        "\n## Against plain CFG at the same energy-weighted scale (CFG interpolated)\n",
-        report.markdown_table(matched_w, list(matched_w[0]) if matched_w else ["rule"]),
-        "\n## Pareto front: alignment vs MMD²\n", report.markdown_table(front_a, cols),
-        "\n## Pareto front: alignment vs distance off the thin manifold\n", report.markdown_table(front_b, cols),
+        "Differences: mean over seeds of (setting − CFG interpolated at the setting's own scale, same seed) "
+        "and its 95% Student-t interval over seeds; **bold** = the interval excludes zero (resolved).\n",
+        "## All settings (mean and std over seeds)\n", report.markdown_table(summary, cols),
+        "\n## Against plain CFG at the same mean effective scale (CFG interpolated per seed)\n",
+        report.interval_table(matched, [("mean_scale", "mean scale", 1.0), *diff_cols]),
+        "\n## Against plain CFG at the same energy-weighted scale (CFG interpolated per seed)\n",
+        report.interval_table(matched_w, [("energy_weighted_scale", "energy-weighted scale", 1.0), *diff_cols]),
+        "\n## Pareto front (means over seeds): alignment vs MMD²\n", report.markdown_table(front_a, front_cols),
+        "\n## Pareto front (means over seeds): alignment vs distance off the thin manifold\n",
+        report.markdown_table(front_b, front_cols),
     ]
     from samg.io import atomic_write_bytes
 
     atomic_write_bytes(out_dir / f"{stem}.md", "\n".join(text).encode())
-    report.plot_metrics_vs_scale(rows, METRICS, out_dir / f"{stem}_metrics.png", "Gaussian mixture: metrics vs mean effective scale")
+    report.plot_metrics_vs_scale(summary, METRICS, out_dir / f"{stem}_metrics.png",
+                                 "Gaussian mixture: metrics vs mean effective scale (means over seeds)")
     report.plot_pareto(
-        rows,
+        summary,
         [("mmd2", "alignment", False, True), ("off_manifold", "alignment", False, True), ("recall", "alignment", True, True)],
         out_dir / f"{stem}_pareto.png",
-        "Gaussian mixture: Pareto fronts",
+        "Gaussian mixture: Pareto fronts (means over seeds)",
     )
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="reduced sweep and sample count")
-    p.add_argument("--out", type=Path, default=HERE / "results", help="output folder")
+    p.add_argument("--out", type=Path, default=None,
+                   help=f"output folder (default: {report.RESULTS_DIR} for full runs, {report.QUICK_DIR} for --quick)")
     p.add_argument("--inflate", type=float, default=0.25, help="variance added to the model's foreground (imperfect model)")
     p.add_argument("--steps", type=int, default=24)
     p.add_argument("--per-class", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="first noise seed")
+    p.add_argument("--seeds", type=int, default=DEFAULT_SEEDS,
+                   help=f"number of noise seeds; spreads are over seeds (default {DEFAULT_SEEDS})")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
-    rows = run(a.quick, a.out, inflate=a.inflate, steps=a.steps, per_class=a.per_class, seed=a.seed, quiet=a.quiet)
+    a.out = a.out if a.out is not None else report.default_out_dir(a.quick)
+    return a
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    if a.seeds < 1 or a.steps < 1 or (a.per_class is not None and a.per_class < 4):
+        raise SamgError("--seeds and --steps must be at least 1 and --per-class at least 4 (k-NN recall needs neighbours)")
+    rows = run(a.quick, a.out, inflate=a.inflate, steps=a.steps, per_class=a.per_class, seed=a.seed, seeds=a.seeds,
+               quiet=a.quiet)
     stem = "analytic_quick" if a.quick else "analytic"
-    print(f"wrote {len(rows)} settings to {a.out}/{stem}.{{csv,md}} and {stem}_*.png")
+    print(f"wrote {len(rows)} rows ({a.seeds} seeds) to {a.out}/{stem}.{{csv,md}} and {stem}_*.png")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except SamgError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -14,8 +14,11 @@ Scores, from the bundled digit classifier (`samg.bundled.load_digit_classifier`)
 - mean_scale: mean_p w(p) over pixels, samples and steps; energy_weighted_scale: w(p) weighted by
   the delta energy |c - u|² (the scale applied where guidance acts at all).
 
-    python -m benchmarks.quality.digits --quick     # reduced sweep (part of `python -m benchmarks.quality --quick`)
-    python -m benchmarks.quality.digits             # full sweep
+Every setting runs on `--seeds` noise draws (3 by default); differences from CFG are reported as
+their mean over seeds with a 95% interval, paired within each seed.
+
+    python -m benchmarks.quality.digits --quick     # reduced sweep -> out/quality-quick/ (untracked)
+    python -m benchmarks.quality.digits             # full sweep -> benchmarks/quality/results/
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ NUM_DIGITS = 10
 SAMPLER = "euler"
 
 METRICS = ["alignment", "fd", "diversity", "saturation", "overshoot"]
+QUICK_PER_DIGIT, FULL_PER_DIGIT = 10, 20
+DEFAULT_SEEDS = 3  # the least that gives a spread to every claimed difference (quick and full runs alike)
 
 
 # ---------------------------------------------------------------------------------- metrics
@@ -288,15 +293,19 @@ APG = {"norm_threshold": 1.0, "momentum": -0.5}  # threshold for 4x8x8 latents (
 
 
 def sweep(quick: bool) -> list[tuple[str, str, dict]]:
-    """(rule, label, params) for every setting of the sweep."""
-    cfg_scales = [1, 2, 3, 5, 7.5, 10, 15] if quick else [1, 1.5, 2, 3, 4, 5, 6, 7.5, 9, 10, 12, 15]
-    pairs = [(2, 6), (3, 9), (5, 15)] if quick else [(a, b) for a in (1, 2, 3, 5) for b in (5, 7.5, 10, 15) if b > a]
-    smooth_pairs = [(3, 9)] if quick else [(1, 5), (2, 7.5), (3, 10), (5, 15)]
+    """(rule, label, params) for every setting of the sweep.
+
+    The full sweep is sized for three seeds on two shared cores (~40 settings): CFG densely (it is
+    the interpolated reference), SAMG at the four (w_min, w_max) pairs it is judged on, each with
+    and without smoothing, and the other rules at three scales."""
+    cfg_scales = [1, 2, 3, 5, 7.5, 10, 15] if quick else [1, 1.5, 2, 3, 4, 5, 6, 7.5, 10, 15]
+    pairs = [(2, 6), (3, 9), (5, 15)] if quick else [(1, 5), (2, 7.5), (3, 10), (5, 15)]
+    smooth_pairs = [(3, 9)] if quick else pairs
     attrs = [(0.5, 4.0), (1.0, 16.0)] if quick else [(0.5, 4.0), (2.0, 4.0), (1.0, 1.0), (1.0, 16.0)]
     attr_pair = (3, 9) if quick else (3, 10)
-    variant_pairs = [(3, 9)] if quick else [(1, 5), (2, 7.5), (3, 10), (5, 15)]
-    guided_scales = [5, 10] if quick else [3, 5, 7.5, 10, 15]
-    lams = [0.4, 0.8] if quick else [0.2, 0.4, 0.6, 0.8, 1.0]
+    variant_pairs = [(3, 9)] if quick else [(2, 7.5), (5, 15)]
+    guided_scales = [5, 10] if quick else [3, 7.5, 15]
+    lams = [0.4, 0.8] if quick else [0.2, 0.6, 1.0]
     out = [("cfg", f"w={w}", {"scale": float(w)}) for w in cfg_scales]
     for a, b in pairs:
         out.append(("samg", f"({a},{b})", {"w_min": float(a), "w_max": float(b)}))
@@ -324,16 +333,22 @@ FUSED_CHECKS = [("cfg", "w=5", {"scale": 5.0}), ("samg", "(3,9)", {"w_min": 3.0,
 
 
 def run(quick: bool, out_dir: Path, *, model_dir: Path = DEFAULT_MODEL, cache: Path = DEFAULT_CACHE,
-        per_digit: int | None = None, steps: int | None = None, seed: int = 0,
+        per_digit: int | None = None, steps: int | None = None, seed: int = 0, seeds: int = 1,
         settings: list | None = None, fused_checks: list | None = None, write: bool = True, progress: bool = True,
         classifier_dir: Path | None = None):
+    """Every setting on `seeds` noise draws (seeds seed, seed+1, ...); one row per setting and seed.
+
+    With `write`, the per-seed CSV is rewritten after each seed (a long run keeps what it finished)
+    and the tables and plots at the end."""
     from tqdm import tqdm
 
     from samg.bundled import CLASSIFIER_DIR, load_digit_classifier
     from samg.runtime.pipeline import Pipeline
 
-    per_digit = per_digit or (10 if quick else 20)
+    per_digit = per_digit or (QUICK_PER_DIGIT if quick else FULL_PER_DIGIT)
     steps = steps or (16 if quick else 20)
+    if seeds < 1:
+        raise SamgError("--seeds must be at least 1")
     settings = sweep(quick) if settings is None else settings
     fused_checks = FUSED_CHECKS if fused_checks is None else fused_checks
     t0 = time.perf_counter()
@@ -342,27 +357,40 @@ def run(quick: bool, out_dir: Path, *, model_dir: Path = DEFAULT_MODEL, cache: P
     raw = Pipeline.load(ensure_export(model_dir, cache, "raw"))
     labels = np.repeat(np.arange(NUM_DIGITS), per_digit)
     h, w = int(raw.latent["latent_height"]), int(raw.latent["latent_width"])
-    noise = np.random.default_rng(seed).standard_normal((len(labels), int(raw.latent["channels"]), h, w), dtype=np.float32)
-    rows, raw_images = [], {}
-    for rule, label, params in tqdm(settings, desc="digits sweep", file=sys.stderr, disable=not progress):
-        images, mean_scale, weighted = generate(raw, rule, params, labels, noise, steps)
-        row = {"rule": rule, "setting": label, "mean_scale": mean_scale, "energy_weighted_scale": weighted}
-        row.update(score(images, labels, classify, ref))
-        row["smooth"] = params.get("smooth", 0)
-        rows.append(row)
-        raw_images[(rule, label)] = images
-    checks = []
-    if fused_checks:
-        fused = Pipeline.load(ensure_export(model_dir, cache, "fused"))
-        for rule, label, params in tqdm(fused_checks, desc="fused check", file=sys.stderr, disable=not progress):
-            images, _, _ = generate(fused, rule, params, labels, noise, steps)
-            reference = raw_images.get((rule, label))
-            if reference is None:
-                reference, _, _ = generate(raw, rule, params, labels, noise, steps)
-            s = score(images, labels, classify, ref)
-            checks.append({"rule": rule, "setting": label, "max_abs_pixel_diff": float(np.abs(images - reference).max()),
-                           "alignment_fused": s["alignment"], "alignment_raw": score(reference, labels, classify, ref)["alignment"]})
-    facts = {"per_digit": per_digit, "steps": steps, "sampler": SAMPLER, "seed": seed,
+    seed_list = list(range(seed, seed + seeds))
+    stem = "digits_quick" if quick else "digits"
+    rows, checks = [], []
+    for s in seed_list:
+        noise = np.random.default_rng(s).standard_normal((len(labels), int(raw.latent["channels"]), h, w),
+                                                         dtype=np.float32)
+        raw_images = {}
+        for rule, label, params in tqdm(settings, desc=f"digits sweep, seed {s}", file=sys.stderr,
+                                        disable=not progress):
+            images, mean_scale, weighted = generate(raw, rule, params, labels, noise, steps)
+            row = {"rule": rule, "setting": label, "seed": s, "mean_scale": mean_scale,
+                   "energy_weighted_scale": weighted}
+            row.update(score(images, labels, classify, ref))
+            row["smooth"] = params.get("smooth", 0)
+            rows.append(row)
+            if s == seed_list[0]:
+                raw_images[(rule, label)] = images
+        if fused_checks and s == seed_list[0]:  # the fused graph's equality with the raw path: one seed shows it
+            fused = Pipeline.load(ensure_export(model_dir, cache, "fused"))
+            for rule, label, params in tqdm(fused_checks, desc="fused check", file=sys.stderr, disable=not progress):
+                images, _, _ = generate(fused, rule, params, labels, noise, steps)
+                reference = raw_images.get((rule, label))
+                if reference is None:
+                    reference, _, _ = generate(raw, rule, params, labels, noise, steps)
+                sc = score(images, labels, classify, ref)
+                checks.append({"rule": rule, "setting": label, "seed": s,
+                               "max_abs_pixel_diff": float(np.abs(images - reference).max()),
+                               "alignment_fused": sc["alignment"],
+                               "alignment_raw": score(reference, labels, classify, ref)["alignment"]})
+        del raw_images
+        if write:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            report.write_csv(rows, out_dir / f"{stem}.csv")
+    facts = {"per_digit": per_digit, "steps": steps, "sampler": SAMPLER, "seeds": " ".join(map(str, seed_list)),
              "classifier_test_accuracy": ref.accuracy, "test_digits": len(ref.features),
              "seconds": time.perf_counter() - t0}
     if write:
@@ -371,71 +399,135 @@ def run(quick: bool, out_dir: Path, *, model_dir: Path = DEFAULT_MODEL, cache: P
 
 
 def best_cfg(rows) -> dict:
-    cfg = [r for r in rows if r["rule"] == "cfg"]
+    """The CFG setting with the highest alignment averaged over seeds (lowest scale on ties)."""
+    cfg = [r for r in report.seed_summary(rows, ["alignment", "mean_scale"]) if r["rule"] == "cfg"]
     return max(cfg, key=lambda r: (r["alignment"], -r["mean_scale"]))
 
 
+# Differences from CFG reported with their spread: (column key, header, display factor).
+DIFF_COLUMNS = [("energy_weighted_scale", "energy-weighted scale", 1.0),
+                ("energy_weighted_scale_std", "its std", 1.0), ("d_alignment", "Δ alignment", 1.0),
+                ("r_fd", "FD vs CFG, %", 100.0), ("d_fd", "Δ FD", 1.0), ("d_diversity", "Δ diversity", 1.0),
+                ("r_overshoot", "overshoot vs CFG, %", 100.0), ("d_saturation", "Δ saturation", 1.0)]
+DIFF_METRICS = ["alignment", "fd", "diversity", "saturation", "overshoot"]
+QUICK_PER_DIGIT, FULL_PER_DIGIT = 10, 20
+DEFAULT_SEEDS = 3  # the least that gives a spread to every claimed difference (quick and full runs alike)
+RELATIVE = ("fd", "overshoot")
+
+
+def smoothing_contrasts(rows) -> list[dict]:
+    """SAMG with smoothing minus the same (w_min, w_max) without, each against CFG at its own scale."""
+    settings = {(r["rule"], r["setting"]) for r in rows}
+    out = []
+    for rule, label in dict.fromkeys((r["rule"], r["setting"]) for r in rows):
+        if rule == "samg" and label.endswith(" smooth") and (rule, label[: -len(" smooth")]) in settings:
+            c = report.contrast(rows, DIFF_METRICS, (rule, label), (rule, label[: -len(" smooth")]),
+                                relative=RELATIVE)
+            if c is not None:
+                out.append(c)
+    return out
+
+
 def write_outputs(rows, checks, out_dir: Path, *, quick: bool, **facts) -> None:
+    """CSV of every (setting, seed); markdown of means ± std and of differences from CFG with intervals."""
     from samg.io import atomic_write_bytes
 
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = "digits_quick" if quick else "digits"
     report.write_csv(rows, out_dir / f"{stem}.csv")
-    cols = ["rule", "setting", "mean_scale", "energy_weighted_scale", *METRICS]
-    key = ["alignment", "fd", "diversity", "saturation"]
-    matched = report.matched_scale_table(rows, key)
-    matched_w = report.matched_scale_table(rows, key, scale_key="energy_weighted_scale")
-    front_fd = report.pareto_front(rows, "fd", "alignment", maximize_x=False, maximize_y=True)
-    front_sat = report.pareto_front(rows, "saturation", "alignment", maximize_x=False, maximize_y=True)
-    front_over = report.pareto_front(rows, "overshoot", "alignment", maximize_x=False, maximize_y=True)
+    scale_cols = ["mean_scale", "energy_weighted_scale"]
+    summary = report.seed_summary(rows, scale_cols + METRICS)
+    cols = ["rule", "setting", "seeds", *scale_cols, *[c for m in METRICS for c in (m, f"{m}_std")]]
+    diff_cols = [(k, h, f) for k, h, f in DIFF_COLUMNS]
+    matched_w = report.matched_differences(rows, DIFF_METRICS, relative=RELATIVE)
+    matched = report.matched_differences(rows, DIFF_METRICS, scale_key="mean_scale", relative=RELATIVE)
+    mean_cols = [("mean_scale", "mean scale", 1.0), ("mean_scale_std", "its std", 1.0), *diff_cols[2:]]
+    front_fd = report.pareto_front(summary, "fd", "alignment", maximize_x=False, maximize_y=True)
+    front_sat = report.pareto_front(summary, "saturation", "alignment", maximize_x=False, maximize_y=True)
+    front_over = report.pareto_front(summary, "overshoot", "alignment", maximize_x=False, maximize_y=True)
     best = best_cfg(rows)
     command = "python -m benchmarks.quality.digits" + (" --quick" if quick else "")
     fact_text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in facts.items())
+    front_cols = ["rule", "setting", *scale_cols, *METRICS]
     text = [
         "# samg-digits benchmark: guidance quality on the exported model (ONNX Runtime)\n",
-        f"Generated by `{command}`: {fact_text}. Prompts `{PROMPT}` for d = 0..9, the same noise for every setting.\n",
-        f"Best plain CFG: {best['setting']} — alignment {best['alignment']:.3f} "
+        f"Generated by `{command}`: {fact_text}. Prompts `{PROMPT}` for d = 0..9; within a seed every setting "
+        "starts from the same noise.\n",
+        f"Best plain CFG: {best['setting']} — alignment {best['alignment']:.3f} averaged over seeds "
         f"(the classifier reads {100 * best['alignment']:.1f}% of the samples as the prompted digit).\n",
-        "## All settings\n", report.markdown_table(rows, cols),
-        "\n## Against plain CFG at the same mean effective scale (CFG interpolated)\n",
-        report.markdown_table(matched, list(matched[0]) if matched else ["rule"]),
-        "\n## Against plain CFG at the same energy-weighted scale (CFG interpolated)\n",
-        report.markdown_table(matched_w, list(matched_w[0]) if matched_w else ["rule"]),
-        "\n## Pareto front: alignment vs FD\n", report.markdown_table(front_fd, cols),
-        "\n## Pareto front: alignment vs saturation (fraction of pixels outside [-1, 1])\n",
-        report.markdown_table(front_sat, cols),
-        "\n## Pareto front: alignment vs overshoot (mean excess beyond [-1, 1])\n",
-        report.markdown_table(front_over, cols),
+        "How to read the differences: each cell is the mean over seeds of (setting − CFG interpolated at the "
+        "setting's own scale, same seed) and its 95% Student-t interval over seeds; **bold** = the interval "
+        "excludes zero (resolved); anything else is not resolved by this run.\n",
+        "## All settings (mean and std over seeds)\n", report.markdown_table(summary, cols),
+        "\n## Against plain CFG at the same energy-weighted scale (CFG interpolated per seed)\n",
+        report.interval_table(matched_w, diff_cols),
+        "\n## Against plain CFG at the same mean effective scale (CFG interpolated per seed)\n",
+        report.interval_table(matched, mean_cols),
+    ]
+    contrasts = smoothing_contrasts(rows)
+    if contrasts:
+        text += ["\n## Smoothing: `smooth=3` minus `smooth=0` at the same (w_min, w_max), each against CFG at its own "
+                 "energy-weighted scale\n", report.interval_table(contrasts, diff_cols[2:])]
+    text += [
+        "\n## Pareto front (means over seeds): alignment vs FD\n", report.markdown_table(front_fd, front_cols),
+        "\n## Pareto front (means over seeds): alignment vs saturation (fraction of pixels outside [-1, 1])\n",
+        report.markdown_table(front_sat, front_cols),
+        "\n## Pareto front (means over seeds): alignment vs overshoot (mean excess beyond [-1, 1])\n",
+        report.markdown_table(front_over, front_cols),
     ]
     if checks:
         text += ["\n## Fused export vs raw export + host rule (same noise)\n", report.markdown_table(checks, list(checks[0]))]
     atomic_write_bytes(out_dir / f"{stem}.md", "\n".join(text).encode())
-    report.plot_metrics_vs_scale(rows, METRICS, out_dir / f"{stem}_metrics.png", "samg-digits: metrics vs mean effective scale")
-    report.plot_pareto(rows, [("fd", "alignment", False, True), ("saturation", "alignment", False, True),
-                              ("overshoot", "alignment", False, True)],
-                       out_dir / f"{stem}_pareto.png", "samg-digits: Pareto fronts")
+    report.plot_metrics_vs_scale(summary, METRICS, out_dir / f"{stem}_metrics.png",
+                                 "samg-digits: metrics vs mean effective scale (means over seeds)")
+    report.plot_pareto(summary, [("fd", "alignment", False, True), ("saturation", "alignment", False, True),
+                                 ("overshoot", "alignment", False, True)],
+                       out_dir / f"{stem}_pareto.png", "samg-digits: Pareto fronts (means over seeds)")
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="reduced sweep and sample count")
-    p.add_argument("--out", type=Path, default=HERE / "results", help="output folder")
+    p.add_argument("--out", type=Path, default=None,
+                   help=f"output folder (default: {report.RESULTS_DIR} for full runs, {report.QUICK_DIR} for --quick)")
     p.add_argument("--model-path", type=Path, default=DEFAULT_MODEL, help="diffusers pipeline folder of samg-digits")
     p.add_argument("--classifier-dir", type=Path, default=None, help="digit classifier folder (default: the bundled one)")
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the raw and fused exports are kept")
-    p.add_argument("--per-digit", type=int, default=None, help="samples per prompt (default 10 quick, 20 full)")
+    p.add_argument("--per-digit", type=int, default=None,
+                   help=f"samples per prompt (default {QUICK_PER_DIGIT} quick, {FULL_PER_DIGIT} full)")
     p.add_argument("--steps", type=int, default=None, help="Euler steps (default 16 quick, 20 full)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="first noise seed")
+    p.add_argument("--seeds", type=int, default=DEFAULT_SEEDS,
+                   help=f"number of noise seeds (seed, seed+1, ...); spreads are over seeds (default {DEFAULT_SEEDS})")
+    p.add_argument("--report-only", action="store_true",
+                   help="re-render the tables and plots from the output folder's CSV without sampling")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     a = p.parse_args(argv)
+    a.out = a.out if a.out is not None else report.default_out_dir(a.quick)
+    return a
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
     if a.per_digit is not None and a.per_digit < 2:
         raise SamgError("--per-digit must be at least 2 (diversity and FD need pairs)")
+    if a.seeds < 1:
+        raise SamgError("--seeds must be at least 1")
+    if a.report_only:
+        csv_path = a.out / f"{'digits_quick' if a.quick else 'digits'}.csv"
+        if not csv_path.is_file():
+            raise SamgError(f"{csv_path} does not exist: run the benchmark first (without --report-only)")
+        rows = report.read_csv(csv_path)
+        write_outputs(rows, [], a.out, quick=a.quick, seeds=" ".join(map(str, report.by_seed(rows))),
+                      note="re-rendered from the CSV (fused checks not re-run)")
+        print(f"re-rendered {csv_path.with_suffix('.md')} from {len(rows)} rows")
+        return 0
     rows, checks, facts = run(a.quick, a.out, model_dir=a.model_path, cache=a.cache, per_digit=a.per_digit,
-                              steps=a.steps, seed=a.seed, progress=not a.quiet,
+                              steps=a.steps, seed=a.seed, seeds=a.seeds, progress=not a.quiet,
                               classifier_dir=a.classifier_dir)
     best = best_cfg(rows)
-    print(f"wrote {len(rows)} settings to {a.out}; best CFG {best['setting']}: alignment {best['alignment']:.3f}; "
-          f"{facts['seconds']:.0f} s")
+    print(f"wrote {len(rows)} rows ({a.seeds} seeds) to {a.out}; best CFG {best['setting']}: "
+          f"alignment {best['alignment']:.3f}; {facts['seconds']:.0f} s")
     for c in checks:
         print(f"fused check {c['rule']} {c['setting']}: max |pixel diff| {c['max_abs_pixel_diff']:.2e}")
     return 0

@@ -2,7 +2,9 @@
 
 Rows are flat dicts. Every row carries `rule`, `setting` (a short label of its parameters) and
 `mean_scale` (the mean effective scale mean_p w(p), or the nominal scale for rules without a scale
-map), so every method is compared with plain CFG at matched effective scale.
+map), so every method is compared with plain CFG at matched effective scale. Rows of a multi-seed
+run also carry `seed`; a difference from CFG is then reported as its mean over seeds with a 95%
+Student-t interval, and called resolved only when that interval excludes zero.
 """
 
 from __future__ import annotations
@@ -14,6 +16,17 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from samg.io import atomic_path, atomic_write_bytes
+
+REPO = Path(__file__).resolve().parents[2]
+# Full runs are the committed evidence; quick runs are smoke tests and must not overwrite it.
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+QUICK_DIR = REPO / "out" / "quality-quick"
+CONFIDENCE = 0.95  # two-sided level of every interval over seeds
+
+
+def default_out_dir(quick: bool) -> Path:
+    """Where a run writes when --out is not given: quick runs never write into the tracked results."""
+    return QUICK_DIR if quick else RESULTS_DIR
 
 # A rule family is drawn as one line; these colours keep CFG the same in every figure.
 FAMILY_STYLE = {
@@ -38,6 +51,20 @@ def write_csv(rows: Sequence[dict], path: Path) -> None:
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_bytes(path, buf.getvalue().encode())
+
+
+def read_csv(path: Path) -> list[dict]:
+    """Rows written by `write_csv`, numbers back as int/float (to re-render tables without re-sampling)."""
+    def parse(text: str):
+        for kind in (int, float):
+            try:
+                return kind(text)
+            except ValueError:
+                pass
+        return text
+
+    with open(path, newline="") as f:
+        return [{k: parse(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 def _fmt(value) -> str:
@@ -157,6 +184,121 @@ def matched_scale_table(
             entry[f"cfg_{m}"] = _interp(r[scale_key], xs, ys)
         out.append(entry)
     return out
+
+
+def interval(values: Sequence[float], confidence: float = CONFIDENCE) -> dict:
+    """Mean, sample std (ddof 1) and the Student-t interval of the mean of `values` (one per seed).
+
+    With fewer than two finite values the spread is unknown: std and bounds are NaN (never resolved)."""
+    from scipy import stats
+
+    v = [float(x) for x in values if _finite(x)]
+    n = len(v)
+    mean = sum(v) / n if n else float("nan")
+    if n < 2:
+        return {"mean": mean, "std": float("nan"), "lo": float("nan"), "hi": float("nan"), "n": n}
+    std = math.sqrt(sum((x - mean) ** 2 for x in v) / (n - 1))
+    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * std / math.sqrt(n)
+    return {"mean": mean, "std": std, "lo": mean - half, "hi": mean + half, "n": n}
+
+
+def resolved(iv: dict) -> bool:
+    """True when the interval excludes zero (the sign of the difference is settled by the data)."""
+    return _finite(iv["lo"]) and _finite(iv["hi"]) and (iv["lo"] > 0 or iv["hi"] < 0)
+
+
+def by_seed(rows: Sequence[dict]) -> dict:
+    """Rows grouped by their `seed` (rows without one form a single group)."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault(r.get("seed", 0), []).append(r)
+    return groups
+
+
+def seed_summary(rows: Sequence[dict], columns: Sequence[str]) -> list[dict]:
+    """One row per (rule, setting): the mean of each column over seeds and its std (`<column>_std`)."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["rule"], r["setting"]), []).append(r)
+    out = []
+    for (rule, setting), rs in groups.items():
+        entry = {"rule": rule, "setting": setting, "seeds": len(rs)}
+        for c in columns:
+            iv = interval([r.get(c) for r in rs])
+            entry[c], entry[f"{c}_std"] = iv["mean"], iv["std"]
+        if "smooth" in rs[0]:
+            entry["smooth"] = rs[0]["smooth"]
+        out.append(entry)
+    return out
+
+
+def matched_differences(rows: Sequence[dict], metrics: Sequence[str], *, scale_key: str = "energy_weighted_scale",
+                        relative: Sequence[str] = ()) -> list[dict]:
+    """Each non-CFG setting minus CFG interpolated at its scale, paired within each seed, over seeds.
+
+    Within a seed every setting starts from the same noise, so the difference is taken there and its
+    spread over seeds is the spread of the claim. `d_<m>` is the interval (see `interval`) of
+    rule − CFG; for metrics in `relative` also `r_<m>`: rule / CFG − 1. A setting enters only the
+    seeds where its scale falls inside CFG's sweep (`seeds` counts them)."""
+    per_setting: dict = {}
+    for seed_rows in by_seed(rows).values():
+        for e in matched_scale_table(seed_rows, metrics, scale_key=scale_key):
+            per_setting.setdefault((e["rule"], e["setting"]), []).append(e)
+    out = []
+    for (rule, setting), es in per_setting.items():
+        scale = interval([e[scale_key] for e in es])
+        entry = {"rule": rule, "setting": setting, "seeds": len(es), scale_key: scale["mean"],
+                 f"{scale_key}_std": scale["std"]}
+        for m in metrics:
+            entry[f"d_{m}"] = interval([e[m] - e[f"cfg_{m}"] for e in es])
+            if m in relative:
+                entry[f"r_{m}"] = interval([e[m] / e[f"cfg_{m}"] - 1 for e in es if e[f"cfg_{m}"] != 0])
+        out.append(entry)
+    return out
+
+
+def contrast(rows: Sequence[dict], metrics: Sequence[str], a: tuple[str, str], b: tuple[str, str], *,
+             scale_key: str = "energy_weighted_scale", relative: Sequence[str] = ()) -> dict | None:
+    """Setting `a` against setting `b`, each first against CFG at its own matched scale, per seed.
+
+    (a − CFG(scale_a)) − (b − CFG(scale_b)): which of two settings is closer to or further past CFG,
+    with its interval over seeds. None when the two are never matched in the same seed."""
+    pairs = []
+    for seed_rows in by_seed(rows).values():
+        es = {(e["rule"], e["setting"]): e for e in matched_scale_table(seed_rows, metrics, scale_key=scale_key)}
+        if a in es and b in es:
+            pairs.append((es[a], es[b]))
+    if not pairs:
+        return None
+    entry = {"a": " ".join(a), "b": " ".join(b), "seeds": len(pairs)}
+    for m in metrics:
+        entry[f"d_{m}"] = interval([(ea[m] - ea[f"cfg_{m}"]) - (eb[m] - eb[f"cfg_{m}"]) for ea, eb in pairs])
+        if m in relative:
+            entry[f"r_{m}"] = interval([(ea[m] / ea[f"cfg_{m}"]) - (eb[m] / eb[f"cfg_{m}"]) for ea, eb in pairs
+                                        if ea[f"cfg_{m}"] != 0 and eb[f"cfg_{m}"] != 0])
+    return entry
+
+
+def format_interval(iv: dict, digits: int = 3, scale: float = 1.0) -> str:
+    """`+0.012 [−0.004, +0.028]`; bold when the interval excludes zero; the bare mean with one seed."""
+    m = iv["mean"] * scale
+    if not _finite(iv["lo"]):
+        return f"{m:+.{digits}g}"
+    text = f"{m:+.{digits}g} [{iv['lo'] * scale:+.{digits}g}, {iv['hi'] * scale:+.{digits}g}]"
+    return f"**{text}**" if resolved(iv) else text
+
+
+def interval_table(entries: Sequence[dict], columns: Sequence[tuple[str, str, float]]) -> str:
+    """Markdown table of `matched_differences` / `contrast` entries; columns are (key, header, scale)."""
+    head = [k for k in ("rule", "setting", "a", "b", "seeds") if entries and k in entries[0]]
+    lines = ["| " + " | ".join(head + [h for _, h, _ in columns]) + " |", "|" + "---|" * (len(head) + len(columns))]
+    for e in entries:
+        cells = [_fmt(e[k]) for k in head]
+        for key, _, scale in columns:
+            v = e.get(key)
+            cells.append(format_interval(v, scale=scale) if isinstance(v, dict) else _fmt(v) if v is not None else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _interp(x: float, xs: Sequence[float], ys: Sequence[float]) -> float:

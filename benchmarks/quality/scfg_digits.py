@@ -59,6 +59,10 @@ class StepView:
     map_contrast: np.ndarray  # [N]: spatial std of the normalized token maps (mean over tokens)
     onnx_inputs: dict = field(default_factory=dict)  # the denoiser graph's feeds at this step
     guided: np.ndarray | None = None  # torch reference guided prediction [N, C, H, W]
+    pred_uncond: np.ndarray | None = None  # the reference's two predictions [N, C, H, W]
+    pred_cond: np.ndarray | None = None
+    token_maps: np.ndarray | None = None  # semantic_maps of both halves: [2N, T, h, w], [2N, 2, h, w]
+    fore_maps: np.ndarray | None = None
 
 
 @dataclass
@@ -125,7 +129,7 @@ def trace_masks(pipe, prompts=MASK_PROMPTS, *, scale: float = 5.0, steps: int = 
                 unet, store, factors, model_in, timestep, cond, scale, return_parts=True)
             if i in keep:
                 sigma = float(scheduler.sigmas[i])
-                token_maps, _ = semantic_maps(self_maps, cross_maps, latent_hw, factors=factors)
+                token_maps, fore_maps = semantic_maps(self_maps, cross_maps, latent_hw, factors=factors)
                 _, fore = semantic_masks(self_maps, cross_maps, latent_hw, factors=factors)
                 _, rate = scfg_combine(u, c, self_maps, cross_maps, scale, factors=factors, return_rate=True)
                 cond_maps = token_maps[n:]
@@ -144,18 +148,23 @@ def trace_masks(pipe, prompts=MASK_PROMPTS, *, scale: float = 5.0, steps: int = 
                     onnx_inputs={"latents": model_in.numpy(), "timestep": timestep.numpy().astype(np.float32),
                                  "encoder_hidden_states": cond.numpy(),
                                  "guidance_scales": np.full((n, 2), scale, np.float32)},
-                    guided=guided.numpy(),
+                    guided=guided.numpy(), pred_uncond=u.numpy(), pred_cond=c.numpy(),
+                    token_maps=token_maps.numpy(), fore_maps=fore_maps.numpy(),
                 ))
             x = scheduler.step(guided, t, x).prev_sample
     return MaskTrace(list(prompts), tokens, float(scale), tuple(factors), steps, views)
 
 
 def onnx_agreement(trace: MaskTrace, export_dir: Path) -> float:
-    """Largest |ONNX − torch| / max(1, max|torch|) of the guided prediction over the traced steps."""
-    from samg.runtime.pipeline import read_manifest
+    """Largest error of the exported graph's guided prediction against the torch reference over the
+    traced steps, relative to max(1, max|torch|): tie-aware (`samg.scfg.export.tie_aware_check`:
+    exact where the reference's masks are decided, on the S-CFG line where they are tied)."""
+    from samg.scfg.export import tie_aware_check
+
+    from samg.contract import read_export
     from samg.engines import open_runner
 
-    manifest = read_manifest(export_dir)
+    manifest = read_export(export_dir)
     if manifest.get("guidance") != "scfg":
         raise SamgError(f"{export_dir} is a {manifest.get('guidance')!r} export: pass an export made with "
                         "`samg export --model digits --guidance scfg`")
@@ -163,8 +172,9 @@ def onnx_agreement(trace: MaskTrace, export_dir: Path) -> float:
     worst = 0.0
     for view in trace.views:
         got = np.asarray(runner.run(view.onnx_inputs)["guided"], np.float32)
-        err = np.abs(got - view.guided).max() / max(1.0, float(np.abs(view.guided).max()))
-        worst = max(worst, float(err))
+        check = tie_aware_check(view.pred_uncond, view.pred_cond, view.onnx_inputs["guidance_scales"],
+                                view.token_maps, view.fore_maps, got, view.guided)
+        worst = max(worst, check.error)
     return worst
 
 
@@ -446,7 +456,8 @@ def main(argv=None) -> int:
     m.add_argument("--threads", type=int, default=1)
     s = sub.add_parser("sweep", help="S-CFG rows at several scales vs a CFG sweep (exported graph, ONNX Runtime)")
     s.add_argument("--quick", action="store_true", help="reduced sweep and sample count")
-    s.add_argument("--out", type=Path, default=HERE / "results")
+    s.add_argument("--out", type=Path, default=None,
+                   help=f"output folder (default: {report.RESULTS_DIR} for full runs, {report.QUICK_DIR} for --quick)")
     s.add_argument("--model-path", type=Path, default=digits.DEFAULT_MODEL)
     s.add_argument("--classifier-dir", type=Path, default=None)
     s.add_argument("--cache", type=Path, default=digits.DEFAULT_CACHE)
@@ -461,6 +472,7 @@ def main(argv=None) -> int:
         return masks_main(a)
     if a.per_digit is not None and a.per_digit < 2:
         raise SamgError("--per-digit must be at least 2 (diversity and FD need pairs)")
+    a.out = a.out if a.out is not None else report.default_out_dir(a.quick)
     return sweep_main(a)
 
 
