@@ -18,7 +18,6 @@ from samg.guidance import (
     get_rule,
     get_schedule,
     rule_names,
-    samg_scale_map,
     samg_v1,
     scheduled,
 )
@@ -91,7 +90,7 @@ def test_effective_scale():
     np.testing.assert_array_equal(effective_scale("cfg", u, c, scale=4.0), [4.0, 4.0])
     np.testing.assert_array_equal(effective_scale("cfg", u, c, scale=np.array([2.0, 5.0])), [2.0, 5.0])
     eff = effective_scale("samg", u, c, w_min=2.0, w_max=8.0)
-    np.testing.assert_allclose(eff, samg_scale_map(u, c, 2.0, 8.0).mean(axis=(1, 2, 3)), rtol=1e-6)
+    # Values by hand: test_guidance_samg.py::test_effective_scale_of_a_two_level_delta_by_hand.
     assert eff.shape == (2,) and np.all((eff > 2.0) & (eff < 8.0))
     for name in ("samg-quantile", "samg-bound", "samg-linear"):
         eff = effective_scale(name, u, c, w_min=2.0, w_max=8.0)

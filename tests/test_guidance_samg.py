@@ -189,6 +189,45 @@ def test_map_does_not_depend_on_the_scale_of_delta(lib):
         np.testing.assert_allclose(got, w, rtol=1e-4, atol=1e-4)
 
 
+# ---------------------------------------------------------------- effective scale, by hand
+
+
+def _two_level_pair(lib):
+    """[1, 2, 2, 4], u = 0: Δ = 2 in both channels at 2 locations, 1 at the other 6. max|Δ| = 2, so
+    E = 2 (high) and 1/2 (low), mean E = (2·2 + 6·½)/8 = 7/8: Ê = 16/7 (high), 4/7 (low)."""
+    u = np.zeros((1, 2, 2, 4), np.float32)
+    c = np.ones_like(u)
+    c[0, :, 0, 1] = c[0, :, 1, 3] = 2.0
+    return (torch.from_numpy(u), torch.from_numpy(c)) if lib == "torch" else (u, c)
+
+
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
+def test_effective_scale_of_a_two_level_delta_by_hand(lib):
+    from samg.guidance import effective_scale
+
+    u, c = _two_level_pair(lib)
+    hi_hat, lo_hat = 16 / 7, 4 / 7
+    mean2 = lambda w_hi, w_lo: (2 * w_hi + 6 * w_lo) / 8  # noqa: E731  2 high, 6 low locations
+
+    def eff(name, **params):
+        return np.asarray(effective_scale(name, u, c, **params), np.float64)
+
+    sigmoid = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    samg_w = lambda e: 8 - 6 * sigmoid(4 * (e - 1))  # noqa: E731  w_min 2, w_max 8, τ 1, k 4
+    np.testing.assert_allclose(eff("samg", w_min=2.0, w_max=8.0), [mean2(samg_w(hi_hat), samg_w(lo_hat))], rtol=1e-6)
+    sharp_w = lambda e: 8 - 6 * sigmoid(10 * (e - 2))  # noqa: E731  τ 2, k 10
+    np.testing.assert_allclose(
+        eff("samg", w_min=2.0, w_max=8.0, tau=2.0, sharpness=10.0), [mean2(sharp_w(hi_hat), sharp_w(lo_hat))], rtol=1e-6
+    )
+    # bound, w_ref = 5: w = 1 + 4/sqrt(Ê) = 1 + sqrt(7) (high), 1 + 2·sqrt(7) (low), inside [2, 8].
+    np.testing.assert_allclose(eff("samg-bound", w_min=2.0, w_max=8.0), [mean2(1 + 7**0.5, 1 + 2 * 7**0.5)], rtol=1e-6)
+    # linear: the high level is the max (w_min), the low level the min (w_max).
+    np.testing.assert_allclose(eff("samg-linear", w_min=2.0, w_max=8.0), [mean2(2.0, 8.0)], rtol=1e-6)
+    # quantile q = 0.25 of 8 locations: k = 2, exactly the two high ones.
+    np.testing.assert_allclose(eff("samg-quantile", w_min=2.0, w_max=8.0, q=0.25), [mean2(2.0, 8.0)], rtol=1e-7)
+    np.testing.assert_allclose(eff("cfg", scale=4.5), [4.5], rtol=0)
+
+
 # ---------------------------------------------------------------- smoothing
 
 

@@ -1,8 +1,12 @@
-"""Torch side of GuidanceCombine: eager reference, and export to exactly one ONNX node that runs."""
+"""Torch side of GuidanceCombine: eager op, and export to exactly one ONNX node that runs.
+
+Both the eager op and the exported graph (run by onnxruntime) are checked against samg-v1 written
+out in float64 in the test (tests/samg_expectation.py), not against the library's reference."""
 
 from __future__ import annotations
 
 import io
+import math
 import warnings
 
 import numpy as np
@@ -13,7 +17,7 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 from samg.errors import SamgError  # noqa: E402
-from samg.guidance import samg_v1  # noqa: E402
+from samg_expectation import spec_samg_v1  # noqa: E402
 from samg.op import DOMAIN, OP_TYPE, attach_function, dynamo_translation_table, guidance_combine, register_schema  # noqa: E402
 
 
@@ -58,6 +62,17 @@ def _export(module, args, input_names, dynamic_axes):
     return onnx.load_from_string(buffer.getvalue())
 
 
+def _expected(u, c, scales, attrs):
+    """samg-v1 in float64 from the spec, for torch inputs (any float dtype)."""
+    as64 = lambda t: t.detach().to(torch.float64).numpy()  # noqa: E731
+    s = as64(scales)
+    return spec_samg_v1(as64(u), as64(c), s[:, 0], s[:, 1], **attrs)
+
+
+def _assert_matches(got, expected, rtol):
+    np.testing.assert_allclose(np.asarray(got, np.float64), expected, rtol=rtol, atol=rtol * np.abs(expected).max())
+
+
 def _ort_run(model, feeds):
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
@@ -94,7 +109,10 @@ def test_torchscript_export_image_denoiser(smooth):
     feeds = {"latents": torch.randn(3, 4, 6, 10), "scales": torch.tensor([[1.0, 7.5], [4.0, 4.0], [0.0, 12.0]])}
     with torch.no_grad():
         eager = module(**feeds).numpy()
-    np.testing.assert_allclose(_ort_run(model, feeds), eager, rtol=1e-5, atol=1e-5 * np.abs(eager).max())
+        pred = module.conv(torch.cat([feeds["latents"], feeds["latents"] * 0.5]))  # the model part
+    expected = _expected(pred[:3], pred[3:], feeds["scales"], attrs)
+    _assert_matches(eager, expected, 1e-5)
+    _assert_matches(_ort_run(model, feeds), expected, 1e-5)
 
 
 @pytest.mark.parametrize(
@@ -119,9 +137,11 @@ def test_torchscript_export_video(channel_axis, dtype):
     }
     with torch.no_grad():
         eager = module(**feeds).float().numpy()
-    got = _ort_run(model, feeds).astype(np.float32)
-    rtol = 1e-5 if dtype == torch.float32 else 2e-3
-    np.testing.assert_allclose(got, eager, rtol=rtol, atol=rtol * np.abs(eager).max())
+    # The op's inputs as the graph computes them (in `dtype`), then the spec in float64.
+    expected = _expected(feeds["u"] * 1.5, feeds["c"] - 0.25, feeds["scales"], attrs)
+    rtol = 1e-5 if dtype == torch.float32 else 2e-3  # fp16: one rounding of the output
+    _assert_matches(eager, expected, rtol)
+    _assert_matches(_ort_run(model, feeds).astype(np.float32), expected, rtol)
 
 
 def test_dynamo_export_with_translation_table():
@@ -145,21 +165,32 @@ def test_dynamo_export_with_translation_table():
     attach_function(model)
     onnx.checker.check_model(model, full_check=True)
     with torch.no_grad():
-        eager = module(*example).numpy()
-    got = _ort_run(model, dict(zip(["latents", "scales"], example)))
-    np.testing.assert_allclose(got, eager, rtol=1e-5, atol=1e-5 * np.abs(eager).max())
+        pred = module.conv(torch.cat([example[0], example[0] * 0.5]))  # the model part
+    expected = _expected(pred[:2], pred[2:], example[1], attrs)
+    _assert_matches(_ort_run(model, dict(zip(["latents", "scales"], example))), expected, 1e-5)
 
 
-def test_eager_is_the_reference_and_differentiable():
+def test_eager_matches_the_spec_and_is_differentiable():
     gen = torch.Generator().manual_seed(2)
     u = torch.randn(2, 3, 5, 5, generator=gen, requires_grad=True)
     c = torch.randn(2, 3, 5, 5, generator=gen)
     scales = torch.tensor([[1.0, 8.0], [2.0, 5.0]])
     out = guidance_combine(u, c, scales, tau=0.5, smooth=3)
-    want = samg_v1(u.detach(), c, scales[:, 0], scales[:, 1], tau=0.5, smooth=3)
-    torch.testing.assert_close(out.detach(), want)
+    _assert_matches(out.detach().numpy(), _expected(u, c, scales, dict(tau=0.5, smooth=3)), 1e-5)
     out.sum().backward()
     assert u.grad is not None and torch.isfinite(u.grad).all()
+
+
+def test_eager_hand_computed_case():
+    # [1, 1, 2, 2], u = 0, Δ = (2, 1, 1, 0): max |Δ| = 2, E = (1, 1/4, 1/4, 0), mean E = 3/8,
+    # Ê = (8/3, 2/3, 2/3, 0); with τ = 1, k = 4: m = sigmoid(4·(Ê − 1)); w = 6 − 4·m; out = w·Δ.
+    u = torch.zeros(1, 1, 2, 2)
+    c = torch.tensor([[[[2.0, 1.0], [1.0, 0.0]]]])
+    out = guidance_combine(u, c, torch.tensor([[2.0, 6.0]]))
+    e_hat = [8 / 3, 2 / 3, 2 / 3, 0.0]
+    w = [6 - 4 / (1 + math.exp(-4 * (e - 1))) for e in e_hat]
+    expected = [w[0] * 2, w[1] * 1, w[2] * 1, 0.0]
+    np.testing.assert_allclose(out.reshape(-1).numpy(), expected, rtol=1e-6, atol=1e-7)
 
 
 def test_eager_keeps_the_input_dtype():
