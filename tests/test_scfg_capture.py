@@ -13,7 +13,6 @@ from samg.scfg.capture import (
     list_attention_layers,
     scfg_unet_step,
 )
-from samg.scfg.reference import scfg_combine
 
 
 def tiny_unet(three_levels=False):
@@ -80,7 +79,7 @@ def test_only_the_chosen_levels_are_replaced():
             assert type(proc) is kept[layer.name]
 
 
-def test_unet_step_is_the_combine_of_its_parts():
+def test_unet_step_rates_stay_in_the_clamp_on_a_real_unet():
     unet = tiny_unet()
     store, factors = install_capture(unet)
     latents = torch.randn(2, 4, 8, 8)
@@ -88,6 +87,6 @@ def test_unet_step_is_the_combine_of_its_parts():
     with torch.no_grad():
         out, (u, c, sm, cm) = scfg_unet_step(unet, store, factors, latents, torch.tensor([10.0, 900.0]), ehs,
                                              torch.tensor([7.5, 3.0]), return_parts=True)
-    assert torch.equal(out, scfg_combine(u, c, sm, cm, torch.tensor([7.5, 3.0]), factors=factors))
+    # The step's value by hand: test_scfg_reference.py::test_unet_step_gives_the_hand_computed_rate.
     rate = (out - u) / (c - u) / torch.tensor([7.5, 3.0]).view(2, 1, 1, 1)
     assert rate.min() >= 0.8 - 1e-3 and rate.max() <= 2.0 + 1e-3  # clamp [0.8, 3], cap 15/7.5 = 2

@@ -159,3 +159,50 @@ def test_zero_delta_returns_uncond_and_bad_shapes_raise():
         scfg_combine(torch.zeros(1, 2, 6, 6), torch.zeros(1, 2, 6, 6), [self_], [cross], 7.5, factors=[2])
     with pytest.raises(SamgError, match="batch 2B"):
         scfg_combine(torch.zeros(2, 2, 4, 4), torch.zeros(2, 2, 4, 4), [self_], [cross], 7.5)
+
+
+class _HandModel:
+    """Stands in for the UNet in `scfg_unet_step`: known predictions and attention maps.
+
+    Each batch row's conditioning carries a flag (encoder_hidden_states[:, 0, 0]: 0 = unconditional,
+    1 = conditional); the row predicts u = x/2 or c = u + Δ and records the UNCOND or COND maps of the
+    hand case above at factor 2 (a 2x2 level of a 4x4 latent), as the capture processors would.
+    """
+
+    def __init__(self, store, delta):
+        self.store, self.delta, self.calls = store, delta, 0
+
+    def __call__(self, x, t, *, encoder_hidden_states, added_cond_kwargs=None, return_dict=True):
+        self.calls += 1
+        flags = encoder_hidden_states[:, 0, 0]
+        assert x.shape[0] == flags.shape[0] == t.shape[0]
+        self_rows, cross_rows, preds = [], [], []
+        for row, flag in enumerate(flags.tolist()):
+            top, bottom = COND if flag == 1 else UNCOND
+            self_rows.append(torch.eye(4))
+            cross_rows.append(_cross(top, bottom))
+            preds.append(x[row] / 2 + (self.delta[0] if flag == 1 else 0))
+        self.store.add(2, "self", torch.stack(self_rows))
+        self.store.add(2, "cross", torch.stack(cross_rows))
+        return (torch.stack(preds),)
+
+
+@pytest.mark.parametrize("corrected, scale, rows", [
+    (False, 7.5, [2.0, 2 - K0, 1 + K0, 1.0]),
+    (True, 7.5, [1.0, 1 - 0.2 * K0, 0.8 + 0.2 * K0, 0.8]),
+])
+def test_unet_step_gives_the_hand_computed_rate(corrected, scale, rows):
+    # The full step (model on [uncond; cond], capture, masks, rates) against the rates worked out by
+    # hand above (test_rate_and_guided_output_by_hand), not against scfg_combine.
+    from samg.scfg.capture import AttentionMapStore, scfg_unet_step
+
+    store = AttentionMapStore()
+    delta = _delta_top_norm1_bottom_norm5()
+    model = _HandModel(store, delta)
+    latents = torch.randn(1, 2, 4, 4, generator=torch.Generator().manual_seed(1))
+    flags = torch.tensor([0.0, 1.0]).view(2, 1, 1).expand(2, 3, 5)  # unconditional first
+    out = scfg_unet_step(model, store, (2,), latents, torch.tensor([500.0]), flags, torch.tensor([scale]),
+                         corrected=corrected)
+    assert model.calls == 1
+    u = latents / 2
+    assert torch.allclose(out, u + scale * _rows(rows) * delta, atol=1e-5)
