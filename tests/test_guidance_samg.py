@@ -366,10 +366,13 @@ def test_non_finite_input_is_not_made_finite(bad, where, fn, lib):
         assert np.all(np.isfinite(out[0])), "another sample must not be affected"
 
 
-def test_nan_delta_makes_the_sample_nan_in_samg_v1():
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy warns on inf/inf; that is the point
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
+def test_non_finite_delta_makes_the_sample_nan_in_samg_v1(bad, lib):
     u, c = _pair((2, 3, 5, 5), seed=5)
-    c[0, 0, 0, 0] = np.nan  # enters the mean energy of sample 0
-    out = samg_v1(u, c, 2.0, 7.0)
+    c[0, 0, 0, 0] = bad  # NaN: enters the mean energy; Inf: the scale max|Δ| is Inf, its own Δ/s NaN
+    out = _run(lib, samg_v1, u, c, 2.0, 7.0)
     assert np.all(np.isnan(out[0])) and np.all(np.isfinite(out[1]))
 
 

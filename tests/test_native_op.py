@@ -121,12 +121,14 @@ def test_zero_delta_gives_uncond(library):
     np.testing.assert_array_equal(out, u)
 
 
-def test_non_finite_input_is_not_hidden(library):
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_input_is_not_hidden(library, bad):
     rng = np.random.default_rng(3)
     u, c, scales = _inputs(rng, (2, 4, 6, 6))
-    c[0, 1, 2, 3] = np.nan
+    c[0, 1, 2, 3] = bad
     out = _run_custom_op(library, u, c, scales)
-    assert np.isnan(out[0]).all()  # NaN enters sample 0's mean energy, like the reference
+    # NaN enters sample 0's mean energy; Inf makes its scale max|Δ| infinite (docs/guidance-op.md)
+    assert np.isnan(out[0]).all()
     assert np.isfinite(out[1]).all()
 
 

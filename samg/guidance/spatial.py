@@ -152,8 +152,8 @@ def samg_v1(u, c, w_min, w_max, *, tau=1.0, sharpness=4.0, smooth=0, channel_axi
     """SAMG v1: ``u + w(p)·Δ`` with w(p) from :func:`samg_scale_map`. Same dtype as ``u``.
 
     ``w_min``/``w_max``: floats or per-sample vectors [B]. ``w_min == w_max == w`` is CFG exactly.
-    A NaN in Δ makes that sample's whole output NaN (it enters the mean energy); an Inf makes its
-    own location NaN. Non-finite inputs never give finite outputs at their location.
+    A NaN or Inf in Δ makes that sample's whole output NaN (through the energy's scale and mean);
+    other samples are not affected. Finite inputs give a finite output wherever u + w·Δ is finite.
     """
     _check_smooth(smooth)
     ops, u32, delta, energy = delta_energy(u, c, channel_axis)
