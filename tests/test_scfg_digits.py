@@ -81,8 +81,9 @@ def digits_scfg_export(tmp_path_factory):
 
 @needs_model
 def test_exported_graph_gives_the_reference_guided_prediction_on_samg_digits(digits_scfg_export):
-    # On the trained model only: in a random-weight UNet the token maps are tied to float rounding
-    # (relative margins ~1e-7), so the arg-max masks of graph and reference can differ (docs/scfg.md).
+    # Tie-aware (samg.scfg.export.tie_aware_check): the digits' token maps are often equal to float
+    # rounding (top-2 gaps down to 0), so graph and reference may decide a tied mask differently and then
+    # differ by ~0.2 although both are S-CFG; where the masks are decided they must agree.
     pipe = scfg_digits.load_diffusers_pipeline(SAMG_DIGITS_DIR)
     trace = scfg_digits.trace_masks(pipe, ["a handwritten 2", "a handwritten 5"], scale=5.0, steps=6, show=6)
     assert trace.factors == (1, 2) and trace.tokens[0][:5] == ["<bos>", "a", "handwritten", "2", "<eos>"]

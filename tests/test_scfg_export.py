@@ -14,7 +14,8 @@ from samg.errors import SamgError
 from samg.export.wrappers import Denoiser
 from samg.models.specs import get_spec
 from samg.scfg.capture import ProbsAttnProcessor, scfg_unet_step
-from samg.scfg.export import attach_to_model, scfg_denoiser
+from samg.scfg.export import DECIDED_MARGIN, attach_to_model, scfg_denoiser, tie_aware_check, undecided_locations
+from samg.scfg.reference import scfg_rate, semantic_maps
 
 TOLERANCE = 1e-4  # max |ORT - torch| relative to max(1, max |torch|), float32
 
@@ -86,9 +87,12 @@ def test_exported_graph_equals_torch_reference(family, factors):
             ids = torch.tensor([8.0 * h, 8.0 * w, 0, 0, 8.0 * h, 8.0 * w])
             added = {"text_embeds": inputs[3], "time_ids": ids.expand(2 * batch, 6)}
         with torch.no_grad():
-            want = scfg_unet_step(unet, module.store, factors, inputs[0], inputs[1], inputs[2], inputs[-1],
-                                  added_cond_kwargs=added)
-        err = np.abs(got - want.numpy()).max() / max(1.0, float(want.abs().max()))
+            want, (u, c, self_maps, cross_maps) = scfg_unet_step(
+                unet, module.store, factors, inputs[0], inputs[1], inputs[2], inputs[-1], added_cond_kwargs=added,
+                return_parts=True)
+            token_maps, fore_maps = semantic_maps(self_maps, cross_maps, (h, w), factors=factors)
+        # tie-aware: exact where the reference's masks are decided, on the S-CFG line where they are tied
+        err = tie_aware_check(u, c, inputs[-1], token_maps, fore_maps, got, want).error
         assert err < TOLERANCE, f"{family} at {batch}x{h}x{w}: error {err:.2e}"
 
 
@@ -153,3 +157,72 @@ def test_bad_scfg_options_are_one_line_errors(tmp_path, options, match):
     with pytest.raises(SamgError, match=match):
         export(ExportOptions(model="sd15", out=str(tmp_path / "x"), tiny=True, quiet=True, **options))
     assert not (tmp_path / "x").exists()
+
+
+def _tie_case():
+    """Hand-built maps at 6x6 (mask = latent resolution), tokens 0 (start of text) .. 3, w = 3.
+
+    Token 3 wins columns 0-2, token 1 columns 3-5, decided by a factor 2 everywhere except at (0, 5),
+    where tokens 1 and 2 are 1e-6 apart (a tie to float rounding). Foreground everywhere, decided.
+    Returns the inputs of `tie_aware_check` and a function giving S-CFG's output for a token assignment.
+    """
+    token = np.ones((2, 4, 6, 6))  # [2B, T, h, w], unconditional half first (unused for the token masks)
+    token[:, 0] = 0.5
+    token[1, 3, :, :3] = 2.0
+    token[1, 1, :, 3:] = 2.0
+    token[1, 2, 0, 5] = 2.0 * (1 - 1e-6)
+    fore = np.stack([np.ones((2, 6, 6)), 2 * np.ones((2, 6, 6))], axis=1)  # others beat start of text
+    gen = torch.Generator().manual_seed(0)
+    u = torch.randn(1, 4, 6, 6, generator=gen)
+    c = u + torch.randn(1, 4, 6, 6, generator=gen) * torch.linspace(1.2, 0.6, 6)  # rates differ, unclamped
+    w = 3.0
+
+    def scfg_output(assignment):  # [6, 6] token index per location -> u + w·rate(p)·Δ (reference rate)
+        mask = torch.nn.functional.one_hot(torch.as_tensor(assignment), 4).permute(2, 0, 1)[None].float()
+        rate = scfg_rate(c - u, mask, torch.ones(1, 1, 6, 6), w)
+        return (u + w * rate * (c - u)).numpy()
+
+    assignment = np.where(np.arange(6)[None, :] < 3, 3, 1).repeat(6, 0)
+    return (u.numpy(), c.numpy(), w, token, fore), assignment, scfg_output
+
+
+def test_tie_aware_check_accepts_the_other_tie_decision_and_nothing_else():
+    args, assignment, scfg_output = _tie_case()
+    u, c, w, token, fore = args
+    assert 1e-6 < DECIDED_MARGIN < 1.0  # the hand-made tie is a tie, the factor-2 gaps are decided
+    want = scfg_output(assignment)
+    unsure = undecided_locations(token, fore, (6, 6))
+    # tied (0, 5) -> tokens 1 and 2 may change region -> all of token 1's columns, plus the blur's reach
+    expected_unsure = np.zeros((1, 6, 6), bool)
+    expected_unsure[:, :, 2:] = True
+    np.testing.assert_array_equal(unsure, expected_unsure)
+    check = tie_aware_check(u, c, w, token, fore, want, want)
+    assert check.error < 1e-6 and check.decided_fraction == pytest.approx(12 / 36)
+
+    other = assignment.copy()
+    other[0, 5] = 2  # the tie decided the other way: a valid S-CFG output, different from the reference
+    alt = scfg_output(other)
+    assert np.abs(alt - want).max() > 1e-2
+    assert tie_aware_check(u, c, w, token, fore, alt, want).error < 1e-6
+
+    flipped = assignment.copy()
+    flipped[5, 0] = 1  # a decided location (token 3 by a factor 2) put in another region: refused
+    wrong = scfg_output(flipped)
+    assert tie_aware_check(u, c, w, token, fore, wrong, want).error > 1e-2
+    cfg = u + w * (c - u)  # on the S-CFG line with s = w inside the clamps, but wrong where decided
+    assert tie_aware_check(u, c, w, token, fore, cfg, want).error > 1e-2
+    too_strong = alt.copy()
+    too_strong[..., :, 4:] = (u + 4 * w * (c - u))[..., :, 4:]  # rate 4 > clamp 3 where tied: refused
+    assert tie_aware_check(u, c, w, token, fore, too_strong, want).error > 1e-2
+
+
+def test_a_tied_foreground_makes_every_location_undecided():
+    args, _, _ = _tie_case()
+    u, c, w, token, fore = args
+    token = token.copy()
+    token[1, 2, 0, 5] = 1.0  # no token tie left: all decided
+    assert not undecided_locations(token, fore, (6, 6)).any()
+    fore = fore.copy()
+    fore[0, 1, 3, 3] = fore[0, 0, 3, 3] * (1 + 1e-7)  # the (unconditional) foreground is tied at one location
+    assert undecided_locations(token, fore, (6, 6)).all()
+    assert not undecided_locations(token, fore, (6, 6), corrected=True).any()  # corrected: conditional half
