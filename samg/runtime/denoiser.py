@@ -53,6 +53,12 @@ class Guidance:
 
 
 def _x0_from(prediction_type: str, out: np.ndarray, x: np.ndarray, sigma: float) -> np.ndarray:
+    if np.isinf(sigma):  # alpha_bar = 0 (zero terminal SNR): x holds x_t, which is pure noise
+        if prediction_type != "v_prediction":
+            raise SamgError(f"this schedule starts at zero SNR (infinite sigma), where a {prediction_type} "
+                            "model cannot predict x0: use a v_prediction model or a schedule without "
+                            "rescale_betas_zero_snr")
+        return -out  # x0 = sqrt(alpha_bar) x_t - sqrt(1 - alpha_bar) v at alpha_bar = 0, as diffusers' DDIM
     if prediction_type in ("epsilon", "flow"):
         return x - sigma * out
     # v_prediction
@@ -75,7 +81,8 @@ def host_rule_params(rule, options: dict[str, Any], w_min: float, w_max: float,
 
 
 def _model_input_scale(prediction_type: str, sigma: float) -> float:
-    return 1.0 if prediction_type == "flow" else 1.0 / np.sqrt(1.0 + sigma**2)
+    # at sigma = inf the sampler variable already holds the model latents (samg.runtime.schedules)
+    return 1.0 if prediction_type == "flow" or np.isinf(sigma) else 1.0 / np.sqrt(1.0 + sigma**2)
 
 
 class Denoiser:
