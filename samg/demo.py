@@ -32,13 +32,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from samg.contract import MANIFEST
     from samg.errors import check
 
     check(args.steps > 0, f"--steps must be positive, got {args.steps}")
     check(args.images > 0, f"--images must be positive, got {args.images}")
     out = Path(args.out)
     export_dir = out / "export"
-    if args.reexport or not (export_dir / "samg.json").is_file():
+    if args.reexport or not (export_dir / MANIFEST).is_file():
         from samg.export.exporter import ExportOptions, export
 
         print(f"samg demo: exporting samg-digits to {export_dir} (fused SAMG combine)", file=sys.stderr)

@@ -104,5 +104,24 @@ def test_cli_help_lists_options(capsys):
     with pytest.raises(SystemExit):
         main(["export", "--help"])
     out = capsys.readouterr().out
-    for flag in ("--model-path", "--tiny", "--guidance", "--opset", "--dtype", "--frames", "--no-validate"):
+    for flag in ("--model-path", "--tiny", "--guidance", "--opset", "--dtype", "--frames", "--no-validate", "--force"):
         assert flag in out
+
+
+def test_unreadable_model_index(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "model_index.json").write_text("{broken")
+    with pytest.raises(SamgError, match=r"model_index\.json is not a readable JSON object"):
+        export(ExportOptions(model="sd15", model_path=str(tmp_path / "model"), out=str(tmp_path / "out"), quiet=True))
+    assert _nothing_left(tmp_path, "out")
+
+
+def test_manifest_written_by_the_contract_writer(tiny_export):
+    """`files` hashes exactly the graphs and tokenizers (not source/, not samg's bookkeeping)."""
+    import hashlib
+
+    folder = tiny_export("sd15")
+    m = json.loads((folder / "samg.json").read_text())
+    assert sorted(m["files"]) == ["denoiser.onnx", "text_encoder.onnx", "tokenizer/tokenizer.json", "vae_decoder.onnx"]
+    for name, digest in m["files"].items():
+        assert digest == "sha256:" + hashlib.sha256((folder / name).read_bytes()).hexdigest()

@@ -55,7 +55,7 @@ def test_large_weights_go_to_one_external_data_file(tmp_path, monkeypatch):
         assert (out / f"{name}.data").is_file() and f"{name}.data" in m["files"]
     # One data file per graph, no stray per-weight files or scratch folders.
     top = {p.name for p in out.iterdir()}
-    assert top == {"samg.json", "source", "tokenizer", "denoiser.onnx", "denoiser.onnx.data", "text_encoder.onnx",
+    assert top == {"samg.json", ".samg-verified.json", "source", "tokenizer", "denoiser.onnx", "denoiser.onnx.data", "text_encoder.onnx",
                    "text_encoder.onnx.data", "vae_decoder.onnx", "vae_decoder.onnx.data"}
     assert m["validation"]["denoiser"]["max_abs_err"] <= m["validation"]["denoiser"]["tolerance"]
 

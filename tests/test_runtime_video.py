@@ -13,10 +13,10 @@ def _frames(path):
 @pytest.mark.parametrize("model", ["modelscope-t2v", "cogvideox"])
 def test_generate_writes_gif_and_mp4_with_all_frames(tiny_export, tmp_path, model):
     from samg.cli import main
-    from samg.runtime.pipeline import read_manifest
+    from samg.contract import read_export
 
     folder = tiny_export(model)
-    latent = read_manifest(folder)["latent"]
+    latent = read_export(folder)["latent"]
     frames = latent["frames"]
     for suffix in (".gif", ".mp4"):
         if suffix == ".mp4":

@@ -71,7 +71,7 @@ def test_plugin_path_network_has_exactly_one_plugin_layer(built, trt):
         network, _parser = parse_network(trt, builder, logger, export / "denoiser.onnx", combine)
         assert plugin_layer_count(trt, network) == expected
     # the stripped copy is temporary and the original keeps its function body
-    assert sorted(p.name for p in export.iterdir()) == ["denoiser.onnx", "samg.json"]
+    assert sorted(p.name for p in export.iterdir()) == [".samg-verified.json", "denoiser.onnx", "samg.json"]
     import onnx
 
     assert len(onnx.load(str(export / "denoiser.onnx")).functions) == 1

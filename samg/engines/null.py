@@ -8,12 +8,14 @@ file declares and the batch of the feeds. Shapes are read with ONNX Runtime once
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from samg.errors import SamgError, require
+
+# VAE upsampling for a graph opened outside an export folder (the common latent-diffusion factor).
+DEFAULT_SPATIAL_FACTOR = 8
 
 
 class NullRunner:
@@ -26,10 +28,11 @@ class NullRunner:
         self.input_names = [i.name for i in session.get_inputs()]
         self.output_names = [o.name for o in session.get_outputs()]
         self._output_shapes = {o.name: list(o.shape) for o in session.get_outputs()}
-        manifest = path.parent / "samg.json"
-        self._spatial_factor = 8
-        if manifest.is_file():
-            self._spatial_factor = int(json.loads(manifest.read_text())["latent"].get("spatial_factor", 8))
+        from samg.contract import MANIFEST, read_export
+
+        self._spatial_factor = DEFAULT_SPATIAL_FACTOR
+        if (path.parent / MANIFEST).is_file():  # verify=False: this runner loads no weights
+            self._spatial_factor = read_export(path.parent, verify=False)["latent"]["spatial_factor"]
         self._is_vae = "images" in self.output_names
         del session
 

@@ -136,18 +136,11 @@ def make_progress_monitor(trt: ModuleType, label: str):
 
 
 def load_manifest(export_dir: Path) -> dict:
-    path = export_dir / "samg.json"
-    check(export_dir.is_dir(), f"{export_dir} is not a folder: pass an export folder written by `samg export`")
-    check(path.is_file(), f"{export_dir} has no samg.json: pass a folder written by `samg export`")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise SamgError(f"{path} is not valid JSON ({exc}): re-run `samg export`") from None
-    check(
-        manifest.get("format") == "samg-export",
-        f"{path} is not a samg export manifest (format={manifest.get('format')!r}): re-run `samg export`",
-    )
-    return manifest
+    """The export's validated manifest (samg.contract.read_export), its files checked against their
+    hashes; text encoder and VAE may be absent (`samg build` builds the graphs there are)."""
+    from samg.contract import read_export
+
+    return read_export(export_dir, complete=False)
 
 
 def component_files(manifest: dict, export_dir: Path) -> dict[str, Path]:

@@ -18,7 +18,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, metavar="NAME", help=f"model family: {', '.join(MODEL_NAMES)}")
     parser.add_argument("--model-path", metavar="DIR", help="local diffusers pipeline folder (save_pretrained)")
     parser.add_argument("--tiny", action="store_true", help="export a tiny random model of the family (for tests)")
-    parser.add_argument("--out", required=True, metavar="DIR", help="export folder to write")
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="export folder to write: a new or empty folder, or a previous samg export (replaced "
+                        "only once the new one is complete)")
+    parser.add_argument("--force", action="store_true",
+                        help="export into a folder that also holds files samg did not write: those files are kept "
+                        "(never replaced or deleted; a name the export needs is refused), samg's own files replaced")
     parser.add_argument(
         "--guidance", choices=("fused", "raw", "scfg"), default="fused",
         help="fused: one graph outputs the guided prediction; raw: outputs pred_uncond and pred_cond; "
@@ -65,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
             scfg_corrected=args.scfg_corrected,
             validate=args.validate,
             quiet=args.quiet,
+            force=args.force,
         )
     )
     return 0

@@ -7,8 +7,11 @@ from __future__ import annotations
 import contextlib
 import inspect
 import io
+import json
+import os
 import shutil
 import sys
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,9 +23,9 @@ from samg.models.specs import ModelSpec, get_spec
 DENOISER_FILE = "denoiser.onnx"
 TEXT_ENCODER_FILE = "text_encoder.onnx"
 VAE_FILE = "vae_decoder.onnx"
-MANIFEST_FILE = "samg.json"
 # Protobuf's hard limit; larger models keep their weights in NAME.onnx.data.
 _PROTO_LIMIT = 2**31 - 2**20
+_EXTERNAL_DATA_SUFFIX = ".data"
 TOLERANCE = {"float32": 1e-3, "float16": 5e-2}
 TRACE_BATCH = 2
 
@@ -52,6 +55,8 @@ class ExportOptions:
     validate: bool = True
     quiet: bool = False
     seed: int = 0
+    # Export into a folder that holds files samg did not write: they are kept (see _check_out).
+    force: bool = False
 
 
 @dataclass
@@ -168,6 +173,66 @@ def _check_options(opts: ExportOptions, spec: ModelSpec) -> None:
         _check_source_folder(spec, Path(opts.model_path or spec.default_source))
 
 
+def _export_names(spec: ModelSpec, opts: ExportOptions) -> set[str]:
+    """Top-level names an export of `spec` may write in its folder."""
+    from samg.contract import MANIFEST, PARTIAL_MARKER, TINY_SOURCE_DIR, VERIFIED_STAMP
+
+    names = {MANIFEST, VERIFIED_STAMP, PARTIAL_MARKER, *(te.tokenizer for te in spec.text_encoders)}
+    for graph in (DENOISER_FILE, TEXT_ENCODER_FILE, VAE_FILE):
+        names |= {graph, graph + _EXTERNAL_DATA_SUFFIX}
+    if opts.tiny:
+        names.add(TINY_SOURCE_DIR)
+    return names
+
+
+def _check_out(opts: ExportOptions, spec: ModelSpec) -> set[str] | None:
+    """Check --out before any work. Returns None to replace the folder whole (it is new, empty or
+    holds only samg's files), or, with --force, the set of its files samg may replace (the export
+    is then merged into it and every other file stays)."""
+    from samg.contract import samg_files
+    from samg.io import recover_dir
+
+    text = opts.out
+    check(isinstance(text, str) and text.strip() != "", "--out is empty: pass a folder path for the export, e.g. --out export")
+    out = Path(text)
+    check(out.name not in ("", ".", ".."),
+          f"--out {text} names no folder of its own: pass a new folder path, e.g. --out {out / 'export'}")
+    resolved = out.resolve()
+    cwd = Path.cwd().resolve()
+    check(resolved != cwd and resolved not in cwd.parents,
+          f"--out {text} is the current folder or one above it: pass a new folder path, e.g. --out export")
+    check(not out.is_symlink(), f"--out {text} is a symbolic link: pass the folder it points to, or a new folder path")
+    check(not out.exists() or out.is_dir(), f"--out {text} is a file: pass a folder path")
+    ancestor = resolved.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    check(ancestor.is_dir(), f"--out {text} cannot be created: {ancestor} is a file, not a folder: pick another location")
+    try:  # a real write, not os.access: root, read-only mounts and ACLs are judged correctly
+        with tempfile.NamedTemporaryFile(prefix=".samg-write-check-", dir=ancestor):
+            pass
+    except OSError as exc:
+        raise SamgError(f"--out {text} cannot be written: {exc.strerror} in {ancestor}: pick a folder you can "
+                        "write to") from None
+    if not out.is_dir():
+        return None
+    recover_dir(out)
+    present = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() or p.is_symlink()}
+    foreign = sorted(present - samg_files(out))
+    if not foreign:
+        return None
+    if not opts.force:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise SamgError(
+            f"--out {text} holds {len(foreign)} file(s) samg did not write ({shown}): pick an empty or new folder, "
+            "or pass --force to export next to them (they are kept)"
+        )
+    reserved = _export_names(spec, opts)
+    clash = [name for name in foreign if name.split("/")[0] in reserved]
+    check(not clash, f"--out {text}: {clash[0] if clash else ''} was not written by samg and the export writes that "
+          "name, so even --force will not replace it: move it away or pick another folder")
+    return samg_files(out)
+
+
 def _check_source_folder(spec: ModelSpec, folder: Path) -> None:
     """A local model folder must be a diffusers pipeline folder (checked before any heavy import)."""
     if spec.bundled and folder == Path(spec.default_source):
@@ -177,11 +242,25 @@ def _check_source_folder(spec: ModelSpec, folder: Path) -> None:
             "(python scripts/train_digits.py) or pass --model-path DIR or --tiny",
         )
     check(folder.is_dir(), f"model folder {folder} does not exist: pass --model-path DIR of a diffusers model")
+    index = folder / "model_index.json"
     check(
-        (folder / "model_index.json").is_file(),
+        index.is_file(),
         f"{folder} is not a diffusers pipeline folder (no model_index.json): "
         "pass the folder written by save_pretrained",
     )
+    try:
+        pipeline_class = json.loads(index.read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        raise SamgError(f"{index} is not a readable JSON object: pass a folder written by save_pretrained") from None
+    if pipeline_class != spec.pipeline_class:
+        from samg.models.specs import SPECS
+
+        fits = [name for name, other in SPECS.items() if other.pipeline_class == pipeline_class]
+        hint = f"pass --model {' or --model '.join(fits)}" if fits else f"pass a {spec.pipeline_class} folder"
+        raise SamgError(
+            f"--model {spec.name} needs a {spec.pipeline_class} folder, but {folder} holds a {pipeline_class} "
+            f"(model_index.json _class_name): {hint}"
+        )
 
 
 def _load_pipeline(spec: ModelSpec, source: str, kind: str, dtype):
@@ -492,7 +571,7 @@ def _save_onnx(model, path: Path, onnx) -> None:
     if weight_bytes > _PROTO_LIMIT:
         onnx.save_model(
             model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-            location=path.name + ".data", size_threshold=1024,
+            location=path.name + _EXTERNAL_DATA_SUFFIX, size_threshold=1024,
         )
     else:
         onnx.save_model(model, str(path))
@@ -567,8 +646,8 @@ def _versions() -> dict:
     return versions
 
 
-def _manifest(spec, pipe, opts, sizes, source, components, tokenizers, folder) -> dict:
-    from samg.io import sha256_file
+def _manifest(spec, pipe, opts, sizes, source, components, tokenizers) -> dict:
+    """The manifest without `files` (samg.contract.write_export hashes the folder)."""
     from samg.op import DOMAIN, OP_TYPE, OP_VERSION
 
     denoiser, text, vae = components
@@ -579,7 +658,6 @@ def _manifest(spec, pipe, opts, sizes, source, components, tokenizers, folder) -
         "joint": "3-D VAE over the whole clip at the exported size: input [N, C, F, h, w] "
         "(the runtime permutes [B, F, C, H, W] latents to [B, C, F, H, W])",
     }[spec.vae_frames]
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.parts[len(folder.parts)] != "source")
     prediction = spec.prediction_type
     if prediction != "flow":
         prediction = pipe.scheduler.config.get("prediction_type", prediction)
@@ -641,7 +719,6 @@ def _manifest(spec, pipe, opts, sizes, source, components, tokenizers, folder) -
         "opset": opts.opset,
         "dtype": opts.dtype,
         "versions": _versions(),
-        "files": {p.relative_to(folder).as_posix(): sha256_file(p) for p in files},
         "validation": {c.name: c.validation for c in components if c.validation},
     }
 
@@ -677,27 +754,43 @@ def _save_tokenizers(spec: ModelSpec, pipe, folder: Path) -> list[dict]:
 # --- entry point ----------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _output_folder(out: Path, merge_owned: set[str] | None):
+    """samg.io.atomic_dir, with a folder that cannot be created or written as one SamgError line."""
+    from samg.io import atomic_dir
+
+    try:
+        with atomic_dir(out, merge_owned=merge_owned) as folder:
+            yield folder
+    except OSError as exc:
+        parent = out.resolve().parent
+        target = Path(os.fsdecode(exc.filename)).resolve() if exc.filename is not None else None
+        if target is None or not (target == parent or parent in target.parents or target in parent.parents):
+            raise
+        raise SamgError(f"cannot write the export to {out} ({exc.strerror}): pick a folder you can write to") from None
+
+
 def export(opts: ExportOptions) -> Path:
     """Run the whole export; returns the output folder. Raises SamgError with nothing left behind."""
-    from samg.io import atomic_dir, atomic_write_json
+    from samg.contract import TINY_SOURCE_DIR, write_export
 
     spec = get_spec(opts.model)
     _check_options(opts, spec)
+    merge_owned = _check_out(opts, spec)  # before the heavy imports and the (long) work
     torch = require("torch", "to export models")
     onnx = require("onnx", "to export models")
     ort = require("onnxruntime", "to validate exported models")
     dtype = {"float32": torch.float32, "float16": torch.float16}[opts.dtype]
     out = Path(opts.out)
-    check(not out.is_file(), f"--out {out} is a file: pass a folder path")
     progress = _Progress(total=6 + (3 if opts.validate else 0), quiet=opts.quiet)
     try:
-        with _quiet_libraries(), _threads_for(opts, torch), atomic_dir(out) as folder:
+        with _quiet_libraries(), _threads_for(opts, torch), _output_folder(out, merge_owned) as folder:
             if opts.tiny:
                 progress.stage("building tiny model")
                 tiny = spec.build_tiny(opts.seed)
-                tiny.save_pretrained(str(folder / "source"))
-                source = {"kind": "tiny", "path": "source", "hub_id": spec.hub_id}
-                load_from, kind = str(folder / "source"), "tiny"
+                tiny.save_pretrained(str(folder / TINY_SOURCE_DIR))
+                source = {"kind": "tiny", "path": TINY_SOURCE_DIR, "hub_id": spec.hub_id}
+                load_from, kind = str(folder / TINY_SOURCE_DIR), "tiny"
             elif opts.model_path or spec.bundled:
                 load_from = str(Path(opts.model_path or spec.default_source).resolve())
                 source = {"kind": "path", "path": load_from, "hub_id": spec.hub_id}
@@ -726,10 +819,10 @@ def export(opts: ExportOptions) -> Path:
                     _validate(component, folder, opts, torch, ort, progress)
                     progress.done()
             progress.stage("writing manifest")
-            manifest = _manifest(spec, pipe, opts, sizes, source, components, tokenizers, folder)
+            manifest = _manifest(spec, pipe, opts, sizes, source, components, tokenizers)
             if opts.guidance == "scfg":
                 manifest["combine"] = components[0].module.manifest_combine()
-            atomic_write_json(folder / MANIFEST_FILE, manifest)
+            write_export(folder, manifest)
             progress.done()
     finally:
         progress.close()
