@@ -94,12 +94,13 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from samg.errors import SamgError
-    from samg.runtime.pipeline import Pipeline, read_manifest
+    from samg.contract import read_export
+    from samg.runtime.pipeline import Pipeline
 
     if args.steps < 1 or args.reps < 1:
         raise SamgError("--steps and --reps must be at least 1")
     export_dir = Path(args.export_dir)
-    manifest = read_manifest(export_dir)
+    manifest = read_export(export_dir)
     if manifest["guidance"] != "fused":
         raise SamgError(f"{export_dir} is a raw export: pass the fused export as DIR and this one as --raw")
     fused = Pipeline.load(export_dir, backend=args.backend, device=args.device)

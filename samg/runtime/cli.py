@@ -90,10 +90,11 @@ def write_output(images, out: Path, fps: int = 8) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from samg.errors import SamgError
-    from samg.runtime.pipeline import Pipeline, read_manifest
+    from samg.contract import read_export
+    from samg.runtime.pipeline import Pipeline
 
     out = Path(args.out)
-    video = read_manifest(args.export_dir)["latent"]["layout"] != "BCHW"
+    video = read_export(args.export_dir, verify=False)["latent"]["layout"] != "BCHW"
     allowed = (".gif", ".mp4") if video else (".png",)
     if out.suffix.lower() not in allowed:  # refuse before spending minutes sampling
         raise SamgError(f"--out must end in {' or '.join(allowed)} for this model, got {out.name}")

@@ -7,13 +7,13 @@ the torch backend is chosen).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
+from samg.contract import read_export
 from samg.engines.base import Runner, open_runner
 from samg.errors import SamgError, require
 from samg.runtime import samplers, schedules
@@ -21,18 +21,6 @@ from samg.runtime.denoiser import SPATIAL_RULES, Denoiser, Guidance
 
 DEFAULT_STEPS = 30
 DEFAULT_SCALE = 7.5
-
-
-def read_manifest(export_dir: str | Path) -> dict[str, Any]:
-    path = Path(export_dir) / "samg.json"
-    if not path.is_file():
-        raise SamgError(f"{export_dir} is not a samg export (no samg.json): run `samg export` first")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != "samg-export":
-        raise SamgError(f"{path} is not a samg export manifest: re-export the model")
-    if int(manifest.get("format_version", 0)) != 1:
-        raise SamgError(f"{path} has format_version {manifest.get('format_version')}, this samg reads 1: re-export")
-    return manifest
 
 
 def resolve_scales(guidance: str, scale: float | None, w_min: float | None, w_max: float | None) -> tuple[float, float]:
@@ -87,7 +75,7 @@ class Pipeline:
     def load(cls, export_dir: str | Path, backend: str = "onnxruntime", device: str = "cpu",
              **runner_opts) -> "Pipeline":
         export_dir = Path(export_dir)
-        manifest = read_manifest(export_dir)
+        manifest = read_export(export_dir)  # validated, paths confined, files checked against their hashes
         files = {
             "text_encoder": manifest["text_encoder"]["file"],
             "denoiser": manifest["denoiser"]["file"],

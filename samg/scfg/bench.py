@@ -10,7 +10,6 @@ the median per call is reported.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -33,9 +32,11 @@ def measure(fused_dir: str, scfg_dir: str, sizes=(8, 16, 32), repeat: int = 20, 
     import numpy as np
     import onnxruntime as ort
 
+    from samg.contract import read_export
+
     sessions, manifests = {}, {}
     for label, folder in (("fused", fused_dir), ("scfg", scfg_dir)):
-        manifests[label] = json.loads((Path(folder) / "samg.json").read_text())
+        manifests[label] = read_export(folder)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = 1  # the CPU is shared: one thread each, comparable numbers
         sessions[label] = ort.InferenceSession(str(Path(folder) / manifests[label]["denoiser"]["file"]), opts,
