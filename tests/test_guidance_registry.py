@@ -11,7 +11,9 @@ import pytest
 
 from samg.errors import SamgError
 from samg.guidance import (
+    MAX_GUIDANCE_SCALE,
     REQUIRED,
+    check_scale,
     SCHEDULES,
     cfg,
     effective_scale,
@@ -143,3 +145,15 @@ def test_schedule_endpoints_and_pairs():
 def test_schedule_user_errors(call, match):
     with pytest.raises(SamgError, match=match):
         call()
+
+
+def test_guidance_scale_bound_is_0_to_100_inclusive():
+    assert MAX_GUIDANCE_SCALE == 100.0  # the decided bound, shared with the C++ runtime
+    for w in (0, 0.0, 1.0, 7.5, 100, 100.0):
+        assert check_scale("--scale", w) == float(w)
+    for bad in (-1e-9, -5.0, 100.0001, 1e30, float("nan"), float("inf"), float("-inf"), "abc", None):
+        with pytest.raises(SamgError, match="--scale") as info:
+            check_scale("--scale", bad)
+        assert "\n" not in str(info.value)
+    with pytest.raises(SamgError, match=r"^--w-max must be a finite number in 0\.\.100, got -2"):
+        check_scale("--w-max", -2)

@@ -53,6 +53,10 @@ class OrtRunner:
                 ) from None
             raise SamgError(f"ONNX Runtime cannot load {path.name}: {msg.splitlines()[0][:300]}") from None
         self.device = device
+        self.path = path
+        # failures reach the caller as exceptions (and SamgError for running out of memory): no log lines too
+        self._run_options = ort.RunOptions()
+        self._run_options.log_severity_level = 4
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self._input_dtypes = {i.name: _ORT_TYPES.get(i.type) for i in self.session.get_inputs()}
@@ -65,9 +69,19 @@ class OrtRunner:
         return value
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        try:
+            return self._run(feeds)
+        except Exception as exc:  # ORT's own exception types; only running out of memory is the user's to fix
+            if not isinstance(exc, MemoryError) and "Failed to allocate memory" not in str(exc):
+                raise
+            shapes = ", ".join(f"{k} {list(np.shape(v))}" for k, v in feeds.items())
+            raise SamgError(f"out of memory running {self.path.name} on {shapes}: "
+                            "lower --height/--width, --frames or --num-images") from None
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         feeds = {k: self._cast(k, v) for k, v in feeds.items()}
         if self.device != "cuda":
-            outs = self.session.run(self.output_names, feeds)
+            outs = self.session.run(self.output_names, feeds, self._run_options)
             return dict(zip(self.output_names, outs))
         # IO binding: inputs copied once, outputs allocated on the GPU by ORT.
         binding = self.session.io_binding()
@@ -78,5 +92,5 @@ class OrtRunner:
                 binding.bind_cpu_input(name, np.ascontiguousarray(value))
         for name in self.output_names:
             binding.bind_output(name, "cuda")
-        self.session.run_with_iobinding(binding)
+        self.session.run_with_iobinding(binding, self._run_options)
         return dict(zip(self.output_names, binding.copy_outputs_to_cpu()))

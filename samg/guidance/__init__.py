@@ -15,7 +15,16 @@ Main entry points::
 """
 
 from samg.guidance.apg import APGState, apg
-from samg.guidance.registry import REQUIRED, RULES, GuidanceRule, effective_scale, get_rule, rule_names
+from samg.guidance.registry import (
+    MAX_GUIDANCE_SCALE,
+    REQUIRED,
+    RULES,
+    GuidanceRule,
+    check_scale,
+    effective_scale,
+    get_rule,
+    rule_names,
+)
 from samg.guidance.rules import (
     CfgppOutput,
     cfg,
@@ -42,7 +51,7 @@ from samg.guidance.spatial import (
 )
 
 __all__ = [
-    "APGState", "apg", "REQUIRED", "RULES", "GuidanceRule", "effective_scale", "get_rule", "rule_names",
+    "APGState", "apg", "MAX_GUIDANCE_SCALE", "check_scale", "REQUIRED", "RULES", "GuidanceRule", "effective_scale", "get_rule", "rule_names",
     "CfgppOutput", "cfg", "cfg_rescale", "cfg_zero_star", "cfgpp", "cfgpp_ddim_step", "guidance_interval",
     "in_guidance_interval", "SCHEDULES", "get_schedule", "scheduled", "EPS", "SMOOTH_WEIGHTS",
     "bound_scale_map", "linear_scale_map", "quantile_scale_map", "samg_bound", "samg_linear",

@@ -28,8 +28,25 @@ from samg.guidance import rules as _rules
 from samg.guidance import spatial as _spatial
 from samg.guidance._xp import check_pair
 from samg.guidance.apg import APGState, apg
+from samg.guidance.schedules import INTERVAL_SIGMA_HI, INTERVAL_SIGMA_LO
 
 REQUIRED = "<required>"
+
+# The largest guidance scale any runtime accepts (the C++ runtime uses the same bound). Published
+# models use 1-20; far beyond, the output saturates to a flat image, which a user should hear about
+# instead of receiving. Scales below 0 guide away from the prompt and are refused too.
+MAX_GUIDANCE_SCALE = 100.0
+
+
+def check_scale(flag: str, value) -> float:
+    """`value` as a float if it is a finite number in [0, MAX_GUIDANCE_SCALE], else a SamgError naming `flag`."""
+    try:
+        w = float(value)
+    except (TypeError, ValueError):
+        raise SamgError(f"{flag} must be a number, got {value!r}: e.g. {flag} 7.5") from None
+    if not (0.0 <= w <= MAX_GUIDANCE_SCALE):  # also False for NaN
+        raise SamgError(f"{flag} must be a finite number in 0..{MAX_GUIDANCE_SCALE:g}, got {value}: e.g. {flag} 7.5")
+    return w
 
 
 @dataclass(frozen=True)
@@ -177,7 +194,7 @@ RULES: dict[str, GuidanceRule] = {
         GuidanceRule(
             "interval",
             _rules.guidance_interval,
-            {"scale": REQUIRED, "sigma_lo": 0.28, "sigma_hi": 5.42},
+            {"scale": REQUIRED, "sigma_lo": INTERVAL_SIGMA_LO, "sigma_hi": INTERVAL_SIGMA_HI},
             "CFG for sigma in (sigma_lo, sigma_hi], else c",
             needs_sigma=True,
             scale_map=_interval_scale_map,

@@ -21,6 +21,11 @@ from typing import Callable
 
 from samg.errors import SamgError
 
+# Default sigma range of the guidance interval (Kynkäänniemi et al. 2024, for SD-style sigmas):
+# guidance is on for INTERVAL_SIGMA_LO < sigma <= INTERVAL_SIGMA_HI.
+INTERVAL_SIGMA_LO = 0.28
+INTERVAL_SIGMA_HI = 5.42
+
 
 def progress(step: int, num_steps: int) -> float:
     """s in [0, 1] for step index 0..num_steps-1 (1/2 for a single step)."""
@@ -45,7 +50,8 @@ def cosine(step: int, num_steps: int, sigma: float | None = None, *, reverse: bo
 
 
 def interval(
-    step: int, num_steps: int, sigma: float | None = None, *, sigma_lo: float = 0.28, sigma_hi: float = 5.42
+    step: int, num_steps: int, sigma: float | None = None, *, sigma_lo: float = INTERVAL_SIGMA_LO,
+    sigma_hi: float = INTERVAL_SIGMA_HI,
 ) -> float:
     progress(step, num_steps)
     if sigma is None:

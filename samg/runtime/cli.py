@@ -8,6 +8,50 @@ from pathlib import Path
 
 SAMPLER_NAMES = ("euler", "euler_a", "ddim", "dpmpp_2m", "flow_euler")
 BACKEND_NAMES = ("onnxruntime", "torch", "tensorrt", "null")
+MAX_FPS = 120  # video frame rate
+MAX_GIF_FPS = 50  # GIF stores delays in 1/100 s, and viewers slow delays under 2/100 s down to 1/10 s
+IMAGE_SUFFIXES = (".png",)
+VIDEO_SUFFIXES = (".gif", ".mp4")
+
+
+def check_output_location(out: Path, *, folder: bool = False) -> None:
+    """SamgError unless `out` can be written, checked before the work: a file output must not be an
+    existing folder (a folder output not an existing file), and the nearest existing folder above it
+    must accept new files (probed with a temporary file, which is removed)."""
+    import os
+    import tempfile
+
+    from samg.errors import SamgError
+
+    flag = f"--out {str(out) or '(empty)'}"
+    if not str(out) or (not folder and out.name in ("", ".", "..")):
+        raise SamgError(f"{flag} names no file: pass a file path such as --out image.png")
+    if not folder and out.is_dir():
+        raise SamgError(f"{flag} is a folder: pass a file path inside it, e.g. --out {out / 'image.png'}")
+    if folder and out.exists() and not out.is_dir():
+        raise SamgError(f"{flag} is a file: pass a folder path")
+    parent = out if folder else out.parent
+    parent = Path(os.path.abspath(parent))
+    while not parent.exists():  # missing folders are created when writing
+        parent = parent.parent
+    if not parent.is_dir():
+        raise SamgError(f"{flag}: {parent} is a file, not a folder: pass a path inside a folder")
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as exc:
+        raise SamgError(f"{flag}: cannot write to {parent} ({exc.strerror or exc}): pass a path in a writable folder") from None
+
+
+def check_fps(fps, suffix: str) -> int:
+    """The video frame rate if it is an integer in 1..MAX_FPS (1..MAX_GIF_FPS for GIF)."""
+    from samg.errors import SamgError
+
+    top = MAX_GIF_FPS if suffix == ".gif" else MAX_FPS
+    if isinstance(fps, bool) or not isinstance(fps, int) or not 1 <= fps <= top:
+        hint = f", or write .mp4 (up to {MAX_FPS})" if suffix == ".gif" else ""
+        raise SamgError(f"--fps must be an integer in 1..{top} for {suffix or 'video'}, got {fps}: e.g. --fps 8{hint}")
+    return fps
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -18,7 +62,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="samg (default), cfg, interval (fused or raw exports); samg-quantile, samg-bound, "
                         "samg-linear, cfg-rescale, apg, cfgpp, cfg-zero-star (raw exports only)")
     p.add_argument("--scale", type=float, default=None,
-                   help="guidance scale W (default 7.5); for samg alone it means w_min=(1+W)/2, w_max=W")
+                   help="guidance scale W in 0..100 (default 7.5); for samg alone it means w_min=(1+W)/2, w_max=W "
+                        "(w_min=W below 1)")
     p.add_argument("--w-min", type=float, default=None, help="SAMG scale on high-energy detail")
     p.add_argument("--w-max", type=float, default=None, help="SAMG scale on flat regions")
     p.add_argument("--schedule", choices=("constant", "linear", "cosine", "interval"), default="constant",
@@ -62,8 +107,9 @@ def write_output(images, out: Path, fps: int = 8) -> None:
     suffix = out.suffix.lower()
     video = images.ndim == 5
     if video:
-        if suffix not in (".gif", ".mp4"):
+        if suffix not in VIDEO_SUFFIXES:
             raise SamgError(f"a video model writes .gif or .mp4, not {suffix or 'no suffix'}: e.g. --out clip.gif")
+        fps = check_fps(fps, suffix)
         import numpy as np
 
         frames = np.stack([image_grid(images[:, f]) for f in range(images.shape[1])])
@@ -81,7 +127,7 @@ def write_output(images, out: Path, fps: int = 8) -> None:
             if tmp.stat().st_size == 0:
                 raise SamgError(f"the {suffix} writer produced an empty file: use --out clip.gif, or check imageio's ffmpeg")
         return
-    if suffix != ".png":
+    if suffix not in IMAGE_SUFFIXES:
         raise SamgError(f"an image model writes .png, not {suffix or 'no suffix'}: e.g. --out image.png")
     pil = require("PIL.Image", "to write PNG files")
     with atomic_path(out) as tmp:
@@ -89,22 +135,28 @@ def write_output(images, out: Path, fps: int = 8) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from samg.errors import SamgError
     from samg.contract import read_export
+    from samg.errors import SamgError
     from samg.runtime.pipeline import Pipeline
 
+    # Everything is checked before the models are loaded and minutes are spent sampling.
     out = Path(args.out)
-    video = read_export(args.export_dir, verify=False)["latent"]["layout"] != "BCHW"
-    allowed = (".gif", ".mp4") if video else (".png",)
-    if out.suffix.lower() not in allowed:  # refuse before spending minutes sampling
-        raise SamgError(f"--out must end in {' or '.join(allowed)} for this model, got {out.name}")
-    pipe = Pipeline.load(args.export_dir, backend=args.backend, device=args.device)
-    images = pipe(
-        args.prompt, args.negative_prompt, guidance=args.guidance, scale=args.scale, w_min=args.w_min,
-        w_max=args.w_max, steps=args.steps, sampler=args.sampler, karras=args.karras, seed=args.seed,
-        height=args.height, width=args.width, frames=args.frames, num_images=args.num_images,
-        progress=not args.quiet, schedule=args.schedule,
+    manifest = read_export(args.export_dir, verify=False)  # Pipeline.load verifies the files
+    video = manifest["latent"]["layout"] != "BCHW"
+    allowed = VIDEO_SUFFIXES if video else IMAGE_SUFFIXES
+    if out.suffix.lower() not in allowed:
+        raise SamgError(f"--out must end in {' or '.join(allowed)} for this model, got {out.name or repr(str(out))}")
+    check_output_location(out)
+    if video:
+        check_fps(args.fps, out.suffix.lower())
+    request = dict(
+        guidance=args.guidance, scale=args.scale, w_min=args.w_min, w_max=args.w_max, steps=args.steps,
+        sampler=args.sampler, karras=args.karras, seed=args.seed, height=args.height, width=args.width,
+        frames=args.frames, num_images=args.num_images, schedule=args.schedule,
     )
+    Pipeline(Path(args.export_dir), manifest, {}, []).plan(args.prompt, args.negative_prompt, **request)
+    pipe = Pipeline.load(args.export_dir, backend=args.backend, device=args.device)
+    images = pipe(args.prompt, args.negative_prompt, progress=not args.quiet, **request)
     write_output(images, out, fps=args.fps)
     if not args.quiet:
         print(f"samg generate: wrote {out}", file=sys.stderr)

@@ -44,8 +44,11 @@ class Guidance:
 
         if self.rule != "scfg":  # S-CFG runs only inside an `samg export --guidance scfg` graph
             get_rule(self.rule)  # SamgError naming the known rules
-        if not (np.isfinite(self.w_min) and np.isfinite(self.w_max)):
-            raise SamgError("guidance scales must be finite numbers: check --scale / --w-min / --w-max")
+        from samg.guidance import check_scale
+
+        single = self.rule not in SPATIAL_RULES
+        self.w_min = check_scale("--scale" if single else "--w-min", self.w_min)
+        self.w_max = check_scale("--scale" if single else "--w-max", self.w_max)
         if self.w_min > self.w_max:
             raise SamgError(f"--w-min {self.w_min} is above --w-max {self.w_max}: swap them")
         if self.rule not in SPATIAL_RULES and self.w_min != self.w_max:
@@ -121,15 +124,19 @@ class Denoiser:
 
     # -- scales -------------------------------------------------------------------------------
     def scales_at(self, step: int, sigma: float) -> tuple[float, float]:
-        if self.scale_schedule is not None:
-            return tuple(float(v) for v in self.scale_schedule(step, sigma))  # type: ignore[return-value]
+        """The step's (w_min, w_max): the per-step schedule's scales (else the constant ones), and
+        (1, 1) outside the interval rule's sigma range. A scale is 1 + (w − 1)·gain, so this is
+        gain = schedule gain × interval indicator: the two compose instead of one replacing the other."""
         g = self.guidance
         if g.rule == "interval":
-            from samg.guidance import in_guidance_interval
+            from samg.guidance import get_rule, in_guidance_interval
 
-            lo, hi = g.options.get("sigma_lo", 0.28), g.options.get("sigma_hi", 5.42)
+            defaults = get_rule("interval").params
+            lo, hi = (g.options.get(k, defaults[k]) for k in ("sigma_lo", "sigma_hi"))
             if not in_guidance_interval(sigma, lo, hi):
                 return 1.0, 1.0
+        if self.scale_schedule is not None:
+            return tuple(float(v) for v in self.scale_schedule(step, sigma))  # type: ignore[return-value]
         return g.w_min, g.w_max
 
     # -- the call -------------------------------------------------------------------------------

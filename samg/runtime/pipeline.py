@@ -21,23 +21,82 @@ from samg.runtime.denoiser import SPATIAL_RULES, Denoiser, Guidance
 
 DEFAULT_STEPS = 30
 DEFAULT_SCALE = 7.5
+# Bounds on one call, checked before anything is allocated (a typo such as --height 100000 must
+# not allocate gigabytes). Generous for every supported family: SDXL at 1024x1024 is 65 536 latent
+# elements per image, CogVideoX's 49 frames at 720x480 about 1.1 million. Steps are bounded by the
+# model's own num_train_timesteps (diffusers refuses more).
+MAX_IMAGE_SIDE = 8192  # pixels, for height and width each
+MAX_FRAMES = 1024  # frames of one clip
+MAX_IMAGES_PER_CALL = 64  # images (or clips) of one call
+MAX_LATENT_ELEMENTS = 1 << 24  # all latents of one call together: 64 MiB of float32
+SEED_LIMIT = 2**64  # seeds are unsigned 64-bit integers, as in the C++ runtime
+# Sampling stops with an error once |latents| exceeds LATENT_BOUND_FACTOR x (1 + the schedule's
+# largest sigma): far beyond what a sane model gives at any scale up to MAX_GUIDANCE_SCALE
+# (starting noise is about 5 x sigma_max at most), reached only when the model output blows up.
+LATENT_BOUND_FACTOR = 1e4
+
+
+def check_prompt(flag: str, text: Any, *, required: bool = False) -> str:
+    """`text` if it is a string that encodes as UTF-8 (and is non-empty when required)."""
+    if not isinstance(text, str):
+        raise SamgError(f"{flag} must be text, got {type(text).__name__}: pass {flag} \"...\"")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a shell argument with bytes that are not UTF-8 (e.g. $'\xff')
+        bad = text[exc.start].encode("utf-8", "surrogateescape")
+        raise SamgError(f"{flag} is not valid UTF-8 text (byte 0x{bad.hex()} at character {exc.start}): "
+                        "pass the prompt as UTF-8") from None
+    if required and not text.strip():
+        raise SamgError(f"a prompt is required: pass {flag} \"...\"")
+    return text
+
+
+def check_count(flag: str, value: Any, lo: int, hi: int, example: int) -> int:
+    """`value` as an int if it is an integer in [lo, hi], else a SamgError naming `flag` and the range."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not lo <= value <= hi:
+        raise SamgError(f"{flag} must be an integer in {lo}..{hi}, got {value}: e.g. {flag} {example}")
+    return int(value)
 
 
 def resolve_scales(guidance: str, scale: float | None, w_min: float | None, w_max: float | None) -> tuple[float, float]:
     """(w_min, w_max) from the CLI's --scale / --w-min / --w-max.
 
     Spatial rules with only --scale W use w_min = (1 + W) / 2, w_max = W: full strength in flat
-    regions, half the guidance (above 1) on high-energy detail. Other rules take one scale."""
+    regions, half the guidance (above 1) on high-energy detail; below W = 1 there is no guidance
+    above 1 to halve, so w_min = w_max = W. Other rules take one scale."""
+    from samg.guidance import check_scale
+
     if (w_min is None) != (w_max is None):
         raise SamgError("pass both --w-min and --w-max, or --scale alone")
     if w_min is not None:
         if scale is not None:
             raise SamgError("pass either --scale or --w-min/--w-max, not both")
-        return float(w_min), float(w_max)
-    w = DEFAULT_SCALE if scale is None else float(scale)
+        return check_scale("--w-min", w_min), check_scale("--w-max", w_max)
+    # the user's own --scale is checked, not the pair derived from it (-5 would read "w-min above w-max")
+    w = DEFAULT_SCALE if scale is None else check_scale("--scale", scale)
     if guidance in SPATIAL_RULES:
-        return (1.0 + w) / 2.0, w
+        return min((1.0 + w) / 2.0, w), w
     return w, w
+
+
+OUTPUTS = ("uint8", "latents")
+
+
+@dataclass(frozen=True)
+class Request:
+    """One call's arguments after Pipeline.plan checked them."""
+
+    prompt: str
+    negative_prompt: str
+    guidance: Guidance
+    scale_schedule: Callable[[int, float], tuple[float, float]] | None
+    steps: int
+    sampler: str
+    karras: bool
+    seed: int
+    num_images: int
+    shape: tuple[int, ...]  # latents of the whole call
+    output: str
 
 
 @dataclass
@@ -88,19 +147,32 @@ class Pipeline:
     # -- stages ---------------------------------------------------------------------------------
     def encode(self, prompts: list[str]) -> dict[str, np.ndarray]:
         """Conditioning tensors for N prompts, as the text encoder graph names them."""
+        for text in prompts:
+            check_prompt("a prompt", text)
         feeds = {t.input_name: t(prompts) for t in self.tokenizers}
         outs = self.runners["text_encoder"].run(feeds)
         return {name: np.asarray(outs[name], np.float32) for name in self.manifest["text_encoder"]["outputs"]}
 
     def conditioning(self, prompt: str, negative_prompt: str, batch: int) -> dict[str, np.ndarray]:
-        """[2B, ...] per conditioning input: B copies of the negative, then B of the positive.
+        """[2B, ...] per conditioning input: B copies of the negative, then B of the positive."""
+        enc = self.conditioning_for([prompt], [negative_prompt])
+        return {name: np.repeat(v, batch, axis=0) for name, v in enc.items()}
+
+    def conditioning_for(self, prompts: list[str], negative_prompts: list[str]) -> dict[str, np.ndarray]:
+        """[2N, ...] per conditioning input for N prompts: rows 0..N-1 the negative prompts, rows
+        N..2N-1 the prompts, in order (the denoiser's uncond-first layout for a batch of N).
 
         Models trained with zeroed negative conditioning (SDXL: `force_zeros_for_empty_prompt`)
         get zeros for an empty negative prompt, as diffusers' pipelines do."""
-        enc = self.encode([negative_prompt, prompt])
-        if not negative_prompt and self.manifest["text_encoder"].get("force_zeros_for_empty_prompt", False):
-            enc = {name: np.concatenate([np.zeros_like(v[1:]), v[1:]]) for name, v in enc.items()}
-        return {name: np.repeat(v, batch, axis=0) for name, v in enc.items()}
+        if len(prompts) != len(negative_prompts):
+            raise SamgError(f"{len(prompts)} prompts and {len(negative_prompts)} negative prompts: pass one negative "
+                            "prompt per prompt")
+        n = len(prompts)
+        enc = self.encode([*negative_prompts, *prompts])
+        if self.manifest["text_encoder"].get("force_zeros_for_empty_prompt", False):
+            zero = np.array([not neg for neg in negative_prompts] + [False] * n)
+            enc = {name: np.where(zero.reshape(-1, *[1] * (v.ndim - 1)), np.float32(0), v) for name, v in enc.items()}
+        return enc
 
     def latent_shape(self, batch: int, height: int, width: int, frames: int | None) -> tuple[int, ...]:
         lat = self.latent
@@ -114,24 +186,42 @@ class Pipeline:
 
     def validate_size(self, height: int | None, width: int | None, frames: int | None) -> tuple[int, int, int | None]:
         lat = self.latent
-        height = int(lat["height"] if height is None else height)
-        width = int(lat["width"] if width is None else width)
+        height = check_count("--height", lat["height"] if height is None else height, 1, MAX_IMAGE_SIDE, lat["height"])
+        width = check_count("--width", lat["width"] if width is None else width, 1, MAX_IMAGE_SIDE, lat["width"])
         f = int(lat.get("size_multiple") or lat["spatial_factor"])  # the denoiser may need more than the VAE factor
-        if height <= 0 or width <= 0 or height % f or width % f:
+        if height % f or width % f:
             raise SamgError(f"height and width must be positive multiples of {f}, got {height}x{width}: e.g. --height {max(f, height // f * f)}")
         if not lat.get("dynamic_resolution", False) and (height, width) != (lat["height"], lat["width"]):
             raise SamgError(f"this export has a static size {lat['height']}x{lat['width']}: drop --height/--width or re-export at {height}x{width}")
         video = lat["layout"] != "BCHW"
         if video:
-            frames = int(lat.get("frames") or 0) if frames is None else int(frames)
             tf = int(lat.get("temporal_factor", 1))
-            if frames <= 0 or (frames - 1) % tf:
+            frames = check_count("--frames", int(lat.get("frames") or 0) if frames is None else frames, 1, MAX_FRAMES,
+                                 tf * 4 + 1)
+            if (frames - 1) % tf:
                 raise SamgError(f"frames must be 1 + a multiple of {tf}, got {frames}: e.g. --frames {tf * 4 + 1}")
             if lat.get("frames") and not lat.get("dynamic_frames", False) and frames != int(lat["frames"]):
                 raise SamgError(f"this export has a static frame count {lat['frames']}: pass --frames {lat['frames']}")
         elif frames is not None:
             raise SamgError("--frames applies to video models only: drop it for this image model")
         return height, width, frames
+
+    def max_steps(self) -> int:
+        """The model's num_train_timesteps: diffusers refuses more steps (they would repeat timesteps)."""
+        # validated when samg.json is read; absent means diffusers' default, as schedules.py reads it
+        return int(self.manifest["scheduler"].get("num_train_timesteps", 1000))
+
+    def check_latent_budget(self, shape: tuple[int, ...]) -> None:
+        """SamgError naming the flag to lower when `shape` holds more than MAX_LATENT_ELEMENTS."""
+        per_item = int(np.prod(shape[1:], dtype=np.int64))
+        if per_item > MAX_LATENT_ELEMENTS:
+            flags = "--height/--width" + ("/--frames" if len(shape) == 5 else "")
+            raise SamgError(f"{flags} ask for {per_item} latent elements per {'clip' if len(shape) == 5 else 'image'}, "
+                            f"above the limit of {MAX_LATENT_ELEMENTS} per call: lower {flags}")
+        if shape[0] * per_item > MAX_LATENT_ELEMENTS:
+            fit = MAX_LATENT_ELEMENTS // per_item
+            raise SamgError(f"--num-images {shape[0]} needs {shape[0] * per_item} latent elements at this size, above "
+                            f"the limit of {MAX_LATENT_ELEMENTS} per call: pass --num-images {fit} or less, over several runs")
 
     def sample(self, conditioning: dict[str, np.ndarray], noise: np.ndarray, *, guidance: Guidance,
                sampler: str, steps: int, karras: bool = False, rng: np.random.Generator | None = None,
@@ -147,13 +237,26 @@ class Pipeline:
             guidance=guidance, combine=self.manifest.get("combine"), scale_schedule=scale_schedule,
         )
         x = noise.astype(np.float32) * np.float32(schedule.init_noise_sigma)
+        finite_sigmas = schedule.sigmas[np.isfinite(schedule.sigmas)]
+        bound = LATENT_BOUND_FACTOR * (1.0 + float(finite_sigmas.max(initial=0.0)))
         bar = None
+
+        def after_step(i: int, x: np.ndarray, denoised: np.ndarray) -> None:
+            # The samplers refuse NaN/Inf; huge finite latents would decode to a flat image with exit 0.
+            peak = float(np.abs(x).max(initial=0.0))
+            if peak > bound:
+                raise SamgError(f"latents reached |x| = {peak:.3g} after step {i + 1}/{steps}, beyond the sane bound "
+                                f"{bound:.3g} ({LATENT_BOUND_FACTOR:g} x (1 + sigma_max)): the model output blew up; "
+                                "lower the guidance scale or check the model files")
+            if bar is not None:
+                bar.update()
+
         if progress:
             from tqdm import tqdm
 
             bar = tqdm(total=steps, desc="sampling", unit="step", leave=False)
         try:
-            x = sample_fn(denoise, x, schedule.sigmas, rng=rng, callback=(lambda *_: bar.update()) if bar else None)
+            x = sample_fn(denoise, x, schedule.sigmas, rng=rng, callback=after_step)
         finally:
             if bar is not None:
                 bar.close()
@@ -185,23 +288,22 @@ class Pipeline:
         return ((out / 2 + 0.5).clip(0, 1) * 255).round().astype(np.uint8)
 
     # -- all together ---------------------------------------------------------------------------
-    def __call__(self, prompt: str, negative_prompt: str = "", *, guidance: str = "samg",
-                 scale: float | None = None, w_min: float | None = None, w_max: float | None = None,
-                 guidance_options: dict[str, Any] | None = None, steps: int = DEFAULT_STEPS,
-                 sampler: str | None = None, karras: bool = False, seed: int = 0,
-                 height: int | None = None, width: int | None = None, frames: int | None = None,
-                 num_images: int = 1, latents: np.ndarray | None = None, output: str = "uint8",
-                 progress: bool = False, schedule: str = "constant") -> np.ndarray:
-        """Images (uint8 [N, H, W, 3], video [N, F, H, W, 3]) or, with output="latents", the
-        final model-space latents. `latents` replaces the seeded standard normal noise.
-        `schedule` names a per-step guidance-weight schedule (samg.guidance.SCHEDULES): each step's
-        scales become 1 + (w − 1)·gain(step), fed to the graph at that step."""
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise SamgError("a prompt is required: pass --prompt \"...\"")
-        if not isinstance(steps, (int, np.integer)) or steps < 1:
-            raise SamgError(f"steps must be a positive integer, got {steps}: e.g. --steps 30")
-        if num_images < 1:
-            raise SamgError(f"the number of images must be at least 1, got {num_images}")
+    def plan(self, prompt: str, negative_prompt: str = "", *, guidance: str = "samg",
+             scale: float | None = None, w_min: float | None = None, w_max: float | None = None,
+             guidance_options: dict[str, Any] | None = None, steps: int = DEFAULT_STEPS,
+             sampler: str | None = None, karras: bool = False, seed: int = 0,
+             height: int | None = None, width: int | None = None, frames: int | None = None,
+             num_images: int = 1, output: str = "uint8", schedule: str = "constant") -> Request:
+        """Every argument of a call (see __call__) checked against this export, before anything is
+        allocated or computed: a SamgError names the flag and the limit. Reads only the manifest, so
+        a CLI can check a request before loading the models."""
+        check_prompt("--prompt", prompt, required=True)
+        negative_prompt = check_prompt("--negative-prompt", negative_prompt or "")
+        steps = check_count("--steps", steps, 1, self.max_steps(), DEFAULT_STEPS)
+        num_images = check_count("--num-images", num_images, 1, MAX_IMAGES_PER_CALL, 1)
+        seed = check_count("--seed", seed, 0, SEED_LIMIT - 1, 0)
+        if output not in OUTPUTS:
+            raise SamgError(f"output must be one of {', '.join(OUTPUTS)}, got {output!r}")
         lo, hi = resolve_scales(guidance, scale, w_min, w_max)
         g = Guidance(guidance, lo, hi, dict(guidance_options or {}))
         g.validate()
@@ -213,17 +315,36 @@ class Pipeline:
             scale_schedule = lambda step, sigma: scheduled(schedule, (lo, hi), step, int(steps), sigma)  # noqa: E731
         height, width, frames = self.validate_size(height, width, frames)
         sampler = sampler or samplers.default_sampler(self.prediction_type)
+        samplers.get_sampler(sampler)  # SamgError naming the known samplers
         shape = self.latent_shape(num_images, height, width, frames)
+        self.check_latent_budget(shape)
+        return Request(prompt, negative_prompt, g, scale_schedule, steps, sampler, bool(karras), seed, num_images,
+                       shape, output)
+
+    def __call__(self, prompt: str, negative_prompt: str = "", *, latents: np.ndarray | None = None,
+                 progress: bool = False, **options: Any) -> np.ndarray:
+        """Images (uint8 [N, H, W, 3], video [N, F, H, W, 3]) or, with output="latents", the
+        final model-space latents. `options` are plan()'s: guidance, scale / w_min / w_max,
+        guidance_options, steps, sampler, karras, seed, height, width, frames, num_images, output,
+        schedule. `latents` replaces the seeded standard normal noise. `schedule` names a per-step
+        guidance-weight schedule (samg.guidance.SCHEDULES): each step's scales become
+        1 + (w − 1)·gain(step), fed to the graph at that step."""
+        r = self.plan(prompt, negative_prompt, **options)
+        shape, seed = r.shape, r.seed
         rng = np.random.default_rng(seed)
         if latents is None:
-            noise = rng.standard_normal(shape, dtype=np.float32)
+            from samg.rng import standard_normal  # Philox: the same noise as samg-run --seed
+            noise = standard_normal(seed, shape)
         else:
             noise = np.asarray(latents, np.float32)
             if noise.shape != shape:
                 raise SamgError(f"latents have shape {noise.shape}, this request needs {shape}: match --height/--width")
-        cond = self.conditioning(prompt, negative_prompt or "", num_images)
-        final = self.sample(cond, noise, guidance=g, sampler=sampler, steps=int(steps), karras=karras,
-                            rng=rng, progress=progress, scale_schedule=scale_schedule)
-        if output == "latents":
+            from samg.io import check_finite
+
+            check_finite("latents", noise, "(the latents= argument)")
+        cond = self.conditioning(r.prompt, r.negative_prompt, r.num_images)
+        final = self.sample(cond, noise, guidance=r.guidance, sampler=r.sampler, steps=r.steps, karras=r.karras,
+                            rng=rng, progress=progress, scale_schedule=r.scale_schedule)
+        if r.output == "latents":
             return final
         return self.decode(final)
