@@ -93,6 +93,11 @@ def test_sweep_params_map_onto_runtime_guidance():
         digits.make_guidance(rule, params).validate()  # every setting is a valid request
     labels = [(r, s) for r, s, _ in digits.sweep(quick=True)]
     assert len(labels) == len(set(labels)), "settings must be unique (they key the fused check)"
+    settings = [("cfg", "w=3", {"scale": 3.0}), ("samg", "(2,6)", {"w_min": 2.0, "w_max": 6.0}),
+                ("samg", "(2,6) smooth", {"w_min": 2.0, "w_max": 6.0, "smooth": 3}),
+                ("samg", "(2,6) tau=2", {"w_min": 2.0, "w_max": 6.0, "tau": 2.0}),
+                ("samg-bound", "(2,6)", {"w_min": 2.0, "w_max": 6.0, "w_ref": 6.0}), ("apg", "w=5", {"scale": 5.0})]
+    assert [label for _, label, _ in digits.core(settings)] == ["w=3", "(2,6)", "(2,6) smooth"]
 
 
 @needs_classifier
