@@ -4,21 +4,16 @@
 #
 #   scripts/build_native.sh [--no-cuda] [--no-runtime] [--verbose]
 #
-# Idempotent: headers are fetched once into plugins/build/deps, and make rebuilds only what changed.
-# ORT's C/C++ headers are not in the onnxruntime wheel: they come from Debian's libonnxruntime-dev
-# (1.21; its versioned C API runs on newer onnxruntime libraries), downloaded with a private apt
-# configuration and unpacked with dpkg -x -- nothing is installed on the system. nlohmann/json
-# (for the runtime's manifest) comes the same way. Where apt cannot reach Debian, point
-# ORT_INCLUDE_DIR at a folder with onnxruntime_cxx_api.h (any onnxruntime release archive's
-# include/ folder, same or older version than the installed onnxruntime) and
-# NLOHMANN_JSON_INCLUDE_DIR at a folder holding nlohmann/json.hpp.
+# Idempotent: make rebuilds only what changed. No download: ORT's C/C++ headers (1.21; its
+# versioned C API runs on newer onnxruntime libraries) and nlohmann/json are kept in third_party/
+# (see third_party/README.md); the library is the onnxruntime wheel's (pip install onnxruntime).
+# To build against other headers, point ORT_INCLUDE_DIR at a folder with onnxruntime_cxx_api.h
+# and NLOHMANN_JSON_INCLUDE_DIR at a folder holding nlohmann/json.hpp.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PLUGINS_BUILD="$ROOT/plugins/build"
 RUNTIME_BUILD="$ROOT/runtime/cpp/build"
-DEPS="${SAMG_NATIVE_DEPS:-$PLUGINS_BUILD/deps}"
-DEBIAN_SUITE="${SAMG_DEBIAN_SUITE:-trixie}"
 BUILD_CUDA=auto
 BUILD_RUNTIME=1
 VERBOSE=0
@@ -28,7 +23,7 @@ for arg in "$@"; do
     --cuda) BUILD_CUDA=1 ;;
     --no-runtime) BUILD_RUNTIME=0 ;;
     --verbose|-v) VERBOSE=1 ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
     *) echo "build_native.sh: unknown option '$arg' (use --no-cuda, --cuda, --no-runtime, --verbose)" >&2; exit 2 ;;
   esac
 done
@@ -58,33 +53,12 @@ command -v ninja >/dev/null && GENERATOR=(-G Ninja)
 exec 9>"$PLUGINS_BUILD/.lock"
 flock 9
 
-fetch_debian_headers() {
-  local apt_dir="$DEPS/apt"
-  command -v apt-get >/dev/null && command -v dpkg-deb >/dev/null ||
-    fail "apt-get/dpkg-deb not found, so the ORT headers cannot be fetched: set ORT_INCLUDE_DIR and NLOHMANN_JSON_INCLUDE_DIR (see the top of this script)"
-  mkdir -p "$apt_dir/lists/partial" "$apt_dir/cache/archives/partial" "$DEPS/debs"
-  echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian $DEBIAN_SUITE main" \
-    >"$apt_dir/sources.list"
-  local apt_opts=(-o "Dir::Etc::SourceList=$apt_dir/sources.list" -o Dir::Etc::SourceParts=/dev/null
-    -o "Dir::State::Lists=$apt_dir/lists" -o "Dir::Cache=$apt_dir/cache" -o Debug::NoLocking=1
-    -o APT::Sandbox::User="$(id -un)")
-  step "apt-get update (Debian $DEBIAN_SUITE lists, private to $apt_dir)" apt-get -q "${apt_opts[@]}" update
-  (cd "$DEPS/debs" && step "apt-get download libonnxruntime-dev nlohmann-json3-dev" \
-    apt-get -q "${apt_opts[@]}" download libonnxruntime-dev nlohmann-json3-dev)
-  for deb in "$DEPS"/debs/*.deb; do
-    step "dpkg -x $(basename "$deb")" dpkg-deb -x "$deb" "$DEPS"
-  done
-}
-
-ORT_INC="${ORT_INCLUDE_DIR:-$DEPS/usr/include/onnxruntime}"
-JSON_INC="${NLOHMANN_JSON_INCLUDE_DIR:-$DEPS/usr/include}"
-if [[ ! -f "$ORT_INC/onnxruntime_cxx_api.h" || ! -f "$JSON_INC/nlohmann/json.hpp" ]]; then
-  [[ -n "${ORT_INCLUDE_DIR:-}${NLOHMANN_JSON_INCLUDE_DIR:-}" ]] &&
-    fail "ORT_INCLUDE_DIR/NLOHMANN_JSON_INCLUDE_DIR given but onnxruntime_cxx_api.h or nlohmann/json.hpp is missing there"
-  echo "build_native.sh: fetching ORT and nlohmann/json headers from Debian $DEBIAN_SUITE (once)" >&2
-  fetch_debian_headers
-  [[ -f "$ORT_INC/onnxruntime_cxx_api.h" ]] || fail "libonnxruntime-dev unpacked but $ORT_INC/onnxruntime_cxx_api.h is missing"
-fi
+ORT_INC="${ORT_INCLUDE_DIR:-$ROOT/third_party/onnxruntime/include}"
+JSON_INC="${NLOHMANN_JSON_INCLUDE_DIR:-$ROOT/third_party/nlohmann_json/include}"
+[[ -f "$ORT_INC/onnxruntime_cxx_api.h" ]] ||
+  fail "$ORT_INC/onnxruntime_cxx_api.h is missing: restore third_party/ from the repository or set ORT_INCLUDE_DIR"
+[[ -f "$JSON_INC/nlohmann/json.hpp" ]] ||
+  fail "$JSON_INC/nlohmann/json.hpp is missing: restore third_party/ from the repository or set NLOHMANN_JSON_INCLUDE_DIR"
 
 # Configure + build one CMake project quietly.
 cmake_build() {

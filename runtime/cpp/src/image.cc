@@ -21,22 +21,12 @@ void put_chunk(std::string& out, const char* type, const std::string& data) {
   put_u32(out, static_cast<uint32_t>(crc32(0, reinterpret_cast<const Bytef*>(body.data()), static_cast<uInt>(body.size()))));
 }
 
-void write_file(const std::string& path, const std::string& bytes) {
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream file(tmp, std::ios::binary | std::ios::trunc);
-    file.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-    if (!file) throw std::runtime_error("cannot write " + path);
-  }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) throw std::runtime_error("cannot rename " + tmp + " to " + path);
-}
-
 }  // namespace
 
 void write_ppm(const std::string& path, const Image& image) {
   std::string bytes = "P6\n" + std::to_string(image.width) + " " + std::to_string(image.height) + "\n255\n";
   bytes.append(reinterpret_cast<const char*>(image.rgb.data()), image.rgb.size());
-  write_file(path, bytes);
+  write_file_atomic(path, bytes);
 }
 
 void write_png(const std::string& path, const Image& image) {
@@ -60,7 +50,7 @@ void write_png(const std::string& path, const Image& image) {
   put_chunk(png, "IHDR", header);
   put_chunk(png, "IDAT", packed);
   put_chunk(png, "IEND", "");
-  write_file(path, png);
+  write_file_atomic(path, png);
 }
 
 }  // namespace samg

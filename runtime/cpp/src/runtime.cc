@@ -12,7 +12,6 @@
 namespace samg {
 namespace {
 
-using Json = nlohmann::json;
 using Clock = std::chrono::steady_clock;
 
 double seconds_since(Clock::time_point start) {
@@ -30,6 +29,21 @@ void check_finite(const std::vector<float>& x, const std::string& what) {
     if (!std::isfinite(v))
       throw std::runtime_error("non-finite values in " + what +
                                ": lower the guidance scale, check the model files, or run in float32");
+}
+
+// A denoiser output must be finite and of a prediction's size (see kMaxPredictionMagnitude).
+void check_prediction(const std::vector<float>& x, const std::string& what) {
+  check_finite(x, what);
+  for (float v : x)
+    if (std::fabs(v) > kMaxPredictionMagnitude)
+      throw std::runtime_error(what + " reaches " + std::to_string(v) + ", beyond any prediction (limit " +
+                               std::to_string(static_cast<int64_t>(kMaxPredictionMagnitude)) +
+                               "): lower the guidance scale or check the model files");
+}
+
+void check_input_finite(const Tensor& t, const std::string& what) {
+  for (float v : t.data)
+    if (!std::isfinite(v)) throw ManifestError(what + " holds non-finite values: regenerate it");
 }
 
 Ort::Value float_tensor(std::vector<float>& data, const std::vector<int64_t>& shape) {
@@ -66,34 +80,100 @@ std::map<std::string, Tensor> run(Ort::Session& session, std::map<std::string, s
   return out;
 }
 
+// The session's input or output names, and each one's dims (-1 where symbolic) and element type.
+struct Port {
+  std::string name;
+  std::vector<int64_t> dims;
+  ONNXTensorElementDataType type;
+};
+
+std::vector<Port> ports(Ort::Session& session, bool inputs) {
+  Ort::AllocatorWithDefaultOptions allocator;
+  std::vector<Port> out;
+  const size_t count = inputs ? session.GetInputCount() : session.GetOutputCount();
+  for (size_t i = 0; i < count; ++i) {
+    auto name = inputs ? session.GetInputNameAllocated(i, allocator) : session.GetOutputNameAllocated(i, allocator);
+    const Ort::TypeInfo type = inputs ? session.GetInputTypeInfo(i) : session.GetOutputTypeInfo(i);
+    const auto info = type.GetTensorTypeAndShapeInfo();
+    out.push_back({name.get(), info.GetShape(), info.GetElementType()});
+  }
+  return out;
+}
+
+// The denoiser graph must be what the manifest says: its inputs and outputs by name, float32,
+// latents with the manifest's channel count. A mismatch is a damaged or hand-edited export.
+void check_denoiser(Ort::Session& session, const Manifest& m) {
+  std::vector<std::string> want_in = {"latents", "timestep"};
+  want_in.insert(want_in.end(), m.conditioning_names.begin(), m.conditioning_names.end());
+  if (m.guidance == "fused") want_in.push_back("guidance_scales");
+  const std::vector<std::string> want_out =
+      m.guidance == "fused" ? std::vector<std::string>{"guided"} : std::vector<std::string>{"pred_uncond", "pred_cond"};
+  for (const bool inputs : {true, false}) {
+    const auto have = ports(session, inputs);
+    const auto& want = inputs ? want_in : want_out;
+    std::string have_names;
+    for (const auto& p : have) have_names += (have_names.empty() ? "" : ", ") + p.name;
+    bool same = have.size() == want.size();
+    for (const auto& name : want) {
+      bool found = false;
+      for (const auto& p : have) found = found || p.name == name;
+      same = same && found;
+    }
+    if (!same) {
+      std::string want_names;
+      for (const auto& name : want) want_names += (want_names.empty() ? "" : ", ") + name;
+      throw ManifestError("samg.json: denoiser.file's graph has " + std::string(inputs ? "inputs " : "outputs ") + have_names +
+                          ", a " + m.guidance + " export's denoiser has " + want_names +
+                          ": the manifest does not match the model, re-export the model with `samg export`");
+    }
+    for (const auto& p : have) {
+      if (p.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
+        throw ManifestError("denoiser " + std::string(inputs ? "input " : "output ") + p.name +
+                            " is not float32: the C++ runtime runs float32 exports only, re-export with --dtype float32");
+      const size_t axis = m.latent.layout == "BFCHW" ? 2 : 1;
+      if ((p.name == "latents" || p.name == "guided" || p.name == "pred_uncond") && p.dims.size() > axis &&
+          p.dims[axis] > 0 && p.dims[axis] != m.latent.channels)
+        throw ManifestError("samg.json: latent.channels is " + std::to_string(m.latent.channels) + " but the denoiser's " +
+                            p.name + " has " + std::to_string(p.dims[axis]) + ": re-export the model with `samg export`");
+    }
+  }
+}
+
 }  // namespace
 
-Runtime::Runtime(const std::string& export_dir, const RuntimeOptions& options) : export_dir_(export_dir) {
-  std::ifstream file(export_dir + "/samg.json");
-  if (!file) throw std::runtime_error(export_dir + " is not a samg export (no samg.json): run `samg export` first");
-  manifest_ = Json::parse(file);
-  if (manifest_.value("format", "") != "samg-export" || manifest_.value("format_version", 0) != 1)
-    throw std::runtime_error(export_dir + "/samg.json is not a samg export manifest of format_version 1: re-export");
-  for (const auto& name : manifest_["text_encoder"]["outputs"]) conditioning_names_.push_back(name.get<std::string>());
+void check_request(const Manifest& manifest, const Request& request) {
+  if (request.guidance != "samg" && request.guidance != "cfg")
+    throw std::invalid_argument("guidance '" + request.guidance + "' is not in the C++ runtime: use samg or cfg");
+  for (const double w : {request.w_min, request.w_max})
+    if (!(w >= 0.0 && w <= kMaxGuidanceScale))  // NaN fails too
+      throw std::invalid_argument("guidance scales must be finite numbers from 0 to " +
+                                  std::to_string(static_cast<int>(kMaxGuidanceScale)) + ", got " + std::to_string(w) +
+                                  ": e.g. --scale 7.5");
+  if (request.guidance == "samg" && !(request.w_min <= request.w_max))
+    throw std::invalid_argument("w_min (" + std::to_string(request.w_min) + ") is above w_max (" +
+                                std::to_string(request.w_max) + "): swap --w-min and --w-max");
+  make_schedule(manifest.scheduler, request.sampler, request.steps, request.karras);  // sampler and steps
+}
 
+Runtime::Runtime(const std::string& export_dir, const RuntimeOptions& options)
+    : export_dir_(export_dir), manifest_(read_manifest(export_dir)) {
   env_ = std::make_unique<Ort::Env>(ORT_LOGGING_LEVEL_ERROR, "samg");
   Ort::SessionOptions session_options;
   // As samg's Python runner: idle ORT threads spin by default, stealing a shared CPU from the rest.
   session_options.AddConfigEntry("session.intra_op.allow_spinning", "0");
   if (options.intra_op_threads > 0) session_options.SetIntraOpNumThreads(options.intra_op_threads);
   if (!options.custom_op_library.empty()) session_options.RegisterCustomOpsLibrary(options.custom_op_library.c_str());
-  const std::string denoiser = export_dir + "/" + manifest_["denoiser"]["file"].get<std::string>();
-  const std::string vae = export_dir + "/" + manifest_["vae"]["file"].get<std::string>();
-  denoiser_ = std::make_unique<Ort::Session>(*env_, denoiser.c_str(), session_options);
-  vae_ = std::make_unique<Ort::Session>(*env_, vae.c_str(), session_options);
+  denoiser_ = std::make_unique<Ort::Session>(*env_, manifest_.denoiser_path.c_str(), session_options);
+  vae_ = std::make_unique<Ort::Session>(*env_, manifest_.vae_path.c_str(), session_options);
+  check_denoiser(*denoiser_, manifest_);
 }
 
 Runtime::~Runtime() = default;
 
 Tensor Runtime::denoise(const Tensor& x, double sigma, double timestep, const std::map<std::string, Tensor>& cond,
                         const Request& request) {
-  const std::string prediction = manifest_["prediction_type"];
-  const bool fused = manifest_["guidance"] == "fused";
+  const std::string& prediction = manifest_.prediction_type;
+  const bool fused = manifest_.guidance == "fused";
   const int64_t batch = x.shape[0];
   const double w_lo = request.guidance == "cfg" ? request.w_max : request.w_min, w_hi = request.w_max;
 
@@ -119,14 +199,17 @@ Tensor Runtime::denoise(const Tensor& x, double sigma, double timestep, const st
   } else {
     const Tensor& u = out["pred_uncond"];
     guided = u;
-    const Json combine = manifest_.value("combine", Json::object());
-    samg_combine_params params{combine.value("tau", 1.0f), combine.value("sharpness", 4.0f), combine.value("smooth", 0),
-                               combine.value("channel_axis", 1)};
+    const CombineSpec& combine = manifest_.combine;
+    samg_combine_params params{combine.tau, combine.sharpness, combine.smooth, combine.channel_axis};
     if (const char* problem = samg_guidance_combine_cpu(u.data.data(), out["pred_cond"].data.data(), scales.data(),
                                                         guided.data.data(), SAMG_DTYPE_FLOAT32, u.shape.data(),
                                                         static_cast<int>(u.shape.size()), &params, 0))
       throw std::runtime_error(std::string("guidance combine: ") + problem);
   }
+  if (guided.shape != x.shape)
+    throw std::runtime_error("the denoiser returned " + guided.shape_text() + " for latents " + x.shape_text() +
+                             ": check the model files or re-export the model");
+  check_prediction(guided.data, "the denoiser's guided prediction");
   // x0 from the guided prediction (samg.runtime.denoiser._x0_from).
   Tensor x0{x.shape, std::vector<float>(x.data.size())};
   const float s = static_cast<float>(sigma);
@@ -135,27 +218,38 @@ Tensor Runtime::denoise(const Tensor& x, double sigma, double timestep, const st
   } else if (prediction == "v_prediction") {
     const double a = 1.0 / (1.0 + sigma * sigma), b = sigma / std::sqrt(1.0 + sigma * sigma);
     for (size_t i = 0; i < x0.data.size(); ++i) x0.data[i] = static_cast<float>(x.data[i] * a - b * guided.data[i]);
-  } else {
-    throw std::runtime_error("unknown prediction_type '" + prediction + "' in samg.json: re-export the model");
+  } else {  // read_manifest admits no other
+    throw std::logic_error("prediction_type " + prediction);
   }
   return x0;
 }
 
 Tensor Runtime::sample(const std::map<std::string, Tensor>& conditioning, const Tensor& noise, const Request& request) {
-  if (request.guidance != "samg" && request.guidance != "cfg")
-    throw std::invalid_argument("guidance '" + request.guidance + "' is not in the C++ runtime: use samg or cfg");
-  if (!(request.w_min <= request.w_max)) throw std::invalid_argument("--w-min is above --w-max: swap them");
-  const Schedule schedule = make_schedule(manifest_["scheduler"], request.sampler, request.steps, request.karras);
-  const int64_t batch = noise.shape.at(0);
+  check_request(manifest_, request);
+  const Schedule schedule = make_schedule(manifest_.scheduler, request.sampler, request.steps, request.karras);
+  const LatentSpec& latent = manifest_.latent;
+  const size_t rank = latent.layout == "BCHW" ? 4 : 5;
+  const size_t channel_axis = latent.layout == "BFCHW" ? 2 : 1;
+  if (noise.shape.size() != rank || noise.shape[channel_axis] != latent.channels || noise.size() < 1 ||
+      noise.size() > kMaxLatentElements)
+    throw std::invalid_argument("noise has shape " + noise.shape_text() + ": this " + latent.layout + " export needs " +
+                                std::to_string(rank) + "-D latents with " + std::to_string(latent.channels) +
+                                " channels on axis " + std::to_string(channel_axis));
+  check_input_finite(noise, "the noise");
+  const int64_t batch = noise.shape[0];
 
   // [2, ...] from `samg encode` -> [2B, ...]: B copies of the negative, then B of the prompt.
   std::map<std::string, Tensor> cond;
-  for (const auto& name : conditioning_names_) {
+  for (const auto& name : manifest_.conditioning_names) {
     auto it = conditioning.find(name);
     if (it == conditioning.end()) throw std::invalid_argument("conditioning '" + name + "' missing: pass " + name + ".npy from `samg encode`");
     const Tensor& t = it->second;
-    if (t.shape.empty() || (t.shape[0] != 2 && t.shape[0] != 2 * batch))
+    if (t.shape.empty() || (t.shape[0] != 2 && t.shape[0] != 2 * batch) || t.size() < 2)
       throw std::invalid_argument(name + " has shape " + t.shape_text() + ": expected [2, ...] (negative, prompt) or [2B, ...]");
+    if (t.size() / t.shape[0] * 2 * batch > kMaxTensorElements)
+      throw std::invalid_argument(name + " repeated for " + std::to_string(batch) + " samples would hold over " +
+                                  std::to_string(kMaxTensorElements) + " values: lower the batch");
+    check_input_finite(t, "conditioning " + name);
     if (t.shape[0] == 2 * batch) {
       cond[name] = t;
       continue;
@@ -211,16 +305,17 @@ Tensor Runtime::sample(const std::map<std::string, Tensor>& conditioning, const 
 }
 
 std::vector<Image> Runtime::decode(const Tensor& latents) {
-  if (manifest_["latent"]["layout"] != "BCHW")
+  if (manifest_.latent.layout != "BCHW")
     throw std::invalid_argument("the C++ runtime decodes image (BCHW) exports; decode video latents with `samg`");
-  const Json& vae = manifest_["vae"];
-  const float scaling = vae.value("scaling_factor", 1.0f);
-  const float shift = vae.contains("shift_factor") && !vae["shift_factor"].is_null() ? vae["shift_factor"].get<float>() : 0.0f;
+  const float scaling = static_cast<float>(manifest_.vae_scaling_factor);
+  const float shift = static_cast<float>(manifest_.vae_shift_factor);
   std::map<std::string, std::pair<std::vector<float>, std::vector<int64_t>>> feeds;
   std::vector<float> z(latents.data.size());
   for (size_t i = 0; i < z.size(); ++i) z[i] = latents.data[i] / scaling + shift;
   feeds["latents"] = {z, latents.shape};
   const Tensor images = run(*vae_, feeds, {"images"})["images"];  // [N, 3, H, W] in [-1, 1]
+  if (images.shape.size() != 4 || images.shape[0] != latents.shape.at(0) || images.shape[1] != 3)
+    throw std::runtime_error("the VAE decoder returned " + images.shape_text() + ", not [N, 3, H, W] images: re-export the model");
   check_finite(images.data, "decoded images (VAE decoder output)");
   const int64_t count = images.shape[0], height = images.shape[2], width = images.shape[3];
   std::vector<Image> out;

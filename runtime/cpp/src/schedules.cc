@@ -7,14 +7,6 @@
 namespace samg {
 namespace {
 
-using Json = nlohmann::json;
-
-template <typename T>
-T get_or(const Json& cfg, const char* key, T fallback) {
-  auto it = cfg.find(key);
-  return (it == cfg.end() || it->is_null()) ? fallback : it->get<T>();
-}
-
 // numpy.linspace: start + i * step in float64, last element exactly `stop`.
 std::vector<double> linspace(double start, double stop, int64_t num) {
   std::vector<double> out(static_cast<size_t>(std::max<int64_t>(num, 0)));
@@ -61,10 +53,9 @@ std::vector<float> betas(int n, double beta_start, double beta_end, const std::s
   return b;
 }
 
-std::vector<float> alphas_cumprod(const Json& cfg) {
-  std::vector<float> b = betas(get_or<int>(cfg, "num_train_timesteps", 1000), get_or<double>(cfg, "beta_start", 0.0001),
-                               get_or<double>(cfg, "beta_end", 0.02), get_or<std::string>(cfg, "beta_schedule", "linear"));
-  const bool zero_snr = get_or<bool>(cfg, "rescale_betas_zero_snr", false);
+std::vector<float> alphas_cumprod(const SchedulerSpec& cfg) {
+  std::vector<float> b = betas(cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end, cfg.beta_schedule);
+  const bool zero_snr = cfg.rescale_betas_zero_snr;
   const size_t n = b.size();
   if (zero_snr) {  // Lin et al. 2023, Algorithm 1, in float32 like the numpy port
     std::vector<float> sqrt_ab(n);
@@ -82,6 +73,11 @@ std::vector<float> alphas_cumprod(const Json& cfg) {
   float running = 1.0f;
   for (size_t i = 0; i < n; ++i) ac[i] = running *= (1.0f - b[i]);
   if (zero_snr) ac[n - 1] = std::ldexp(1.0f, -24);
+  // Betas that round away in float32 leave alphas_cumprod at 1 (sigma 0) or flat: no schedule.
+  for (size_t i = 0; i < n; ++i)
+    if (!(ac[i] > 0.0f && ac[i] < 1.0f) || (i && !(ac[i] < ac[i - 1])))
+      throw ManifestError("samg.json: scheduler betas give no usable noise schedule (alphas_cumprod[" + std::to_string(i) +
+                          "] = " + std::to_string(ac[i]) + "): re-export the model with `samg export`");
   return ac;
 }
 
@@ -140,11 +136,11 @@ std::vector<double> spaced_timesteps(const std::string& spacing, int steps, int 
   return ts;
 }
 
-Schedule euler_schedule(const Json& cfg, int steps, bool karras) {
+Schedule euler_schedule(const SchedulerSpec& cfg, int steps, bool karras) {
   const auto ac = alphas_cumprod(cfg);
   const int num_train = static_cast<int>(ac.size());
-  const std::string spacing = get_or<std::string>(cfg, "timestep_spacing", "leading");
-  std::vector<double> ts = spaced_timesteps(spacing, steps, num_train, get_or<int>(cfg, "steps_offset", 0));
+  const std::string spacing = cfg.timestep_spacing.empty() ? "leading" : cfg.timestep_spacing;
+  std::vector<double> ts = spaced_timesteps(spacing, steps, num_train, cfg.steps_offset);
   const auto full = train_sigmas(ac);
   std::vector<double> sig(ts.size());
   for (size_t i = 0; i < ts.size(); ++i) sig[i] = interp_index(ts[i], full);
@@ -163,18 +159,21 @@ Schedule euler_schedule(const Json& cfg, int steps, bool karras) {
   return s;
 }
 
-Schedule ddim_schedule(const Json& cfg, int steps) {
+Schedule ddim_schedule(const SchedulerSpec& cfg, int steps) {
   const auto ac = alphas_cumprod(cfg);
   const int num_train = static_cast<int>(ac.size());
-  const std::string spacing = get_or<std::string>(cfg, "timestep_spacing", "leading");
-  std::vector<double> ts = spaced_timesteps(spacing, steps, num_train, get_or<int>(cfg, "steps_offset", 0));
-  const float final_ac = get_or<bool>(cfg, "set_alpha_to_one", true) ? 1.0f : ac[0];
+  const std::string spacing = cfg.timestep_spacing.empty() ? "leading" : cfg.timestep_spacing;
+  std::vector<double> ts = spaced_timesteps(spacing, steps, num_train, cfg.steps_offset);
+  const float final_ac = cfg.set_alpha_to_one ? 1.0f : ac[0];
   Schedule s;
   // float32 throughout, like the numpy port (alphas_cumprod is float32 there).
   auto sigma_of = [](float a) { return static_cast<double>(std::sqrt((1.0f - a) / a)); };
   float last_prev_ac = final_ac;
   for (double t : ts) {
     const int64_t step_t = static_cast<int64_t>(spacing == "linspace" ? round_half_even(t) : t);
+    if (step_t < 0 || step_t >= num_train)  // leading spacing + steps_offset at steps == num_train_timesteps
+      throw std::invalid_argument("ddim with " + std::to_string(steps) + " steps reaches timestep " + std::to_string(step_t) +
+                                  ", beyond the model's " + std::to_string(num_train) + ": use fewer --steps");
     const int64_t prev = step_t - num_train / steps;
     s.timesteps.push_back(static_cast<double>(step_t));
     s.sigmas.push_back(sigma_of(ac[step_t]));
@@ -185,17 +184,17 @@ Schedule ddim_schedule(const Json& cfg, int steps) {
   return s;
 }
 
-Schedule dpm_schedule(const Json& cfg, int steps, bool karras) {
+Schedule dpm_schedule(const SchedulerSpec& cfg, int steps, bool karras) {
   const auto ac = alphas_cumprod(cfg);
   const int num_train = static_cast<int>(ac.size());
-  const std::string spacing = get_or<std::string>(cfg, "timestep_spacing", "linspace");
+  const std::string spacing = cfg.timestep_spacing.empty() ? "linspace" : cfg.timestep_spacing;
   std::vector<double> ts;
   if (spacing == "linspace") {
     auto v = linspace(0, num_train - 1, steps + 1);
     for (int i = steps; i >= 1; --i) ts.push_back(round_half_even(v[i]));
   } else if (spacing == "leading") {
     const int ratio = num_train / (steps + 1);
-    for (int i = steps; i >= 1; --i) ts.push_back(round_half_even(static_cast<double>(i) * ratio) + get_or<int>(cfg, "steps_offset", 0));
+    for (int i = steps; i >= 1; --i) ts.push_back(round_half_even(static_cast<double>(i) * ratio) + cfg.steps_offset);
   } else if (spacing == "trailing") {
     for (double t : arange(num_train, 0, -static_cast<double>(num_train) / steps)) ts.push_back(round_half_even(t) - 1);
   } else {
@@ -222,9 +221,9 @@ Schedule dpm_schedule(const Json& cfg, int steps, bool karras) {
 
 double shift_sigma(double s, double shift) { return shift * s / (1 + (shift - 1) * s); }
 
-Schedule flow_schedule(const Json& cfg, int steps) {
-  const int num_train = get_or<int>(cfg, "num_train_timesteps", 1000);
-  const double shift = get_or<double>(cfg, "shift", 1.0);
+Schedule flow_schedule(const SchedulerSpec& cfg, int steps) {
+  const int num_train = cfg.num_train_timesteps;
+  const double shift = cfg.shift;
   const double sigma_max = shift_sigma(1.0, shift), sigma_min = shift_sigma(1.0 / num_train, shift);
   Schedule s;
   s.flow = true;
@@ -240,9 +239,13 @@ Schedule flow_schedule(const Json& cfg, int steps) {
 
 }  // namespace
 
-Schedule make_schedule(const Json& cfg, const std::string& sampler, int steps, bool karras) {
-  if (steps < 1) throw std::invalid_argument("steps must be at least 1: pass --steps N with N >= 1");
-  const std::string kind = get_or<std::string>(cfg, "kind", "discrete");
+Schedule make_schedule(const SchedulerSpec& cfg, const std::string& sampler, int steps, bool karras) {
+  // As diffusers: more steps than training timesteps would repeat or skip past them.
+  if (steps < 1 || steps > cfg.num_train_timesteps)
+    throw std::invalid_argument("steps must be from 1 to the model's num_train_timesteps (" +
+                                std::to_string(cfg.num_train_timesteps) + "), got " + std::to_string(steps) +
+                                ": e.g. --steps 30");
+  const std::string& kind = cfg.kind;
   if (kind == "flow") {
     if (sampler != "flow_euler" && sampler != "euler")
       throw std::invalid_argument("sampler '" + sampler + "' does not apply to a flow-matching model: use --sampler flow_euler");

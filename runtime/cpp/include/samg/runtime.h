@@ -8,8 +8,7 @@
 #include <string>
 #include <vector>
 
-#include <nlohmann/json.hpp>
-
+#include "samg/manifest.h"
 #include "samg/npy.h"
 #include "samg/schedules.h"
 
@@ -27,11 +26,16 @@ struct RuntimeOptions {
 
 struct Request {
   std::string guidance = "samg";    // "samg" (w_min..w_max) or "cfg" (one scale)
-  double w_min = 4.25, w_max = 7.5; // cfg uses w_max
+  double w_min = 4.25, w_max = 7.5; // in [0, kMaxGuidanceScale], w_min <= w_max; cfg uses w_max
   std::string sampler = "euler";    // euler, ddim, dpmpp_2m, flow_euler
   int steps = 30;
   bool karras = false;
 };
+
+// std::invalid_argument (one line) unless `request` can run on this export: guidance samg|cfg,
+// scales finite in [0, kMaxGuidanceScale] with w_min <= w_max, a sampler that fits the scheduler,
+// 1 <= steps <= num_train_timesteps. Cheap: call it before loading sessions or allocating.
+void check_request(const Manifest& manifest, const Request& request);
 
 // Wall-clock time of the last sample() call: the whole loop, and the part spent inside the
 // denoiser session's Run (so loop_s - denoiser_run_s is the runtime's own per-step overhead).
@@ -51,12 +55,16 @@ class Runtime {
   Runtime(const std::string& export_dir, const RuntimeOptions& options);
   ~Runtime();
 
-  const nlohmann::json& manifest() const { return manifest_; }
+  // The validated manifest (`.raw`: the whole samg.json document).
+  const Manifest& manifest() const { return manifest_; }
   // Names of the denoiser's conditioning inputs (files `<name>.npy` from `samg encode`).
-  const std::vector<std::string>& conditioning_names() const { return conditioning_names_; }
+  const std::vector<std::string>& conditioning_names() const { return manifest_.conditioning_names; }
 
   // `conditioning`: per name, [2, ...] (negative first, then the prompt) or already [2B, ...].
-  // `noise`: standard normal latents [B, ...]. Returns the final latents in the model's space.
+  // `noise`: standard normal latents [B, ...] (e.g. samg::standard_normal(seed, shape)).
+  // Returns the final latents in the model's space. Throws ManifestError (std::invalid_argument)
+  // for bad requests or inputs, std::runtime_error when the model's outputs go non-finite or
+  // beyond kMaxPredictionMagnitude.
   Tensor sample(const std::map<std::string, Tensor>& conditioning, const Tensor& noise, const Request& request);
   // Images from model-space latents (image models: [N, C, h, w]).
   std::vector<Image> decode(const Tensor& latents);
@@ -68,8 +76,7 @@ class Runtime {
                  const Request& request);
 
   std::string export_dir_;
-  nlohmann::json manifest_;
-  std::vector<std::string> conditioning_names_;
+  Manifest manifest_;
   std::unique_ptr<Ort::Env> env_;
   std::unique_ptr<Ort::Session> denoiser_, vae_;
   Timing timing_;

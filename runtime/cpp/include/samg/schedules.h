@@ -5,7 +5,7 @@
 #include <string>
 #include <vector>
 
-#include <nlohmann/json.hpp>
+#include "samg/manifest.h"
 
 namespace samg {
 
@@ -16,7 +16,7 @@ struct Schedule {
   bool flow = false;              // flow matching (sampler variable = model latents)
 };
 
-// Throws std::invalid_argument with a fix for unknown samplers/kinds or steps < 1.
-Schedule make_schedule(const nlohmann::json& scheduler, const std::string& sampler, int steps, bool karras);
+// Throws std::invalid_argument with a fix for unknown samplers, or steps outside [1, num_train_timesteps].
+Schedule make_schedule(const SchedulerSpec& scheduler, const std::string& sampler, int steps, bool karras);
 
 }  // namespace samg
