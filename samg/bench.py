@@ -1,6 +1,8 @@
 """`samg bench DIR`: side-by-side latency, measured in one run on the same model, sampler and steps.
 
-Rows (medians over interleaved repetitions, so slow drifts of a shared machine hit all rows alike):
+Rows (medians and interquartile ranges over interleaved repetitions, so slow drifts of a shared
+machine hit all rows alike; ratios are taken per repetition, then summarized, and each says whether
+its spread resolves it from parity):
 - end to end: samg runtime vs diffusers' own pipeline from the export's source/ folder (CPU torch);
 - per denoising step: fused SAMG graph vs the peers' way (raw export, both predictions out, CFG on
   the host) vs the fused graph in plain-CFG mode (w_min == w_max);
@@ -11,7 +13,6 @@ A raw variant of the export is made in a temporary folder when --raw is not give
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
@@ -31,6 +32,51 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt"))
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--no-diffusers", action="store_true", help="skip the diffusers end-to-end row")
+
+
+def quartiles(samples) -> tuple[float, float, float]:
+    """(first quartile, median, third quartile), linear interpolation between order statistics
+    (numpy's default percentile method), so five samples give the 2nd, 3rd and 4th smallest."""
+    xs = sorted(float(x) for x in samples)
+    if not xs:
+        raise ValueError("no samples")
+
+    def at(q: float) -> float:
+        pos = (len(xs) - 1) * q
+        lo = int(pos)
+        hi = min(lo + 1, len(xs) - 1)
+        return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+    return at(0.25), at(0.5), at(0.75)
+
+
+def ratio_spread(numerators, denominators) -> dict:
+    """A ratio of two interleaved timings, with its spread and whether that spread resolves it.
+
+    Repetition i of both rows ran back to back, so the ratio is taken per repetition (a load burst
+    hits both terms) and then summarized: median, interquartile range and its width (`spread`).
+    `resolved` is False when the spread is at least the ratio's distance from parity |1 - median|:
+    the measurement then cannot tell the two rows apart."""
+    if len(numerators) != len(denominators) or not numerators:
+        raise ValueError("need one denominator per numerator, at least one of each")
+    ratios = [a / b for a, b in zip(numerators, denominators)]
+    q1, med, q3 = quartiles(ratios)
+    spread, gap = q3 - q1, abs(1.0 - med)
+    return {"ratio": med, "q1": q1, "q3": q3, "spread": spread, "gap": gap, "reps": len(ratios),
+            "resolved": len(ratios) > 1 and spread < gap}
+
+
+def resolution_note(r: dict) -> str:
+    """The verdict printed after each ratio."""
+    if r["reps"] < 2:
+        return "not resolved: one repetition has no spread (raise --reps)"
+    if r["resolved"]:
+        return f"resolved: spread {r['spread']:.3f} below |1 - ratio| {r['gap']:.3f}"
+    return f"not resolved: spread {r['spread']:.3f} exceeds |1 - ratio| {r['gap']:.3f}"
+
+
+def format_ratio(label: str, r: dict, width: int = 36) -> str:
+    return (f"  {label:<{width}} {r['ratio']:6.3f}  [IQR {r['q1']:.3f}–{r['q3']:.3f}]  {resolution_note(r)}")
 
 
 def _timed(fn) -> float:
@@ -145,9 +191,8 @@ def run(args: argparse.Namespace) -> int:
         for _ in range(args.reps):
             for name, fn in rows.items():
                 times[name].append(_timed(fn))
-        med = {k: statistics.median(v) for k, v in times.items()}
-        med["loop overhead per step (null runner)"] /= args.steps
-        _print_table(med, args, fused.manifest)
+        times["loop overhead per step (null runner)"] = [t / args.steps for t in times["loop overhead per step (null runner)"]]
+        _print_table(times, args, fused.manifest)
     return 0
 
 
@@ -157,17 +202,31 @@ def _guidance(args):
     return Guidance("samg", args.w_min, args.w_max)
 
 
-def _print_table(med: dict[str, float], args, manifest) -> None:
+# (label, numerator row, denominator row) of each printed ratio.
+RATIOS = [
+    ("raw+host CFG / fused SAMG step", "step: raw graph + host CFG (peers)", "step: fused SAMG graph"),
+    ("fused plain CFG / fused SAMG step", "step: fused graph, plain CFG", "step: fused SAMG graph"),
+    ("loop overhead / fused SAMG step", "loop overhead per step (null runner)", "step: fused SAMG graph"),
+    ("diffusers e2e / samg e2e", "end to end: diffusers pipeline (CFG)", "end to end: samg runtime (SAMG)"),
+]
+
+
+def _print_table(times: dict[str, list[float]], args, manifest) -> None:
+    """Each row's median and interquartile range (ms), then each ratio with its spread and verdict."""
+    reps = len(next(iter(times.values())))
     print(f"samg bench: model {manifest.get('model')}, sampler {args.sampler}, {args.steps} steps, "
-          f"backend {args.backend}/{args.device}, medians of {args.reps} interleaved reps")
-    width = max(len(k) for k in med)
-    for name, sec in med.items():
-        print(f"  {name:<{width}}  {sec * 1e3:10.3f} ms")
-    fused_step = med["step: fused SAMG graph"]
-    print("ratios:")
-    print(f"  raw+host CFG / fused SAMG step      {med['step: raw graph + host CFG (peers)'] / fused_step:6.3f}")
-    print(f"  fused plain CFG / fused SAMG step   {med['step: fused graph, plain CFG'] / fused_step:6.3f}")
-    print(f"  loop overhead / fused SAMG step     {med['loop overhead per step (null runner)'] / fused_step:6.3f}")
-    if "end to end: diffusers pipeline (CFG)" in med:
-        ratio = med["end to end: diffusers pipeline (CFG)"] / med["end to end: samg runtime (SAMG)"]
-        print(f"  diffusers e2e / samg e2e            {ratio:6.3f}")
+          f"backend {args.backend}/{args.device}, median [interquartile range] of {reps} interleaved reps")
+    width = max(len(k) for k in times)
+    for name, samples in times.items():
+        q1, med, q3 = quartiles(samples)
+        print(f"  {name:<{width}}  {med * 1e3:10.3f} ms  [IQR {q1 * 1e3:.3f}–{q3 * 1e3:.3f}]")
+    print("ratios (per interleaved rep; median [IQR]):")
+    unresolved = 0
+    for label, num, den in RATIOS:
+        if num in times and den in times:
+            r = ratio_spread(times[num], times[den])
+            unresolved += not r["resolved"]
+            print(format_ratio(label, r))
+    if unresolved:
+        print(f"{unresolved} ratio(s) not resolved: the machine's noise is as large as the difference; "
+              "rerun on a quiet machine or with more --reps")

@@ -4,7 +4,8 @@
 
 Both folders must come from the same model (e.g. `samg export --model sd15 --tiny` with
 `--guidance fused` and `--guidance scfg`). Runs are interleaved so that machine load affects both alike;
-the median per call is reported.
+the median per call is reported, and the S-CFG/fused ratio per repeat with its interquartile range and
+whether that spread resolves it from parity.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import argparse
 import statistics
 import time
 from pathlib import Path
+
+from samg.bench import ratio_spread, resolution_note
 
 
 def _feeds(manifest: dict, batch: int, h: int, w: int, rng):
@@ -54,8 +57,8 @@ def measure(fused_dir: str, scfg_dir: str, sizes=(8, 16, 32), repeat: int = 20, 
                 s.run(None, feeds[k])
                 times[k].append(time.perf_counter() - start)
         med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-        rows.append({"latent": size, "fused_ms": med["fused"], "scfg_ms": med["scfg"],
-                     "ratio": med["scfg"] / med["fused"]})
+        spread = ratio_spread(times["scfg"], times["fused"])  # per interleaved repeat, then summarized
+        rows.append({"latent": size, "fused_ms": med["fused"], "scfg_ms": med["scfg"], **spread})
     return rows
 
 
@@ -68,7 +71,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     for row in measure(args.fused_dir, args.scfg_dir, args.sizes, args.repeat):
         print(f"latent {row['latent']:>3}x{row['latent']:<3} fused {row['fused_ms']:8.2f} ms  "
-              f"scfg {row['scfg_ms']:8.2f} ms  ratio {row['ratio']:.2f}")
+              f"scfg {row['scfg_ms']:8.2f} ms  ratio {row['ratio']:.2f} [IQR {row['q1']:.2f}–{row['q3']:.2f}]  "
+              f"{resolution_note(row)}")
     return 0
 
 
