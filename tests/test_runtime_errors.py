@@ -93,6 +93,20 @@ def test_request_is_refused_in_one_line_before_anything_is_allocated(sd15, kwarg
     _one_line_error(lambda: _unloaded(sd15)(prompt, **kwargs), *fragments)
 
 
+@pytest.mark.parametrize("kwargs,fragment", [
+    (dict(guidance="apg", scale=3.0), "cannot run on a fused export"),
+    (dict(sampler="flow_euler"), "flow_euler needs a flow-matching model"),
+    (dict(sampler="ddim", karras=True), "--karras does not apply to ddim"),
+])
+def test_sampler_and_rule_mismatches_are_found_without_the_models(sd15, kwargs, fragment):
+    _one_line_error(lambda: _unloaded(sd15).plan(PROMPT, steps=2, **kwargs), fragment)
+
+
+def test_karras_on_a_flow_model_is_refused_not_ignored(tiny_export):
+    folder = tiny_export("sd35-medium", "fused")
+    _one_line_error(lambda: _unloaded(folder).plan(PROMPT, steps=2, karras=True), "--karras does not apply to a flow")
+
+
 def test_max_steps_is_the_models_num_train_timesteps(sd15):
     train = json.loads((sd15 / "samg.json").read_text())["scheduler"]["num_train_timesteps"]
     assert train == 1000

@@ -55,6 +55,22 @@ class Guidance:
             raise SamgError(f"guidance {self.rule!r} takes one scale: pass --scale W instead of --w-min/--w-max")
 
 
+def check_guidance_for_export(guidance: Guidance, export_guidance: str) -> None:
+    """SamgError unless the export (samg.json's `guidance`) can run this guidance rule."""
+    if (export_guidance == "scfg") != (guidance.rule == "scfg"):
+        raise SamgError(
+            "S-CFG needs an export made with `samg export --guidance scfg` and `--guidance scfg` here: "
+            f"this export is {export_guidance!r} and the guidance asked is {guidance.rule!r}"
+        )
+    if export_guidance == "fused" and guidance.rule not in FUSED_RULES:
+        raise SamgError(
+            f"guidance {guidance.rule!r} cannot run on a fused export (it combines in the graph): "
+            "re-export with --guidance raw, or use --guidance samg, cfg or interval"
+        )
+    if export_guidance not in ("fused", "raw", "scfg"):
+        raise SamgError(f"unknown export guidance {export_guidance!r} in samg.json: re-export the model")
+
+
 def _x0_from(prediction_type: str, out: np.ndarray, x: np.ndarray, sigma: float) -> np.ndarray:
     if np.isinf(sigma):  # alpha_bar = 0 (zero terminal SNR): x holds x_t, which is pure noise
         if prediction_type != "v_prediction":
@@ -97,18 +113,7 @@ class Denoiser:
         if prediction_type not in PREDICTION_TYPES:
             raise SamgError(f"unknown prediction_type {prediction_type!r} in samg.json: re-export the model")
         guidance.validate()
-        if (export_guidance == "scfg") != (guidance.rule == "scfg"):
-            raise SamgError(
-                "S-CFG needs an export made with `samg export --guidance scfg` and `--guidance scfg` here: "
-                f"this export is {export_guidance!r} and the guidance asked is {guidance.rule!r}"
-            )
-        if export_guidance == "fused" and guidance.rule not in FUSED_RULES:
-            raise SamgError(
-                f"guidance {guidance.rule!r} cannot run on a fused export (it combines in the graph): "
-                "re-export with --guidance raw, or use --guidance samg, cfg or interval"
-            )
-        if export_guidance not in ("fused", "raw", "scfg"):
-            raise SamgError(f"unknown export guidance {export_guidance!r} in samg.json: re-export the model")
+        check_guidance_for_export(guidance, export_guidance)
         self.runner = runner
         self.prediction_type = prediction_type
         self.fused = export_guidance in ("fused", "scfg")  # scfg graphs take (w, w) and output guided

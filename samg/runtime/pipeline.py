@@ -17,7 +17,7 @@ from samg.contract import read_export
 from samg.engines.base import Runner, open_runner
 from samg.errors import SamgError, require
 from samg.runtime import samplers, schedules
-from samg.runtime.denoiser import SPATIAL_RULES, Denoiser, Guidance
+from samg.runtime.denoiser import SPATIAL_RULES, Denoiser, Guidance, check_guidance_for_export
 
 DEFAULT_STEPS = 30
 DEFAULT_SCALE = 7.5
@@ -223,14 +223,21 @@ class Pipeline:
             raise SamgError(f"--num-images {shape[0]} needs {shape[0] * per_item} latent elements at this size, above "
                             f"the limit of {MAX_LATENT_ELEMENTS} per call: pass --num-images {fit} or less, over several runs")
 
+    def make_schedule(self, guidance: Guidance, sampler: str, steps: int, karras: bool) -> schedules.Schedule:
+        """The sampler's schedule for this model, or a SamgError when the sampler, --karras or the
+        rule do not fit the model."""
+        if karras and self.manifest["scheduler"].get("kind") == "flow":  # flow schedules have no Karras form
+            raise SamgError("--karras does not apply to a flow-matching model: drop --karras")
+        if guidance.rule == "cfgpp" and sampler not in samplers.DETERMINISTIC_FIRST_ORDER:
+            raise SamgError(f"cfgpp re-noises along the unconditional prediction, which {sampler} cannot: use --sampler euler or ddim")
+        return schedules.make_schedule(self.manifest["scheduler"], sampler, steps, karras=karras)
+
     def sample(self, conditioning: dict[str, np.ndarray], noise: np.ndarray, *, guidance: Guidance,
                sampler: str, steps: int, karras: bool = False, rng: np.random.Generator | None = None,
                progress: bool = False, scale_schedule: Callable | None = None) -> np.ndarray:
         """Sample from standard normal `noise`; returns latents in the model's space (float32)."""
-        schedule = schedules.make_schedule(self.manifest["scheduler"], sampler, steps, karras=karras)
+        schedule = self.make_schedule(guidance, sampler, steps, karras)
         sample_fn = samplers.get_sampler(sampler)
-        if guidance.rule == "cfgpp" and sampler not in samplers.DETERMINISTIC_FIRST_ORDER:
-            raise SamgError(f"cfgpp re-noises along the unconditional prediction, which {sampler} cannot: use --sampler euler or ddim")
         denoise = Denoiser(
             self.runners["denoiser"], prediction_type=self.prediction_type,
             export_guidance=self.manifest["guidance"], schedule=schedule, conditioning=conditioning,
@@ -307,6 +314,7 @@ class Pipeline:
         lo, hi = resolve_scales(guidance, scale, w_min, w_max)
         g = Guidance(guidance, lo, hi, dict(guidance_options or {}))
         g.validate()
+        check_guidance_for_export(g, self.manifest["guidance"])
         scale_schedule = None
         if schedule != "constant":
             from samg.guidance import get_schedule, scheduled
@@ -316,6 +324,7 @@ class Pipeline:
         height, width, frames = self.validate_size(height, width, frames)
         sampler = sampler or samplers.default_sampler(self.prediction_type)
         samplers.get_sampler(sampler)  # SamgError naming the known samplers
+        self.make_schedule(g, sampler, steps, karras)  # sampler, --karras and rule against the model; cheap
         shape = self.latent_shape(num_images, height, width, frames)
         self.check_latent_budget(shape)
         return Request(prompt, negative_prompt, g, scale_schedule, steps, sampler, bool(karras), seed, num_images,
