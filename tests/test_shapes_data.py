@@ -1,0 +1,162 @@
+"""The samg-shapes renderer and exact scorer: renders score correct for every prompt kind, and images
+built wrong on purpose (colour, shape, position, extra or missing object) score wrong on exactly the
+attribute that was broken. Expectations come from how each image was constructed."""
+
+import numpy as np
+import pytest
+
+from samg.bundled import shapes as S
+from samg.errors import SamgError
+
+SEEDS = range(300)
+
+
+def _scene(objects):
+    """Render hand-placed objects (x0, y0, size given) with the renderer under test."""
+    return S.render(objects)
+
+
+def test_palette_and_grid_are_the_issue_values():
+    assert S.COLOURS == {"red": (220, 30, 30), "green": (30, 190, 60), "blue": (40, 80, 230),
+                         "yellow": (235, 215, 30), "magenta": (210, 40, 200), "cyan": (40, 200, 210)}
+    assert S.POSITIONS == ("top left", "top", "top right", "left", "center", "right",
+                           "bottom left", "bottom", "bottom right")
+    # Cell boundaries at 32/3 px: x = 10.6 is the left column, 10.7 the middle one.
+    assert S.cell_of(10.6, 5) == "top left" and S.cell_of(10.7, 5) == "top"
+    assert S.cell_of(16, 16) == "center" and S.cell_of(31, 31) == "bottom right"
+
+
+def test_masks_have_the_hand_derived_pixels():
+    assert S.shape_mask("square", 9).sum() == 81
+    # Circle of diameter 8 (pixel centres within radius 4 of the middle): rows have 4, 6, 8, 8,
+    # 8, 8, 6, 4 pixels = 52.
+    circle = S.shape_mask("circle", 8)
+    assert circle.sum(axis=1).tolist() == [4, 6, 8, 8, 8, 8, 6, 4]
+    # Triangle of side 8: row r keeps |x + 0.5 - 4| <= (r + 0.5) / 2 -> 2, 2, 4, 4, 6, 6, 8, 8 pixels.
+    triangle = S.shape_mask("triangle", 8)
+    assert triangle.sum(axis=1).tolist() == [2, 2, 4, 4, 6, 6, 8, 8]
+    assert triangle[0].tolist() == [False] * 3 + [True] * 2 + [False] * 3  # apex in the middle, on top
+
+
+@pytest.mark.parametrize("n_objects", [1, 2])
+def test_renders_follow_the_spec(n_objects):
+    rng = np.random.default_rng(n_objects)
+    for _ in range(200):
+        scene = S.random_scene(rng, n_objects)
+        img = scene.image
+        assert img.shape == (32, 32, 3) and img.dtype == np.uint8
+        colours = {tuple(p) for p in img.reshape(-1, 3)}
+        assert colours == {(0, 0, 0)} | {S.COLOURS[o.colour] for o in scene.objects}
+        cells = [o.position for o in scene.objects]
+        assert len(set(cells)) == len(cells)
+        for o in scene.objects:
+            assert S.MIN_SHAPE_SIZE <= o.size <= S.MAX_SHAPE_SIZE
+            assert 0 <= o.x0 and o.x0 + o.size <= 32 and 0 <= o.y0 and o.y0 + o.size <= 32
+            # Centre in the named cell: the cell's column/row from its index, 32/3 px per cell.
+            row, col = divmod(S.POSITIONS.index(o.position), 3)
+            assert col * 32 / 3 < o.x0 + o.size / 2 < (col + 1) * 32 / 3
+            assert row * 32 / 3 < o.y0 + o.size / 2 < (row + 1) * 32 / 3
+
+
+def test_prompt_wording():
+    red = S.ShapeObject("red", "circle", "top left")
+    centre = S.ShapeObject("blue", "square", "center")
+    assert S.prompt_for([red]) == "a red circle at the top left"
+    assert S.prompt_for([centre]) == "a blue square in the center"
+    assert S.prompt_for([red, centre]) == "a red circle at the top left and a blue square in the center"
+    assert S.object_phrase(red, ("colour", "shape")) == "a red circle"
+    assert S.object_phrase(centre, ("shape", "position")) == "a square in the center"
+    assert S.object_phrase(red, ("colour",)) == "a red shape"
+    assert S.parse_prompt("a square at the left and a red shape") == [
+        {"shape": "square", "position": "left"}, {"colour": "red"}]
+
+
+def test_training_prompts_cover_every_kind():
+    rng = np.random.default_rng(0)
+    kinds = set()
+    for _ in range(400):
+        scene = S.random_scene(rng)
+        prompt = S.random_prompt(scene.objects, rng)
+        kinds.add(S.prompt_kind(prompt))
+        assert set(prompt.split()) <= set(S.vocabulary())
+    assert kinds == {"one", "two", "one-partial", "two-partial"}
+
+
+@pytest.mark.parametrize("n_objects", [1, 2])
+def test_scorer_reads_renders_correct_for_every_prompt_kind(n_objects):
+    rng = np.random.default_rng(100 + n_objects)
+    for seed in SEEDS:
+        scene = S.random_scene(rng, n_objects)
+        for prompt in (S.prompt_for(scene.objects), S.random_prompt(scene.objects, rng)):
+            result = S.score(scene.image, prompt)
+            assert result.correct, (seed, prompt, result)
+        found = sorted((d.colour, d.shape, d.position) for d in S.detect(scene.image))
+        assert found == sorted((o.colour, o.shape, o.position) for o in scene.objects)
+
+
+@pytest.mark.parametrize("shape", S.SHAPES)
+@pytest.mark.parametrize("size", range(S.MIN_SHAPE_SIZE, S.MAX_SHAPE_SIZE + 1))
+def test_every_shape_and_size_is_recognised(shape, size):
+    obj = S.ShapeObject("green", shape, "center", x0=11, y0=11, size=size)
+    result = S.score(_scene([obj]), f"a green {shape} in the center")
+    assert result.correct, result
+
+
+RED_CIRCLE = S.ShapeObject("red", "circle", "top left", x0=1, y0=1, size=9)
+BLUE_SQUARE = S.ShapeObject("blue", "square", "bottom right", x0=22, y0=22, size=9)
+
+
+@pytest.mark.parametrize("image_objects,prompt,wrong", [
+    ([RED_CIRCLE], "a green circle at the top left", {"colour"}),
+    ([RED_CIRCLE], "a red triangle at the top left", {"shape"}),
+    ([RED_CIRCLE], "a red square at the top left", {"shape"}),
+    ([RED_CIRCLE], "a red circle at the bottom", {"position"}),
+    ([RED_CIRCLE], "a red circle in the center", {"position"}),
+    ([BLUE_SQUARE], "a blue circle at the bottom right", {"shape"}),
+    # Binding: both objects exist, but colours are swapped between them.
+    ([RED_CIRCLE, BLUE_SQUARE], "a blue circle at the top left and a red square at the bottom right", {"colour"}),
+    ([RED_CIRCLE, BLUE_SQUARE], "a red circle at the bottom right and a blue square at the top left",
+     {"position"}),
+])
+def test_scorer_flags_the_wrong_attribute(image_objects, prompt, wrong):
+    result = S.score(_scene(image_objects), prompt)
+    assert not result.correct
+    assert result.count_ok
+    for attribute in S.ATTRIBUTES:
+        assert result.attribute_ok(attribute) is (attribute not in wrong), (attribute, result)
+
+
+def test_scorer_flags_extra_and_missing_objects():
+    both = _scene([RED_CIRCLE, BLUE_SQUARE])
+    extra = S.score(both, "a red circle at the top left")
+    assert not extra.correct and not extra.count_ok and extra.attribute_ok("colour")  # the named one is right
+    missing = S.score(_scene([RED_CIRCLE]), "a red circle at the top left and a blue square at the bottom right")
+    assert not missing.correct and not missing.count_ok
+    assert missing.attributes[0] == {"colour": True, "shape": True, "position": True}
+    assert missing.attributes[1] == {"colour": False, "shape": False, "position": False}
+    empty = S.score(np.zeros((32, 32, 3), np.uint8), "a red circle")
+    assert not empty.correct and not empty.count_ok
+
+
+def test_specks_and_noise_are_ignored_but_unknown_blobs_are_not_shapes():
+    image = _scene([RED_CIRCLE])
+    image[30, 0] = S.COLOURS["green"]  # a 1-pixel speck (< MIN_OBJECT_PIXELS)
+    image[28:30, 5:7] = S.COLOURS["cyan"]  # a 4-pixel speck
+    noisy = np.clip(image.astype(int) + np.random.default_rng(0).integers(-20, 21, image.shape), 0, 255)
+    assert S.score(noisy.astype(np.uint8), "a red circle at the top left").correct
+    # A hollow square (10x10 outline, 2 px thick) fills 64/100 of its box with no taper: no shape.
+    ring = np.zeros((32, 32, 3), np.uint8)
+    ring[10:20, 10:20] = S.COLOURS["yellow"]
+    ring[12:18, 12:18] = 0
+    found = S.detect(ring)
+    assert len(found) == 1 and found[0].shape == "unknown"
+    assert not S.score(ring, "a yellow square in the center").correct
+
+
+def test_bad_input_is_one_clear_error():
+    with pytest.raises(SamgError, match="cannot read shapes prompt"):
+        S.score(np.zeros((32, 32, 3), np.uint8), "a purple circle")
+    with pytest.raises(SamgError, match="32x32x3"):
+        S.score(np.zeros((16, 16, 3), np.uint8), "a red circle")
+    with pytest.raises(SamgError, match="uint8"):
+        S.score(np.zeros((32, 32, 3), np.float32), "a red circle")
