@@ -102,6 +102,12 @@ def test_sampler_and_rule_mismatches_are_found_without_the_models(sd15, kwargs, 
     _one_line_error(lambda: _unloaded(sd15).plan(PROMPT, steps=2, **kwargs), fragment)
 
 
+def test_ddim_past_the_last_training_timestep_is_refused(sd15):
+    # leading spacing, 1000 steps of ratio 1000 // 1000 = 1, steps_offset 1: timesteps 1..1000, and 1000 is
+    # past the 1000 training timesteps 0..999 (was an IndexError traceback)
+    _one_line_error(lambda: _unloaded(sd15).plan(PROMPT, steps=1000, sampler="ddim"), "reaches timestep 1000")
+
+
 def test_karras_on_a_flow_model_is_refused_not_ignored(tiny_export):
     folder = tiny_export("sd35-medium", "fused")
     _one_line_error(lambda: _unloaded(folder).plan(PROMPT, steps=2, karras=True), "--karras does not apply to a flow")

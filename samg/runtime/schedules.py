@@ -190,6 +190,9 @@ def ddim_schedule(cfg: Mapping[str, Any], steps: int) -> Schedule:
     if spacing == "linspace":
         ts = ts.round()
     ts = ts.astype(np.int64)
+    if ts.max() >= num_train:  # leading spacing + steps_offset near num_train steps (diffusers' DDIM fails there too)
+        raise SamgError(f"DDIM at {steps} steps reaches timestep {ts.max()}, past this model's {num_train} training "
+                        "timesteps: use fewer steps (e.g. 50) or --sampler euler")
     prev = ts - num_train // steps  # DDIM's own "previous timestep" rule, even for trailing spacing
     final_ac = 1.0 if bool(cfg.get("set_alpha_to_one", True)) else float(ac[0])  # diffusers default: True
     ac_at = np.where(prev >= 0, ac[np.clip(prev, 0, None)], final_ac)
