@@ -1,7 +1,7 @@
 """Find, build and load samg's native parts (ORT custom-op library, C++ runtime, CUDA kernel).
 
 The libraries are built from the source tree by ``scripts/build_native.sh`` (cmake + a C++17
-compiler; it fetches ONNX Runtime's headers itself)::
+compiler; ONNX Runtime's headers and nlohmann/json are kept in third_party/, nothing is downloaded)::
 
     bash scripts/build_native.sh            # or: python -c "import samg.native as n; n.build()"
 
