@@ -98,20 +98,25 @@ def test_cpp_matches_python_on_samg_digits(samg_run, digits_export, pipeline, in
 
 # -- same seed, same sample; the embedding example ------------------------------------------------
 
-def test_samg_run_seed_draws_the_same_noise_as_samg_generate(samg_run, digits_export, pipeline, inputs, tmp_path):
+@pytest.mark.parametrize("args,scales", [
+    (["--w-min", "2", "--w-max", "5"], {"w_min": 2.0, "w_max": 5.0}),
+    (["--scale", "0.5"], {"scale": 0.5}),  # below 1: w_min = w_max = 0.5 on both sides
+])
+def test_samg_run_seed_draws_the_same_noise_as_samg_generate(samg_run, digits_export, pipeline, inputs, tmp_path,
+                                                             args, scales):
     folder, _ = inputs
     out = tmp_path / "latents.npy"
     result = subprocess.run([samg_run, str(digits_export), "--cond", str(folder), "--seed", "11", "--num-images", "2",
-                             "--steps", str(STEPS), "--w-min", "2", "--w-max", "5", "--out-latents", str(out)],
+                             "--steps", str(STEPS), *args, "--out-latents", str(out)],
                             capture_output=True, text=True, timeout=TIMEOUT_S)
     assert result.returncode == 0, result.stderr
-    expected = pipeline(PROMPT, NEGATIVE, guidance="samg", w_min=2.0, w_max=5.0, steps=STEPS, sampler="euler",
-                        num_images=2, seed=11, output="latents")
+    expected = pipeline(PROMPT, NEGATIVE, guidance="samg", steps=STEPS, sampler="euler", num_images=2, seed=11,
+                        output="latents", **scales)
     actual = np.load(out)
     scale = float(np.abs(expected).max())
     np.testing.assert_allclose(actual, expected, rtol=0, atol=LATENT_RTOL * scale)
-    other_seed = pipeline(PROMPT, NEGATIVE, guidance="samg", w_min=2.0, w_max=5.0, steps=STEPS, sampler="euler",
-                          num_images=2, seed=12, output="latents")
+    other_seed = pipeline(PROMPT, NEGATIVE, guidance="samg", steps=STEPS, sampler="euler", num_images=2, seed=12,
+                          output="latents", **scales)
     assert np.abs(actual - other_seed).max() > 100 * LATENT_RTOL * scale
 
 
@@ -203,6 +208,7 @@ BAD_MANIFESTS = [
     ("raw-but-fused-graph", _set("guidance", "raw"), "a raw export's denoiser has"),
     ("wrong-channels", _set("latent", "channels", 3), "latent.channels is 3 but the denoiser"),
     ("zero-scaling", _set("vae", "scaling_factor", 0), "vae.scaling_factor must be"),
+    ("snr-shift", _set("scheduler", "snr_shift_scale", 3.0), "scheduler.snr_shift_scale selects CogVideoX's"),
 ]
 
 

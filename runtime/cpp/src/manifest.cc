@@ -168,8 +168,10 @@ SchedulerSpec read_scheduler(const Json& root) {
   if (s.has("clip_sample") && s.boolean("clip_sample"))
     fail(s.field("clip_sample"), "is true (the scheduler clips x0), which samg's samplers do not do",
          "sample this model with diffusers");
-  if (s.has("snr_shift_scale") && s.number("snr_shift_scale", 0.0, 1e6, true) != 1.0)
-    fail(s.field("snr_shift_scale"), "shifts the noise schedule, which the C++ runtime does not do",
+  // CogVideoXDDIMScheduler's recipe (alphas_cumprod shifted, then rescaled to zero terminal SNR,
+  // first sigma infinite) is in the Python runtime only.
+  if (s.has("snr_shift_scale"))
+    fail(s.field("snr_shift_scale"), "selects CogVideoX's shifted schedule, which the C++ runtime does not have",
          "sample this model with `samg generate`");
   return spec;
 }

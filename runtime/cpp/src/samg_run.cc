@@ -14,6 +14,7 @@
 // --repeat N runs the loop N times in this process (the outputs are the last run's), so later
 // runs show warm-session timings. Bad input: one line on stderr, exit 2; other failures exit 1.
 #include <cerrno>
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
@@ -154,7 +155,7 @@ int main(int argc, char** argv) {
       throw ManifestError("--out-image must end in .png or .ppm, got " + out_image);
     if (request.guidance != "samg" && request.guidance != "cfg")
       throw ManifestError("guidance '" + request.guidance + "' is not in the C++ runtime: use samg or cfg");
-    // Scales as `samg generate`: samg with --scale W alone spans ((1 + W) / 2, W).
+    // Scales as `samg generate` (resolve_scales): samg with --scale W alone spans ((1 + W) / 2, W).
     if (has_w_min != has_w_max) throw ManifestError("pass both --w-min and --w-max, or --scale alone");
     if (has_w_min && has_scale) throw ManifestError("pass either --scale or --w-min/--w-max, not both");
     if (has_w_min) {
@@ -162,10 +163,9 @@ int main(int argc, char** argv) {
         throw ManifestError("--w-min (" + std::to_string(w_min) + ") is above --w-max (" + std::to_string(w_max) + "): swap them");
       request.w_min = w_min, request.w_max = w_max;
     } else {
-      if (request.guidance == "samg" && scale < 1.0)
-        throw ManifestError("--scale below 1 has no SAMG span ((1 + W)/2 .. W): pass --w-min/--w-max, or --guidance cfg");
+      // Below W = 1 there is no guidance above 1 to halve: w_min = w_max = W (as samg generate).
       request.w_max = scale;
-      request.w_min = request.guidance == "samg" ? (1 + scale) / 2 : scale;
+      request.w_min = request.guidance == "samg" ? std::min((1 + scale) / 2, scale) : scale;
     }
     if (custom_ops == "none") custom_ops.clear();
     options.custom_op_library = custom_ops;
