@@ -16,6 +16,7 @@ import numpy as np
 from samg.contract import read_export
 from samg.engines.base import Runner, open_runner
 from samg.errors import SamgError, require
+from samg.rng import SEED_LIMIT
 from samg.runtime import samplers, schedules
 from samg.runtime.denoiser import SPATIAL_RULES, Denoiser, Guidance, check_guidance_for_export
 
@@ -29,7 +30,6 @@ MAX_IMAGE_SIDE = 8192  # pixels, for height and width each
 MAX_FRAMES = 1024  # frames of one clip
 MAX_IMAGES_PER_CALL = 64  # images (or clips) of one call
 MAX_LATENT_ELEMENTS = 1 << 24  # all latents of one call together: 64 MiB of float32
-SEED_LIMIT = 2**64  # seeds are unsigned 64-bit integers, as in the C++ runtime
 # Sampling stops with an error once |latents| exceeds LATENT_BOUND_FACTOR x (1 + the schedule's
 # largest sigma): far beyond what a sane model gives at any scale up to MAX_GUIDANCE_SCALE
 # (starting noise is about 5 x sigma_max at most), reached only when the model output blows up.
