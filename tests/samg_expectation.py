@@ -1,7 +1,8 @@
 """samg-v1 written out plainly in float64 from docs/guidance-op.md, for tests of every implementation.
 
-Independent of the library: its own float64 arithmetic, scipy for the smoothing. Also the two
-overflow cases of issue 9 (a Δ whose squares overflow float32, one whose per-sample energy sum does).
+Independent of the library: its own float64 arithmetic on Δ itself (the spec's formula, unscaled;
+float64 holds the square of any float32), scipy for the smoothing. Also the cases of issue 9: a Δ
+whose squares overflow float32, one whose per-sample energy sum does, and Δ at tiny scales.
 """
 
 from __future__ import annotations
@@ -16,20 +17,28 @@ _SIDE = math.exp(-1.0) / (1.0 + 2.0 * math.exp(-1.0))
 SPEC_SMOOTH_WEIGHTS = (_SIDE, 1.0 - 2.0 * _SIDE, _SIDE)
 
 
-def spec_scale_map(u, c, w_min, w_max, *, tau=1.0, sharpness=4.0, smooth=0, channel_axis=1):
-    """w(p) in float64: Δ scaled by the sample's max |Δ| (1 when Δ = 0), E = Σ_c Δ̃², Ê = E/(mean E + ε),
-    m = sigmoid(k(Ê − τ)) (smoothed 3×3 over H, W with mirror padding), w = w_max − (w_max − w_min)·m."""
+def spec_energy(u, c, channel_axis=1):
+    """E(p) = Σ_c Δ_c(p)² of Δ = c − u itself, in float64 (no overflow for any float32 Δ), channel axis kept."""
     delta = np.asarray(c, np.float64) - np.asarray(u, np.float64)
-    non_batch = tuple(range(1, delta.ndim))
-    peak = np.abs(delta).max(axis=non_batch, keepdims=True)
-    scaled = delta / np.where(peak > 0, peak, 1.0)
-    energy = (scaled**2).sum(axis=channel_axis, keepdims=True)
-    e_hat = energy / (energy.mean(axis=non_batch, keepdims=True) + SPEC_EPS)
+    return (delta**2).sum(axis=channel_axis, keepdims=True)
+
+
+def spec_e_hat(u, c, channel_axis=1):
+    """(E, Ê) in float64: Ê = E / (mean E + ε), the mean per sample over every non-batch location."""
+    energy = spec_energy(u, c, channel_axis)
+    non_batch = tuple(range(1, energy.ndim))
+    return energy, energy / (energy.mean(axis=non_batch, keepdims=True) + SPEC_EPS)
+
+
+def spec_scale_map(u, c, w_min, w_max, *, tau=1.0, sharpness=4.0, smooth=0, channel_axis=1):
+    """w(p) in float64: m = sigmoid(k(Ê − τ)) (smoothed 3×3 over H, W with mirror padding),
+    w = w_max − (w_max − w_min)·m, with Ê from :func:`spec_e_hat`."""
+    _, e_hat = spec_e_hat(u, c, channel_axis)
     m = 1.0 / (1.0 + np.exp(-sharpness * (e_hat - tau)))
     if smooth:
         kernel = np.outer(SPEC_SMOOTH_WEIGHTS, SPEC_SMOOTH_WEIGHTS).reshape((1,) * (m.ndim - 2) + (3, 3))
         m = scipy.ndimage.correlate(m, kernel, mode="mirror")  # scipy "mirror" = reflect w/o edge repeat
-    ones = (1,) * (delta.ndim - 1)
+    ones = (1,) * (e_hat.ndim - 1)
     w_min = np.asarray(w_min, np.float64).reshape((-1,) + ones)
     w_max = np.asarray(w_max, np.float64).reshape((-1,) + ones)
     return w_max - (w_max - w_min) * m
@@ -40,6 +49,30 @@ def spec_samg_v1(u, c, w_min, w_max, **attributes):
     w = spec_scale_map(u, c, w_min, w_max, **attributes)
     u64 = np.asarray(u, np.float64)
     return u64 + w * (np.asarray(c, np.float64) - u64)
+
+
+#: |got − exact| ≤ CFG_RTOL·|exact| for float32 u + w·(c − u) against :func:`spec_cfg` in float64 when
+#: |u| ≪ |w·Δ| (no cancellation): at most three float32 roundings (c − u, w·Δ, + u; a fused
+#: multiply-add makes one fewer), each within 2^-24 relative.
+CFG_RTOL = 2.0**-22
+
+
+def spec_cfg(u, c, w, dtype=np.float64):
+    """Plain CFG u + w·(c − u), w a float or one per sample. In float32 (dtype=np.float32) it is the
+    spec's combine rounded step by step, c − u, then w·Δ, then + u: what equal scales give bit for
+    bit where nothing fuses the multiply-add."""
+    u, c = np.asarray(u, dtype), np.asarray(c, dtype)
+    w = np.asarray(w, dtype).reshape((-1,) + (1,) * (u.ndim - 1))
+    return u + w * (c - u)
+
+
+def scaled_delta_case(magnitude, shape=(2, 3, 6, 7), seed=9):
+    """Float32 u and Δ both of size about `magnitude`: at 1e-7 the energy (~1e-14) is below ε, so
+    ε shapes Ê; at 1e-30, (ε/s)/s overflows float32 (Ê is then 0, as the spec's ~1e-48 is)."""
+    rng = np.random.default_rng(seed)
+    u = (magnitude * rng.standard_normal(shape)).astype(np.float32)
+    c = (u + magnitude * rng.standard_normal(shape) * rng.uniform(0.2, 2.0, shape)).astype(np.float32)
+    return u, c
 
 
 def huge_delta_case(shape=(2, 4, 6, 5), seed=0):

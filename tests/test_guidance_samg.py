@@ -11,7 +11,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from samg.errors import SamgError
-from samg_expectation import energy_sum_overflow_case, huge_delta_case, spec_samg_v1, spec_scale_map
+from samg_expectation import (
+    CFG_RTOL,
+    energy_sum_overflow_case,
+    huge_delta_case,
+    scaled_delta_case,
+    spec_cfg,
+    spec_e_hat,
+    spec_samg_v1,
+    spec_scale_map,
+)
 from samg.guidance import (
     EPS,
     SMOOTH_WEIGHTS,
@@ -42,13 +51,6 @@ def _pair(shape, seed, delta_scale=1.0):
     u = rng.standard_normal(shape).astype(np.float32)
     c = (u + delta_scale * rng.standard_normal(shape)).astype(np.float32)
     return u, c
-
-
-def _reference_map(u, c, w_min, w_max, tau, sharpness, smooth, channel_axis=1):
-    """samg-v1's map written out plainly in float64 (mirrors the doc, not the library)."""
-    return spec_scale_map(
-        u, c, w_min, w_max, tau=tau, sharpness=sharpness, smooth=smooth, channel_axis=channel_axis
-    )
 
 
 def _run(lib, fn, u, c, *args, **kwargs):
@@ -102,7 +104,7 @@ def test_zero_delta_gives_u(shape, seed, w_min, w_max, smooth):
 )
 def test_matches_plain_float64_formula(shape, seed, w_min, w_max, tau, sharpness, smooth):
     u, c = _pair(shape, seed)
-    ref_w = _reference_map(u, c, w_min, w_max, tau, sharpness, smooth)
+    ref_w = spec_scale_map(u, c, w_min, w_max, tau=tau, sharpness=sharpness, smooth=smooth)
     w = samg_scale_map(u, c, w_min, w_max, tau=tau, sharpness=sharpness, smooth=smooth)
     assert w.dtype == np.float32 and w.shape == (shape[0], 1) + shape[2:]
     np.testing.assert_allclose(w, ref_w, rtol=1e-5, atol=2e-5 * (1 + max(w_min, w_max)))
@@ -128,12 +130,13 @@ def test_map_is_high_energy_low_scale():
 @pytest.mark.parametrize("smooth", [0, 3])
 def test_huge_delta_with_equal_scales_is_cfg(lib, smooth):
     # Δ² overflows float32 here; the unscaled energy made the map NaN even though w_max − 0·m = w.
+    # The reference computes u32 + w·Δ32 with w = w_max − 0·m = w exactly: CFG bit for bit.
     u, c = huge_delta_case()
     out = _run(lib, samg_v1, u, c, 7.5, 7.5, smooth=smooth)
-    expected = u.astype(np.float64) + 7.5 * (c.astype(np.float64) - u.astype(np.float64))
     assert np.isfinite(out).all()
-    np.testing.assert_allclose(out, expected, rtol=3e-7)  # two float32 roundings of u + w·Δ
-    # Unequal scales: finite, and the map is the float64 spec's (it depends only on Δ's shape).
+    np.testing.assert_array_equal(out, spec_cfg(u, c, 7.5, np.float32))
+    np.testing.assert_allclose(out, spec_cfg(u, c, 7.5), rtol=CFG_RTOL)
+    # Unequal scales: finite, and the spec's map (Ê = E/(mean E + ε) of Δ itself, in float64).
     out = _run(lib, samg_v1, u, c, 2.0, 8.0, smooth=smooth)
     np.testing.assert_allclose(out, spec_samg_v1(u, c, 2.0, 8.0, smooth=smooth), rtol=1e-5)
 
@@ -151,19 +154,11 @@ def test_energy_sum_overflow_gives_the_spec_result(lib, smooth):
         assert w.min() < 5.5 and w.max() > 7.0
 
 
-def _spec_e_hat(u, c):
-    """Ê in float64 from the spec (Δ scaled by its max, E = Σ_c Δ̃², Ê = E/(mean E + ε)), [B, 1, H, W]."""
-    delta = c.astype(np.float64) - u.astype(np.float64)
-    scaled = delta / np.abs(delta).max(axis=(1, 2, 3), keepdims=True)
-    energy = (scaled**2).sum(axis=1, keepdims=True)
-    return energy, energy / (energy.mean(axis=(1, 2, 3), keepdims=True) + EPS)
-
-
 @pytest.mark.parametrize("lib", ["numpy", "torch"])
 def test_variants_survive_an_energy_sum_overflow(lib):
     u, c = energy_sum_overflow_case()
     lo, hi = 2.0, 8.0
-    energy, e_hat = _spec_e_hat(u, c)
+    energy, e_hat = spec_e_hat(u, c)
     bound = np.clip(1 + (5.0 - 1) / np.sqrt(np.maximum(e_hat, EPS)), lo, hi)
     np.testing.assert_allclose(_run(lib, bound_scale_map, u, c, lo, hi), bound, rtol=1e-5)
     e_min, e_max = e_hat.min(axis=(1, 2, 3), keepdims=True), e_hat.max(axis=(1, 2, 3), keepdims=True)
@@ -179,14 +174,20 @@ def test_variants_survive_an_energy_sum_overflow(lib):
 
 
 @pytest.mark.parametrize("lib", ["numpy", "torch"])
-def test_map_does_not_depend_on_the_scale_of_delta(lib):
-    # Ê is a ratio of energies: Δ·1e-12 (below EPS's reach unscaled) and Δ·1e12 give Δ's own map.
-    u, c = _pair((2, 3, 6, 7), seed=9)
-    w = _run(lib, samg_scale_map, u, c, 2.0, 8.0, smooth=3)
-    for factor in (1e-12, 1e12):
-        u_scaled, c_scaled = (factor * u).astype(np.float32), (factor * c).astype(np.float32)
-        got = _run(lib, samg_scale_map, u_scaled, c_scaled, 2.0, 8.0, smooth=3)
-        np.testing.assert_allclose(got, w, rtol=1e-4, atol=1e-4)
+@pytest.mark.parametrize("magnitude", [1.0, 1e-7, 1e-30, 1e19])
+def test_map_is_the_spec_formula_at_every_scale_of_delta(lib, magnitude):
+    # Ê = E / (mean E + ε) with the spec's absolute ε = 1e-12, on Δ itself. At |Δ| ~ 1e-7 the mean
+    # energy (~1e-14) is below ε, which then sets Ê (a scale-free Ê would give Δ's map at 1); at
+    # 1e-30, (ε/s)/s is +Inf in float32 and Ê = 0 (the spec's is ~1e-48); at 1e19, Δ² overflows
+    # float32 and the map must stay finite.
+    u, c = scaled_delta_case(magnitude)
+    with np.errstate(divide="raise", over="raise", invalid="raise"):  # nor may the library warn
+        w = _run(lib, samg_scale_map, u, c, 2.0, 8.0, smooth=3)
+    assert np.isfinite(w).all()
+    expected = spec_scale_map(u, c, 2.0, 8.0, smooth=3)
+    np.testing.assert_allclose(w, expected, rtol=1e-5, atol=1e-5)
+    if magnitude == 1e-7:  # ε matters here: the map is far from the one of Δ·1e7
+        assert np.abs(expected - spec_scale_map(u * 1e7, c * 1e7, 2.0, 8.0, smooth=3)).max() > 1.0
 
 
 # ---------------------------------------------------------------- effective scale, by hand
@@ -301,7 +302,7 @@ def test_channel_axis_1_and_2_agree_after_transpose(seed, smooth):
 
 def test_video_matches_plain_formula():
     u, c = _pair((2, 4, 3, 5, 6), seed=7)
-    ref = _reference_map(u, c, 2.0, 7.5, 1.0, 4.0, smooth=3)
+    ref = spec_scale_map(u, c, 2.0, 7.5, smooth=3)
     np.testing.assert_allclose(samg_scale_map(u, c, 2.0, 7.5, smooth=3), ref, rtol=1e-5, atol=1e-4)
 
 
@@ -348,7 +349,7 @@ def test_numpy_float16_and_float64_preserved():
 # ---------------------------------------------------------------- non-finite inputs
 
 
-@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy warns on inf/inf; that is the point
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # u = Inf: numpy warns on u + w·Δ = Inf − Inf
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 @pytest.mark.parametrize("where", ["u", "c"])
 @pytest.mark.parametrize("fn", [samg_v1, samg_quantile, samg_bound, samg_linear])
@@ -366,7 +367,7 @@ def test_non_finite_input_is_not_made_finite(bad, where, fn, lib):
         assert np.all(np.isfinite(out[0])), "another sample must not be affected"
 
 
-@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy warns on inf/inf; that is the point
+@pytest.mark.filterwarnings("error")  # the Inf/Inf of an Inf Δ is intended: no warning for the user
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 @pytest.mark.parametrize("lib", ["numpy", "torch"])
 def test_non_finite_delta_makes_the_sample_nan_in_samg_v1(bad, lib):

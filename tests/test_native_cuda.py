@@ -12,6 +12,14 @@ import pytest
 
 import samg.native
 from samg.guidance import samg_v1
+from samg_expectation import (
+    CFG_RTOL,
+    energy_sum_overflow_case,
+    huge_delta_case,
+    scaled_delta_case,
+    spec_cfg,
+    spec_samg_v1,
+)
 
 pytestmark = pytest.mark.native
 
@@ -38,7 +46,7 @@ def test_cuda_kernel_compiles_for_ampere_ada_hopper(tmp_path):
     report = result.stdout + result.stderr
     for arch in ARCHS:  # ptxas reports every kernel it compiled, per architecture
         assert f"sm_{arch}" in report
-    for kernel in ("energy_kernel", "membership_kernel", "combine_kernel"):
+    for kernel in ("peak_kernel", "energy_kernel", "membership_kernel", "combine_kernel"):
         assert kernel in report
     assert "samg_guidance_combine_cuda" in subprocess.run(["nm", str(obj)], capture_output=True, text=True).stdout
 
@@ -55,50 +63,117 @@ def _gpu_runtime():
     return cudart
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("layout", [((2, 4, 33, 20), 1, 3), ((2, 3, 4, 9, 7), 2, 0), ((1, 4, 3, 8, 8), 1, 3)])
-def test_cuda_kernel_matches_reference_on_gpu(tmp_path, layout):
+class _Params(ctypes.Structure):
+    _fields_ = [("tau", ctypes.c_float), ("sharpness", ctypes.c_float), ("smooth", ctypes.c_int),
+                ("channel_axis", ctypes.c_int)]
+
+
+@pytest.fixture(scope="module")
+def gpu_kernel(tmp_path_factory):
+    """(the kernel library built for this machine's GPU, libcudart): compiled once; skips without a GPU."""
     nvcc = _nvcc()
     cudart = _gpu_runtime()
     if cudart is None:
         pytest.skip("no NVIDIA GPU (the kernel is only compiled on this machine)")
-    shape, channel_axis, smooth = layout
-    library = tmp_path / "libsamg_combine_cuda.so"
+    library = tmp_path_factory.mktemp("cuda") / "libsamg_combine_cuda.so"
     subprocess.run([nvcc, "-std=c++17", "-O3", "-shared", "-Xcompiler", "-fPIC", "-arch=native",
                     str(samg.native.CUDA_SOURCE), "-o", str(library)], check=True)
     kernel = ctypes.CDLL(str(library))
     kernel.samg_guidance_combine_cuda.restype = ctypes.c_char_p
     kernel.samg_guidance_combine_cuda_workspace_size.restype = ctypes.c_size_t
+    return kernel, cudart
 
-    class Params(ctypes.Structure):
-        _fields_ = [("tau", ctypes.c_float), ("sharpness", ctypes.c_float), ("smooth", ctypes.c_int),
-                    ("channel_axis", ctypes.c_int)]
 
-    rng = np.random.default_rng(0)
-    u = rng.standard_normal(shape).astype(np.float32)
-    c = (u + rng.standard_normal(shape) * rng.gamma(0.5, 1.0, shape)).astype(np.float32)
-    scales = np.array([[1.5, 7.0], [2.0, 4.0]][: shape[0]], np.float32)
-    params = Params(1.2, 5.0, smooth, channel_axis)
-    dims = np.array(shape, np.int64)
+def _combine_on_gpu(gpu_kernel, u, c, scales, *, tau=1.0, sharpness=4.0, smooth=0, channel_axis=1):
+    """samg_guidance_combine_cuda on device copies of float32 u, c and scales [B, 2]; the output."""
+    kernel, cudart = gpu_kernel
+    params = _Params(tau, sharpness, smooth, channel_axis)
+    dims = np.array(u.shape, np.int64)
     dims_p = dims.ctypes.data_as(ctypes.c_void_p)
+    allocated = []
 
     def device(array):
         pointer = ctypes.c_void_p()
         assert cudart.cudaMalloc(ctypes.byref(pointer), ctypes.c_size_t(max(array.nbytes, 1))) == 0
+        allocated.append(pointer)
         assert cudart.cudaMemcpy(pointer, array.ctypes.data_as(ctypes.c_void_p), ctypes.c_size_t(array.nbytes), 1) == 0
         return pointer
 
-    workspace_size = kernel.samg_guidance_combine_cuda_workspace_size(dims_p, len(shape), ctypes.byref(params))
+    workspace_size = kernel.samg_guidance_combine_cuda_workspace_size(dims_p, len(u.shape), ctypes.byref(params))
     assert workspace_size > 0
-    d_u, d_c, d_s, d_out = device(u), device(c), device(scales), device(np.empty_like(u))
-    d_ws = device(np.empty(workspace_size, np.uint8))
-    error = kernel.samg_guidance_combine_cuda(d_u, d_c, d_s, d_out, 0, dims_p, len(shape), ctypes.byref(params),
-                                              d_ws, ctypes.c_size_t(workspace_size), None)
-    assert error is None, error
-    out = np.empty_like(u)
-    assert cudart.cudaMemcpy(out.ctypes.data_as(ctypes.c_void_p), d_out, ctypes.c_size_t(out.nbytes), 2) == 0
-    for pointer in (d_u, d_c, d_s, d_out, d_ws):
-        cudart.cudaFree(pointer)
+    try:
+        d_u, d_c, d_out = device(u), device(c), device(np.empty_like(u))
+        d_s = device(np.ascontiguousarray(scales, np.float32))
+        d_ws = device(np.empty(workspace_size, np.uint8))
+        error = kernel.samg_guidance_combine_cuda(d_u, d_c, d_s, d_out, 0, dims_p, len(u.shape), ctypes.byref(params),
+                                                  d_ws, ctypes.c_size_t(workspace_size), None)
+        assert error is None, error
+        out = np.empty_like(u)
+        assert cudart.cudaMemcpy(out.ctypes.data_as(ctypes.c_void_p), d_out, ctypes.c_size_t(out.nbytes), 2) == 0
+    finally:
+        for pointer in allocated:
+            cudart.cudaFree(pointer)
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", [((2, 4, 33, 20), 1, 3), ((2, 3, 4, 9, 7), 2, 0), ((1, 4, 3, 8, 8), 1, 3)])
+def test_cuda_kernel_matches_reference_on_gpu(gpu_kernel, layout):
+    shape, channel_axis, smooth = layout
+    rng = np.random.default_rng(0)
+    u = rng.standard_normal(shape).astype(np.float32)
+    c = (u + rng.standard_normal(shape) * rng.gamma(0.5, 1.0, shape)).astype(np.float32)
+    scales = np.array([[1.5, 7.0], [2.0, 4.0]][: shape[0]], np.float32)
+    out = _combine_on_gpu(gpu_kernel, u, c, scales, tau=1.2, sharpness=5.0, smooth=smooth, channel_axis=channel_axis)
     expected = samg_v1(u, c, scales[:, 0], scales[:, 1], tau=1.2, sharpness=5.0, smooth=smooth,
                        channel_axis=channel_axis)
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5 * float(np.abs(expected).max()))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("smooth", [0, 3])
+def test_cuda_huge_delta_with_equal_scales_is_cfg(gpu_kernel, smooth):
+    # Δ ≈ 1e19: Δ² overflows float32; the energy of Δ / max|Δ| does not. nvcc fuses w·Δ + u into
+    # one multiply-add, so CFG within CFG_RTOL of the float64 formula, not bit for bit.
+    u, c = huge_delta_case()
+    scales = np.array([[7.5, 7.5], [3.0, 3.0]], np.float32)
+    out = _combine_on_gpu(gpu_kernel, u, c, scales, smooth=smooth)
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out, spec_cfg(u, c, scales[:, 0]), rtol=CFG_RTOL)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("smooth", [0, 3])
+def test_cuda_energy_sum_overflow_gives_the_spec_result(gpu_kernel, smooth):
+    # Every location's energy is finite in float32, the sample's sum is not.
+    u, c = energy_sum_overflow_case()
+    scales = np.array([[2.0, 8.0], [1.0, 6.0]], np.float32)
+    out = _combine_on_gpu(gpu_kernel, u, c, scales, smooth=smooth)
+    np.testing.assert_allclose(out, spec_samg_v1(u, c, scales[:, 0], scales[:, 1], smooth=smooth), rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("magnitude", [1e-7, 1e-30, 1e19])
+def test_cuda_map_is_the_spec_formula_at_every_scale_of_delta(gpu_kernel, magnitude):
+    # The spec's absolute ε on the energy of Δ itself: at |Δ| ~ 1e-7 it sets Ê, so a wrong max |Δ|
+    # would show. 96 x 80 locations span many blocks of the peak kernel (their atomic max).
+    u, c = scaled_delta_case(magnitude, shape=(2, 4, 96, 80))
+    scales = np.array([[2.0, 8.0], [1.0, 6.0]], np.float32)
+    out = _combine_on_gpu(gpu_kernel, u, c, scales, smooth=3)
+    assert np.isfinite(out).all()
+    expected = spec_samg_v1(u, c, scales[:, 0], scales[:, 1], smooth=3)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+@pytest.mark.gpu
+def test_cuda_inf_in_delta_makes_the_sample_nan(gpu_kernel):
+    # An Inf makes the sample's max |Δ| Inf and its own Δ / s Inf/Inf = NaN, which reaches the
+    # whole sample through the energy sum (docs/guidance-op.md); the other sample is untouched.
+    rng = np.random.default_rng(3)
+    u = rng.standard_normal((2, 4, 6, 6)).astype(np.float32)
+    c = (u + rng.standard_normal(u.shape)).astype(np.float32)
+    c[0, 1, 2, 3] = np.inf
+    scales = np.array([[2.0, 7.0], [2.0, 7.0]], np.float32)
+    out = _combine_on_gpu(gpu_kernel, u, c, scales)
+    assert np.isnan(out[0]).all()
+    np.testing.assert_allclose(out[1:], spec_samg_v1(u[1:], c[1:], 2.0, 7.0), rtol=1e-5, atol=1e-5)

@@ -13,7 +13,14 @@ import pytest
 
 import samg.native
 from samg.guidance import samg_v1
-from samg_expectation import energy_sum_overflow_case, huge_delta_case, spec_samg_v1
+from samg_expectation import (
+    CFG_RTOL,
+    energy_sum_overflow_case,
+    huge_delta_case,
+    scaled_delta_case,
+    spec_cfg,
+    spec_samg_v1,
+)
 
 pytestmark = pytest.mark.native
 
@@ -135,13 +142,25 @@ def test_non_finite_input_is_not_hidden(library, bad):
 @pytest.mark.parametrize("smooth", [0, 3])
 def test_huge_delta_with_equal_scales_is_cfg(library, smooth):
     # Δ ≈ 1e19: Δ² overflows float32; the energy of Δ / max|Δ| does not, so equal scales give
-    # u + w·Δ (the unscaled kernel returned NaN).
+    # u + w·Δ (the unscaled kernel returned NaN). Within CFG_RTOL, not bit for bit: a build with
+    # -march=native may fuse w·Δ + u into one multiply-add.
     u, c = huge_delta_case()
     scales = np.array([[7.5, 7.5], [3.0, 3.0]], np.float32)
     out = _run_custom_op(library, u, c, scales, smooth=smooth)
-    expected = u.astype(np.float64) + scales[:, :1, None, None] * (c.astype(np.float64) - u.astype(np.float64))
     assert np.isfinite(out).all()
-    np.testing.assert_allclose(out, expected, rtol=3e-7)
+    np.testing.assert_allclose(out, spec_cfg(u, c, scales[:, 0]), rtol=CFG_RTOL)
+
+
+@pytest.mark.parametrize("magnitude", [1e-7, 1e-30, 1e19])
+def test_map_is_the_spec_formula_at_every_scale_of_delta(library, magnitude):
+    # The spec's absolute ε = 1e-12 on the energy of Δ itself: at |Δ| ~ 1e-7 it sets Ê (mean E ~
+    # 1e-14; an ε relative to max|Δ| gave Δ·1e7's map); at 1e-30 Ê ≈ 0; at 1e19 finite.
+    u, c = scaled_delta_case(magnitude)
+    scales = np.array([[2.0, 8.0], [1.0, 6.0]], np.float32)
+    out = _run_custom_op(library, u, c, scales, smooth=3)
+    assert np.isfinite(out).all()
+    expected = spec_samg_v1(u, c, scales[:, 0], scales[:, 1], smooth=3)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
 
 
 @pytest.mark.parametrize("smooth", [0, 3])

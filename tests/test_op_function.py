@@ -24,7 +24,14 @@ from samg.op import (  # noqa: E402
     strip_function,
 )
 from samg.op.schema import EPSILON, SMOOTH_WEIGHTS  # noqa: E402
-from samg_expectation import energy_sum_overflow_case, huge_delta_case, spec_samg_v1  # noqa: E402
+from samg_expectation import (  # noqa: E402
+    CFG_RTOL,
+    energy_sum_overflow_case,
+    huge_delta_case,
+    scaled_delta_case,
+    spec_cfg,
+    spec_samg_v1,
+)
 
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -207,13 +214,27 @@ def test_non_finite_inputs_stay_non_finite(smooth):
 @pytest.mark.parametrize("smooth", [0, 3])
 def test_huge_delta_with_equal_scales_is_cfg(smooth, opset):
     # Δ ≈ 1e19: Δ² overflows float32. The energy is taken on Δ / max|Δ|, so the map stays finite
-    # and equal scales give u + w·Δ (the unscaled body returned NaN).
+    # and equal scales give u + w·Δ (the unscaled body returned NaN): Sub, Mul, Add in float32,
+    # nothing fused, so bit for bit the float32 formula.
     u, c = huge_delta_case()
     scales = np.array([[7.5, 7.5], [3.0, 3.0]], np.float32)
     got = run_body(u, c, scales, smooth=smooth, opset=opset)
-    expected = u.astype(np.float64) + scales[:, :1, None, None] * (c.astype(np.float64) - u.astype(np.float64))
     assert np.isfinite(got).all()
-    np.testing.assert_allclose(got, expected, rtol=3e-7)
+    np.testing.assert_array_equal(got, spec_cfg(u, c, scales[:, 0], np.float32))
+    np.testing.assert_allclose(got, spec_cfg(u, c, scales[:, 0]), rtol=CFG_RTOL)
+
+
+@pytest.mark.parametrize("opset", [17, 18])
+@pytest.mark.parametrize("magnitude", [1e-7, 1e-30, 1e19])
+def test_map_is_the_spec_formula_at_every_scale_of_delta(magnitude, opset):
+    # The spec's absolute ε: at |Δ| ~ 1e-7 it sets Ê (mean E ~ 1e-14); at 1e-30, (ε/s)/s is +Inf
+    # in float32 (Ê = 0, the spec's ~1e-48); at 1e19 the result stays finite.
+    u, c = scaled_delta_case(magnitude)
+    scales = np.array([[2.0, 8.0], [1.0, 6.0]], np.float32)
+    got = run_body(u, c, scales, smooth=3, opset=opset)
+    assert np.isfinite(got).all()
+    expected = spec_samg_v1(u, c, scales[:, 0], scales[:, 1], smooth=3)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
 
 
 @pytest.mark.parametrize("opset", [17, 18])

@@ -22,6 +22,14 @@ from trt_export_helpers import write_export  # noqa: E402
 
 from samg.engines.tensorrt import BuildOptions, ShapeRequest, TensorRTRunner, build_export  # noqa: E402
 from samg.guidance import samg_v1  # noqa: E402
+from samg_expectation import (  # noqa: E402
+    CFG_RTOL,
+    energy_sum_overflow_case,
+    huge_delta_case,
+    scaled_delta_case,
+    spec_cfg,
+    spec_samg_v1,
+)
 
 CASES = [
     # dtype, smooth, channel_axis, prediction shape (batch first)
@@ -75,3 +83,60 @@ def test_cuda_graph_replay_matches_plain_runs(tmp_path):
         scales = feeds["scales"]
         expected = samg_v1(feeds["pred_uncond"], feeds["pred_cond"], scales[:, 0], scales[:, 1], smooth=3)
         np.testing.assert_allclose(graph_runner.run(feeds)["guided"], expected, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- range (issue 9), float32
+
+
+def _run(runner, u, c, scales):
+    return runner.run({"pred_uncond": u, "pred_cond": c, "scales": np.asarray(scales, np.float32)})["guided"]
+
+
+@pytest.mark.parametrize("combine", ["plugin", "function"])
+def test_huge_delta_with_equal_scales_is_cfg(tmp_path, combine):
+    # Δ ≈ 1e19: Δ² overflows float32; the energy of Δ / max|Δ| does not, so equal scales give CFG
+    # (within CFG_RTOL of the float64 formula: the GPU may fuse w·Δ + u into one multiply-add).
+    u, c = huge_delta_case()
+    runner = make_runner(tmp_path, "float32", 3, 1, u.shape, combine)
+    scales = np.array([[7.5, 7.5], [3.0, 3.0]], np.float32)
+    out = _run(runner, u, c, scales)
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out, spec_cfg(u, c, scales[:, 0]), rtol=CFG_RTOL)
+
+
+@pytest.mark.parametrize("combine", ["plugin", "function"])
+def test_energy_sum_overflow_gives_the_spec_result(tmp_path, combine):
+    # Every location's energy is finite in float32, the sample's sum is not.
+    u, c = energy_sum_overflow_case()
+    runner = make_runner(tmp_path, "float32", 0, 1, u.shape, combine)
+    scales = np.array([[2.0, 8.0], [1.0, 6.0]], np.float32)
+    np.testing.assert_allclose(_run(runner, u, c, scales), spec_samg_v1(u, c, scales[:, 0], scales[:, 1]), rtol=1e-5)
+
+
+@pytest.mark.parametrize("combine", ["plugin", "function"])
+def test_map_is_the_spec_formula_at_every_scale_of_delta(tmp_path, combine):
+    # The spec's absolute ε on the energy of Δ itself: at |Δ| ~ 1e-7 it sets Ê, so a wrong max |Δ|
+    # would show; 64 x 48 locations span many blocks of the plugin's peak kernel (atomic max).
+    shape = (2, 4, 64, 48)
+    runner = make_runner(tmp_path, "float32", 3, 1, shape, combine)
+    scales = np.array([[2.0, 8.0], [1.0, 6.0]], np.float32)
+    for magnitude in (1e-7, 1e-30, 1e19):
+        u, c = scaled_delta_case(magnitude, shape=shape)
+        out = _run(runner, u, c, scales)
+        assert np.isfinite(out).all(), magnitude
+        expected = spec_samg_v1(u, c, scales[:, 0], scales[:, 1], smooth=3)
+        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max(), err_msg=str(magnitude))
+
+
+@pytest.mark.parametrize("combine", ["plugin", "function"])
+def test_inf_in_delta_makes_the_sample_nan(tmp_path, combine):
+    # An Inf makes the sample's max |Δ| Inf and its own Δ / s Inf/Inf = NaN, which reaches the whole
+    # sample through the energy sum (docs/guidance-op.md); the other sample is untouched.
+    shape = (2, 4, 16, 12)
+    runner = make_runner(tmp_path, "float32", 0, 1, shape, combine)
+    feeds = inputs(shape, "float32")
+    u, c, scales = feeds["pred_uncond"], feeds["pred_cond"], feeds["scales"]
+    c[0, 1, 2, 3] = np.inf
+    out = _run(runner, u, c, scales)
+    assert np.isnan(out[0]).all()
+    np.testing.assert_allclose(out[1:], spec_samg_v1(u[1:], c[1:], scales[1:, 0], scales[1:, 1]), rtol=1e-5, atol=1e-5)

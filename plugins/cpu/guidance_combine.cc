@@ -143,7 +143,8 @@ void combine(const typename Type::Storage* u, const typename Type::Storage* c, c
     partial_peaks[task_index] = peak;
   });
   // Per sample: the energy is taken on (c - u) / max|c - u| so that its squares and sums stay in
-  // float32 range (the normalized energy is a ratio: unchanged); 1 where the max is 0 (Δ = 0).
+  // float32 range (eps is scaled alike below, so the normalized energy is the spec's); 1 where the
+  // max is 0 (c == u).
   std::vector<float> energy_scale(static_cast<size_t>(L.batch), 0.0f);
   for (int64_t t = 0; t < num_tasks; ++t)
     energy_scale[tasks[t].batch_index] = std::max(energy_scale[tasks[t].batch_index], partial_peaks[t]);
@@ -170,13 +171,17 @@ void combine(const typename Type::Storage* u, const typename Type::Storage* c, c
     partial_sums[task_index] = sum;
   });
 
-  // Per sample: 1 / (mean E + eps). Tasks are ordered by sample, so a running sum works.
+  // Per sample: 1 / (mean E + (eps / scale) / scale), the spec's 1 / (mean E0 + eps) for the energy
+  // E0 = scale^2 E of c - u itself (in double: nothing overflows or underflows that matters).
   std::vector<float> inverse_mean(static_cast<size_t>(L.batch), 0.0f);
   {
     std::vector<double> sums(static_cast<size_t>(L.batch), 0.0);
     for (int64_t t = 0; t < num_tasks; ++t) sums[tasks[t].batch_index] += partial_sums[t];
-    for (int64_t b = 0; b < L.batch; ++b)
-      inverse_mean[b] = static_cast<float>(1.0 / (sums[b] / static_cast<double>(positions) + kEpsilon));
+    for (int64_t b = 0; b < L.batch; ++b) {
+      const double scale = energy_scale[b];
+      const double scaled_epsilon = kEpsilon / scale / scale;
+      inverse_mean[b] = static_cast<float>(1.0 / (sums[b] / static_cast<double>(positions) + scaled_epsilon));
+    }
   }
   const float tau = P.tau, k = P.sharpness;
 

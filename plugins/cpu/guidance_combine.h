@@ -2,7 +2,8 @@
 //
 //   s    = max |c - u| over the sample (1 where that is 0)
 //   E(p) = sum_c ((c - u) / s)^2      energy per location (float32; scaled so nothing overflows)
-//   Ê(p) = E(p) / (mean_p E + 1e-12)  per sample, over every spatial location (whole clip for video)
+//   Ê(p) = E(p) / (mean_p E + 1e-12 / s^2)  per sample, over every spatial location (whole clip for
+//                                     video): the spec's E0 / (mean E0 + 1e-12) for E0 = sum_c (c - u)^2
 //   m(p) = sigmoid(k * (Ê(p) - tau))  optionally smoothed 3x3 over the last two axes (reflect pad)
 //   w(p) = w_max - (w_max - w_min) * m(p)
 //   out  = u + w(p) * (c - u)

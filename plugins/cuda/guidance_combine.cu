@@ -41,8 +41,34 @@ __device__ __forceinline__ void atomic_max_non_negative(float* address, float va
   atomicMax(reinterpret_cast<unsigned int*>(address), __float_as_uint(value));
 }
 
+struct MaxOp {
+  __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+struct SumOp {
+  __device__ __forceinline__ float operator()(float a, float b) const { return a + b; }
+};
+
+// `value` reduced with `op` over the block (blockDim.x == kThreads; `identity` is op's neutral
+// value): warp shuffles, then one value per warp through shared memory. Valid in thread 0.
+template <typename Op>
+__device__ __forceinline__ float block_reduce(float value, Op op, float identity) {
+  for (int offset = 16; offset > 0; offset >>= 1) value = op(value, __shfl_down_sync(0xffffffffu, value, offset));
+  __shared__ float warp_values[kThreads / 32];
+  if ((threadIdx.x & 31) == 0) warp_values[threadIdx.x >> 5] = value;
+  __syncthreads();
+  float v = identity;
+  if (threadIdx.x < 32) {
+    v = threadIdx.x < blockDim.x / 32 ? warp_values[threadIdx.x] : identity;
+    for (int offset = 16; offset > 0; offset >>= 1) v = op(v, __shfl_down_sync(0xffffffffu, v, offset));
+  }
+  return v;
+}
+
+// The energy's scale s: the sample's max |c - u|, 1 where that is 0 (c == u).
+__device__ __forceinline__ float energy_scale(const float* peaks, int64_t b) { return peaks[b] > 0.0f ? peaks[b] : 1.0f; }
+
 // peaks[b] = max |c - u| over sample b (peaks zeroed before). fmaxf skips a NaN; the sample's energy
-// is NaN anyway then.
+// is NaN anyway then. An Inf makes the peak Inf (its own (c - u) / s is then NaN).
 template <typename T>
 __global__ void peak_kernel(const T* __restrict__ u, const T* __restrict__ c, float* __restrict__ peaks, Shape s) {
   const int64_t b = blockIdx.y;
@@ -53,24 +79,17 @@ __global__ void peak_kernel(const T* __restrict__ u, const T* __restrict__ c, fl
     for (int64_t ch = 0; ch < s.channels; ++ch)
       local = fmaxf(local, fabsf(load(c[base + ch * s.inner]) - load(u[base + ch * s.inner])));
   }
-  for (int offset = 16; offset > 0; offset >>= 1) local = fmaxf(local, __shfl_down_sync(0xffffffffu, local, offset));
-  __shared__ float warp_peaks[kThreads / 32];
-  if ((threadIdx.x & 31) == 0) warp_peaks[threadIdx.x >> 5] = local;
-  __syncthreads();
-  if (threadIdx.x < 32) {
-    float v = threadIdx.x < blockDim.x / 32 ? warp_peaks[threadIdx.x] : 0.0f;
-    for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_down_sync(0xffffffffu, v, offset));
-    if (threadIdx.x == 0) atomic_max_non_negative(&peaks[b], v);
-  }
+  const float block_peak = block_reduce(local, MaxOp(), 0.0f);
+  if (threadIdx.x == 0) atomic_max_non_negative(&peaks[b], block_peak);
 }
 
-// E(p) = sum_c ((c - u) / scale)^2 with scale = the sample's max |c - u| (1 where that is 0), so
-// squares and sums stay in float32 range; the normalized energy (a ratio) is unchanged.
+// E(p) = sum_c ((c - u) / s)^2 so that squares and sums stay in float32 range; eps is scaled alike
+// in `membership`, so the normalized energy is the spec's.
 template <typename T>
 __global__ void energy_kernel(const T* __restrict__ u, const T* __restrict__ c, const float* __restrict__ peaks,
                               float* __restrict__ energy, double* __restrict__ sums, Shape s) {
   const int64_t b = blockIdx.y;
-  const float scale = peaks[b] > 0.0f ? peaks[b] : 1.0f;
+  const float scale = energy_scale(peaks, b);
   float local = 0.0f;
   for (int64_t p = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; p < s.positions;
        p += (int64_t)gridDim.x * blockDim.x) {
@@ -83,30 +102,27 @@ __global__ void energy_kernel(const T* __restrict__ u, const T* __restrict__ c, 
     energy[b * s.positions + p] = e;
     local += e;
   }
-  // Block sum: warp shuffles, then one value per warp through shared memory.
-  for (int offset = 16; offset > 0; offset >>= 1) local += __shfl_down_sync(0xffffffffu, local, offset);
-  __shared__ float warp_sums[kThreads / 32];
-  if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = local;
-  __syncthreads();
-  if (threadIdx.x < 32) {
-    float v = threadIdx.x < blockDim.x / 32 ? warp_sums[threadIdx.x] : 0.0f;
-    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffffu, v, offset);
-    if (threadIdx.x == 0) atomicAdd(&sums[b], static_cast<double>(v));
-  }
+  const float block_sum = block_reduce(local, SumOp(), 0.0f);
+  if (threadIdx.x == 0) atomicAdd(&sums[b], static_cast<double>(block_sum));
 }
 
-__device__ __forceinline__ float membership(float e, const double* sums, int64_t b, const Shape& s, float tau,
-                                            float k) {
-  const float inverse_mean = static_cast<float>(1.0 / (sums[b] / static_cast<double>(s.positions) + kEpsilon));
+// Ê = E / (mean E + (eps / s) / s): the spec's E0 / (mean E0 + eps) for the energy E0 = s^2 E of
+// c - u itself (in double: nothing overflows or underflows that matters).
+__device__ __forceinline__ float membership(float e, const double* sums, const float* peaks, int64_t b,
+                                            const Shape& s, float tau, float k) {
+  const double scale = energy_scale(peaks, b);
+  const double mean = sums[b] / static_cast<double>(s.positions);
+  const float inverse_mean = static_cast<float>(1.0 / (mean + kEpsilon / scale / scale));
   return 1.0f / (1.0f + expf(-(k * (e * inverse_mean - tau))));
 }
 
 __global__ void membership_kernel(const float* __restrict__ energy, const double* __restrict__ sums,
-                                  float* __restrict__ member, Shape s, float tau, float k) {
+                                  const float* __restrict__ peaks, float* __restrict__ member, Shape s, float tau,
+                                  float k) {
   const int64_t b = blockIdx.y;
   for (int64_t p = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; p < s.positions;
        p += (int64_t)gridDim.x * blockDim.x)
-    member[b * s.positions + p] = membership(energy[b * s.positions + p], sums, b, s, tau, k);
+    member[b * s.positions + p] = membership(energy[b * s.positions + p], sums, peaks, b, s, tau, k);
 }
 
 // Separable 3x3 on the membership map, same order of operations as the CPU kernel
@@ -125,7 +141,7 @@ __device__ __forceinline__ float smoothed(const float* m, int64_t p, const Shape
 template <typename T, bool kSmooth>
 __global__ void combine_kernel(const T* __restrict__ u, const T* __restrict__ c, const float* __restrict__ scales,
                                T* __restrict__ out, const float* __restrict__ map, const double* __restrict__ sums,
-                               Shape s, float tau, float k) {
+                               const float* __restrict__ peaks, Shape s, float tau, float k) {
   const int64_t b = blockIdx.y;
   const float w_min = scales[2 * b], w_max = scales[2 * b + 1];
   const float span = w_max - w_min;
@@ -133,7 +149,7 @@ __global__ void combine_kernel(const T* __restrict__ u, const T* __restrict__ c,
   for (int64_t p = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; p < s.positions;
        p += (int64_t)gridDim.x * blockDim.x) {
     // Smoothing reads the membership map; otherwise `map` is the energy and membership is fused here.
-    const float m = kSmooth ? smoothed(sample_map, p, s) : membership(sample_map[p], sums, b, s, tau, k);
+    const float m = kSmooth ? smoothed(sample_map, p, s) : membership(sample_map[p], sums, peaks, b, s, tau, k);
     const float w = w_max - span * m;
     const int64_t base = data_base(s, b, p);
     for (int64_t ch = 0; ch < s.channels; ++ch) {
@@ -184,12 +200,13 @@ const char* launch(const void* u_raw, const void* c_raw, const float* scales, vo
   peak_kernel<T><<<grid, kThreads, 0, stream>>>(u, c, ws.peaks, s);
   energy_kernel<T><<<grid, kThreads, 0, stream>>>(u, c, ws.peaks, ws.energy, ws.sums, s);
   if (P.smooth == 3) {
-    membership_kernel<<<grid, kThreads, 0, stream>>>(ws.energy, ws.sums, ws.member, s, P.tau, P.sharpness);
-    combine_kernel<T, true><<<grid, kThreads, 0, stream>>>(u, c, scales, out, ws.member, ws.sums, s, P.tau,
-                                                             P.sharpness);
+    membership_kernel<<<grid, kThreads, 0, stream>>>(ws.energy, ws.sums, ws.peaks, ws.member, s, P.tau,
+                                                     P.sharpness);
+    combine_kernel<T, true><<<grid, kThreads, 0, stream>>>(u, c, scales, out, ws.member, ws.sums, ws.peaks, s,
+                                                             P.tau, P.sharpness);
   } else {
-    combine_kernel<T, false><<<grid, kThreads, 0, stream>>>(u, c, scales, out, ws.energy, ws.sums, s, P.tau,
-                                                              P.sharpness);
+    combine_kernel<T, false><<<grid, kThreads, 0, stream>>>(u, c, scales, out, ws.energy, ws.sums, ws.peaks, s,
+                                                              P.tau, P.sharpness);
   }
   status = cudaGetLastError();
   return status == cudaSuccess ? nullptr : cudaGetErrorString(status);

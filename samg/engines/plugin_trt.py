@@ -33,6 +33,8 @@ SMOOTH_CENTRE = 1.0 / (1 + 2 * _EDGE)
 
 _THREADS = 256
 _SUM_THREADS = 256
+# Blocks per sample for the max |c - u| pass: enough to fill a GPU at batch 1.
+_PEAK_BLOCKS_PER_SAMPLE = 1024
 _ALIGN = 256
 
 # module name -> (plugin class, creator class, registered creator instance)
@@ -234,19 +236,24 @@ class CupyLauncher:
         with cp.cuda.ExternalStream(int(stream)):
             k = self.kernels
             # The member plane's first B floats hold each sample's max |c - u| until `membership`
-            # overwrites the plane (after `energy`, their only reader).
+            # overwrites the plane (after `energy` and `normalizer`, their only readers).
+            peaks = member
+            cp.cuda.runtime.memsetAsync(int(peaks), 0, 4 * batch, int(stream))
+            per_sample = positions * channels
+            peak_blocks = max(1, min((per_sample + _SUM_THREADS - 1) // _SUM_THREADS, _PEAK_BLOCKS_PER_SAMPLE))
             k[f"sample_peak_{suffix}"](
-                (batch,), (_SUM_THREADS,), (u_ptr, c_ptr, member, i64(positions * channels)),
+                (peak_blocks, batch), (_SUM_THREADS,), (u_ptr, c_ptr, peaks, i64(per_sample)),
                 shared_mem=4 * _SUM_THREADS,
             )
             k[f"energy_{suffix}"](self._grid(batch * positions), (_THREADS,),
-                                  (u_ptr, c_ptr, member, energy, *shape_args))
-            k["sample_sum"]((batch,), (_SUM_THREADS,), (energy, sums, i64(positions)), shared_mem=4 * _SUM_THREADS)
+                                  (u_ptr, c_ptr, peaks, energy, *shape_args))
+            k["normalizer"]((batch,), (_SUM_THREADS,), (energy, peaks, sums, i64(positions), cp.float32(EPSILON)),
+                            shared_mem=4 * _SUM_THREADS)
             k["membership"](
                 self._grid(batch * positions),
                 (_THREADS,),
                 (energy, sums, member, i64(batch), i64(positions),
-                 cp.float32(values["tau"]), cp.float32(values["sharpness"]), cp.float32(EPSILON)),
+                 cp.float32(values["tau"]), cp.float32(values["sharpness"])),
             )
             if values["smooth"]:
                 height, width = dims[-2], dims[-1]

@@ -7,10 +7,12 @@ set of kernels serves `[B,C,H,W]`, `[B,C,F,H,W]` and `[B,F,C,H,W]`. The per-loca
 runs on `B * P / (H * W)` planes of H x W.
 
 Stages (one launch each, all on TensorRT's stream; float32 throughout):
-  sample_peak D[b]     = max |c - u| over the sample (the energy's scale; 1 where it is 0)
-  energy      E[b,p]   = sum_c ((c - u) / D[b])^2   (no square or sum overflows; Ê is a ratio)
-  sample_sum  S[b]     = sum_p E[b,p]
-  membership  M[b,p]   = sigmoid(k * (E / (S / P + eps) - tau))
+  sample_peak D[b]     = max |c - u| over the sample (zeroed first; many blocks per sample, atomic
+                         max); the energy's scale s = D[b], or 1 where D[b] = 0
+  energy      E[b,p]   = sum_c ((c - u) / s)^2   (no square or sum overflows)
+  normalizer  N[b]     = sum_p E[b,p] / P + (eps / s) / s   (the spec's mean E0 + eps for the energy
+                         E0 = s^2 E of c - u itself, divided by s^2: Ê is the spec's)
+  membership  M[b,p]   = sigmoid(k * (E / N - tau))
   smooth_rows / smooth_cols (optional): 1-D [a, 1-2a, a] along W then H, reflect padding
   combine     out      = u + (w_max - (w_max - w_min) * M) * (c - u), stored in the input dtype
 """
@@ -32,14 +34,22 @@ __device__ __forceinline__ long long reflect(long long i, long long n) {
     return i;
 }
 
-// One block per sample; blockDim.x must be a power of two <= 1024. fmaxf skips a NaN: the
-// sample's energy is NaN anyway then.
+// The energy's scale s: the sample's max |c - u|, 1 where that is 0 (c == u).
+__device__ __forceinline__ float energy_scale(const float* peaks, long long b) {
+    return peaks[b] > 0.f ? peaks[b] : 1.f;
+}
+
+// Grid (blocks, B): the blocks of row y stride over sample y; blockDim.x a power of two <= 1024.
+// peaks[] zeroed before: non-negative floats order like their bits read as unsigned ints, so an
+// atomicMax on the bits keeps the largest. fmaxf skips a NaN (the sample's energy is NaN anyway);
+// an Inf makes the peak Inf (its own (c - u) / s is then NaN).
 template <typename T>
 __device__ void sample_peak_impl(const T* u, const T* c, float* peaks, long long per_sample) {
     extern __shared__ float partial[];
-    const long long base = blockIdx.x * per_sample;
+    const long long base = blockIdx.y * per_sample;
     float acc = 0.f;
-    for (long long i = threadIdx.x; i < per_sample; i += blockDim.x)
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < per_sample;
+         i += (long long)gridDim.x * blockDim.x)
         acc = fmaxf(acc, fabsf(load(c, base + i) - load(u, base + i)));
     partial[threadIdx.x] = acc;
     __syncthreads();
@@ -47,7 +57,7 @@ __device__ void sample_peak_impl(const T* u, const T* c, float* peaks, long long
         if (threadIdx.x < stride) partial[threadIdx.x] = fmaxf(partial[threadIdx.x], partial[threadIdx.x + stride]);
         __syncthreads();
     }
-    if (threadIdx.x == 0) peaks[blockIdx.x] = partial[0];
+    if (threadIdx.x == 0) atomicMax(reinterpret_cast<unsigned int*>(peaks + blockIdx.y), __float_as_uint(partial[0]));
 }
 
 template <typename T>
@@ -60,7 +70,7 @@ __device__ void energy_impl(const T* u, const T* c, const float* peaks, float* e
         long long b = idx / positions, p = idx % positions;
         long long o = p / I, i = p % I;
         long long base = ((b * O + o) * C) * I + i;
-        float scale = peaks[b] > 0.f ? peaks[b] : 1.f;
+        float scale = energy_scale(peaks, b);
         float acc = 0.f;
         for (long long ch = 0; ch < C; ++ch) {
             float d = (load(c, base + ch * I) - load(u, base + ch * I)) / scale;
@@ -105,7 +115,8 @@ __global__ void energy_f16(const __half* u, const __half* c, const float* peaks,
 }
 
 // One block per sample; blockDim.x must be a power of two <= 1024.
-__global__ void sample_sum(const float* energy, float* sums, long long positions) {
+__global__ void normalizer(const float* energy, const float* peaks, float* normalizers, long long positions,
+                           float eps) {
     extern __shared__ float partial[];
     const float* row = energy + blockIdx.x * positions;
     float acc = 0.f;
@@ -116,16 +127,20 @@ __global__ void sample_sum(const float* energy, float* sums, long long positions
         if (threadIdx.x < stride) partial[threadIdx.x] += partial[threadIdx.x + stride];
         __syncthreads();
     }
-    if (threadIdx.x == 0) sums[blockIdx.x] = partial[0];
+    if (threadIdx.x == 0) {
+        // (eps / s) / s, never s * s (which underflows for s < 1e-23); +Inf only for s < 5.4e-26,
+        // where the spec's normalized energy is ~0 and E / Inf = 0 is that value.
+        const float scale = energy_scale(peaks, blockIdx.x);
+        normalizers[blockIdx.x] = partial[0] / (float)positions + eps / scale / scale;
+    }
 }
 
-__global__ void membership(const float* energy, const float* sums, float* member,
-                           long long B, long long positions, float tau, float sharpness, float eps) {
+__global__ void membership(const float* energy, const float* normalizers, float* member,
+                           long long B, long long positions, float tau, float sharpness) {
     long long total = B * positions;
     for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < total;
          idx += (long long)gridDim.x * blockDim.x) {
-        float mean = sums[idx / positions] / (float)positions;
-        float normalized = energy[idx] / (mean + eps);
+        float normalized = energy[idx] / normalizers[idx / positions];
         member[idx] = 1.f / (1.f + expf(-sharpness * (normalized - tau)));
     }
 }
@@ -166,7 +181,7 @@ KERNEL_NAMES = (
     "sample_peak_f16",
     "energy_f32",
     "energy_f16",
-    "sample_sum",
+    "normalizer",
     "membership",
     "smooth_pass",
     "combine_f32",

@@ -56,6 +56,11 @@ class _NumpyOps:
         """max |x| over `axes` (0 for an empty reduction); NaN propagates."""
         return np.max(np.abs(x), axis=tuple(axes), keepdims=True, initial=0.0)
 
+    def quiet_divide(self, a, b):
+        """a / b where an Inf/Inf (NaN) or an overflow to Inf is the intended result: no warning."""
+        with np.errstate(invalid="ignore", over="ignore"):
+            return np.divide(a, b)
+
     def std(self, x, axes, correction):
         return np.std(x, axis=tuple(axes), keepdims=True, ddof=correction, dtype=np.float32)
 
@@ -146,6 +151,10 @@ class _TorchOps:
             shape = [1 if axis in axes else size for axis, size in enumerate(x.shape)]
             return x.new_zeros(shape)
         return x.abs().amax(dim=tuple(axes), keepdim=True)
+
+    def quiet_divide(self, a, b):
+        """a / b (torch does not warn on Inf/Inf or overflow)."""
+        return a / b
 
     def std(self, x, axes, correction):
         return x.std(dim=tuple(axes), keepdim=True, correction=correction)

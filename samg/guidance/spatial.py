@@ -18,9 +18,9 @@ import math
 from samg.errors import SamgError
 from samg.guidance._xp import check_pair, ops_for
 
-#: Added to the mean (scaled) energy before dividing, so Δ = 0 gives Ê = 0 instead of 0/0. The
-#: energy is that of Δ / max|Δ|, whose mean is at least 1/N when Δ ≠ 0: EPS is negligible there,
-#: and Ê does not depend on the scale of Δ.
+#: ε of samg-v1 (docs/guidance-op.md, step 2): Ê = E / (mean E + EPS) on the energy E of Δ itself,
+#: so Δ = 0 gives Ê = 0 instead of 0/0. The implementations take the energy of Δ / s (s = the
+#: sample's max |Δ|) and add (EPS / s) / s instead: the same Ê, with nothing overflowing.
 EPS = 1e-12
 
 _E1 = math.exp(-1.0)
@@ -55,32 +55,42 @@ def energy_scale(ops, delta):
     """Per sample max |Δ| over every non-batch element ([B, 1, ...]), or 1 where that is 0.
 
     The energy is taken on Δ / energy_scale so that its squares and sums stay in float32 range
-    (|Δ| up to float32's max): Ê is a ratio of energies, unchanged by the scale (see EPS), and
-    Δ = 0 divides by 1, not 0. A NaN in Δ leaves the scale at 1 or NaN: either way the sample's
-    energy is NaN, as it would be unscaled.
+    (|Δ| up to float32's max); :func:`normalized_energy` moves ε by the same scale, so Ê is the
+    spec's. Δ = 0 divides by 1, not 0. A NaN in Δ leaves the scale at 1 or NaN, an Inf makes it Inf
+    (its own Δ / s is Inf/Inf = NaN): either way the sample's energy is NaN, as it would be unscaled.
     """
     peak = ops.max_abs(delta, _non_batch_axes(delta))
     return ops.where(peak > 0, peak, 1.0)
 
 
 def delta_energy(u, c, channel_axis: int = 1):
-    """Return (ops, u32, Δ32, E): float32 copies and the energy E(p) = Σ_c (Δ_c(p)/s)², channel axis kept.
+    """Return (ops, u32, Δ32, E, s): float32 copies, the energy E(p) = Σ_c (Δ_c(p)/s)² (channel axis
+    kept) and its per-sample scale s = :func:`energy_scale` (the sample's max |Δ|, [B, 1, ...]).
 
-    s = :func:`energy_scale` (the sample's max |Δ|): the energy of the scaled Δ, so that no square
-    or sum overflows; the maps only use energy ratios and order.
+    E is the energy of the scaled Δ, so that no square or sum overflows; pass s on to
+    :func:`normalized_energy`. The variants only use E's order and Ê.
     """
     ops = check_pair(u, c)
     _validate_layout(u, channel_axis)
     u32, c32 = ops.f32(u), ops.f32(c)
     delta = c32 - u32
-    scaled = delta / energy_scale(ops, delta)
+    scale = energy_scale(ops, delta)
+    scaled = ops.quiet_divide(delta, scale)  # Inf / Inf = NaN where Δ holds an Inf: intended
     energy = ops.sum(scaled * scaled, (channel_axis,))
-    return ops, u32, delta, energy
+    return ops, u32, delta, energy, scale
 
 
-def normalized_energy(ops, energy):
-    """Ê(p) = E(p) / (mean over every non-batch location of E + EPS): per sample, whole clip for video."""
-    return energy / (ops.mean(energy, _non_batch_axes(energy)) + EPS)
+def normalized_energy(ops, energy, scale):
+    """Ê(p) = E(p) / (mean E + (EPS / s) / s): per sample, over every non-batch location (whole clip
+    for video). With E the energy of Δ / s this is the spec's E₀ / (mean E₀ + EPS) for the energy
+    E₀ = s²·E of Δ itself, up to rounding.
+
+    (EPS / s) / s in float32 never forms s² (which underflows for s < 1e-23): it is +Inf only for
+    s < 5.4e-26, where the spec's Ê is below C·3e-39 and Ê = E / Inf = 0 is that value; it underflows
+    to 0 only for s > 3e16, where it is below 1e-45 against a mean of at least 1/N.
+    """
+    eps_scaled = ops.quiet_divide(ops.quiet_divide(ops.param(EPS, scale), scale), scale)
+    return energy / (ops.mean(energy, _non_batch_axes(energy)) + eps_scaled)
 
 
 def _along(axis: int, sl: slice):
@@ -136,12 +146,12 @@ def samg_scale_map(u, c, w_min, w_max, *, tau=1.0, sharpness=4.0, smooth=0, chan
     ``m = sigmoid(sharpness·(Ê − tau))`` (optionally smoothed), ``w = w_max − (w_max − w_min)·m``.
     """
     _check_smooth(smooth)
-    ops, _, _, energy = delta_energy(u, c, channel_axis)
-    return _samg_map_from_energy(ops, u, energy, w_min, w_max, tau, sharpness, smooth)
+    ops, _, _, energy, scale = delta_energy(u, c, channel_axis)
+    return _samg_map_from_energy(ops, u, energy, scale, w_min, w_max, tau, sharpness, smooth)
 
 
-def _samg_map_from_energy(ops, u, energy, w_min, w_max, tau, sharpness, smooth):
-    membership = ops.sigmoid(float(sharpness) * (normalized_energy(ops, energy) - float(tau)))
+def _samg_map_from_energy(ops, u, energy, scale, w_min, w_max, tau, sharpness, smooth):
+    membership = ops.sigmoid(float(sharpness) * (normalized_energy(ops, energy, scale) - float(tau)))
     if smooth:
         membership = smooth3x3(membership)
     lo, hi = _scales(ops, u, w_min, w_max)
@@ -153,11 +163,12 @@ def samg_v1(u, c, w_min, w_max, *, tau=1.0, sharpness=4.0, smooth=0, channel_axi
 
     ``w_min``/``w_max``: floats or per-sample vectors [B]. ``w_min == w_max == w`` is CFG exactly.
     A NaN or Inf in Δ makes that sample's whole output NaN (through the energy's scale and mean);
-    other samples are not affected. Finite inputs give a finite output wherever u + w·Δ is finite.
+    other samples are not affected. Finite inputs give a finite output wherever c − u and u + w·Δ
+    are finite in float32 (u = −2e38, c = 2e38 has no finite Δ).
     """
     _check_smooth(smooth)
-    ops, u32, delta, energy = delta_energy(u, c, channel_axis)
-    w = _samg_map_from_energy(ops, u, energy, w_min, w_max, tau, sharpness, smooth)
+    ops, u32, delta, energy, scale = delta_energy(u, c, channel_axis)
+    w = _samg_map_from_energy(ops, u, energy, scale, w_min, w_max, tau, sharpness, smooth)
     return _combine(ops, u, u32, delta, w)
 
 
@@ -177,7 +188,7 @@ def quantile_scale_map(u, c, w_min, w_max, *, q=0.2, channel_axis=1):
     N counts every non-batch location (whole clip for video). Ties at the threshold all get w_min
     (a location is "top" when E(p) ≥ the k-th largest E of its sample).
     """
-    ops, _, _, energy = delta_energy(u, c, channel_axis)
+    ops, _, _, energy, _ = delta_energy(u, c, channel_axis)
     lo, hi = _scales(ops, u, w_min, w_max)
     batch = energy.shape[0]
     flat = energy.reshape(batch, -1)
@@ -190,7 +201,7 @@ def quantile_scale_map(u, c, w_min, w_max, *, q=0.2, channel_axis=1):
 
 def samg_quantile(u, c, w_min, w_max, *, q=0.2, channel_axis=1):
     """Hard split by per-sample quantile: ``u + w(p)·Δ`` with :func:`quantile_scale_map`."""
-    ops, u32, delta, _ = delta_energy(u, c, channel_axis)
+    ops, u32, delta, _, _ = delta_energy(u, c, channel_axis)
     w = quantile_scale_map(u, c, w_min, w_max, q=q, channel_axis=channel_axis)
     return _combine(ops, u, u32, delta, w)
 
@@ -201,25 +212,25 @@ def bound_scale_map(u, c, w_min, w_max, *, w_ref=None, channel_axis=1):
     w_ref is the scale at mean energy (Ê = 1). Ê is floored at EPS so Δ = 0 gives w_max (not
     0·∞). clip is ``min(max(x, w_min), w_max)``.
     """
-    ops, _, _, energy = delta_energy(u, c, channel_axis)
+    ops, _, _, energy, scale = delta_energy(u, c, channel_axis)
     lo, hi = _scales(ops, u, w_min, w_max)
     ref = (lo + hi) * 0.5 if w_ref is None else ops.param(w_ref, u)
-    inv_sqrt = 1.0 / ops.sqrt(ops.clamp_min(normalized_energy(ops, energy), EPS))
+    inv_sqrt = 1.0 / ops.sqrt(ops.clamp_min(normalized_energy(ops, energy, scale), EPS))
     return ops.minimum(ops.maximum(1.0 + (ref - 1.0) * inv_sqrt, lo), hi)
 
 
 def samg_bound(u, c, w_min, w_max, *, w_ref=None, channel_axis=1):
     """Curvature-bound shape: ``u + w(p)·Δ`` with :func:`bound_scale_map`."""
-    ops, u32, delta, _ = delta_energy(u, c, channel_axis)
+    ops, u32, delta, _, _ = delta_energy(u, c, channel_axis)
     w = bound_scale_map(u, c, w_min, w_max, w_ref=w_ref, channel_axis=channel_axis)
     return _combine(ops, u, u32, delta, w)
 
 
 def linear_scale_map(u, c, w_min, w_max, *, channel_axis=1):
     """``w = w_max − (w_max − w_min)·(Ê − min Ê)/(max Ê − min Ê + EPS)``, min/max per sample."""
-    ops, _, _, energy = delta_energy(u, c, channel_axis)
+    ops, _, _, energy, scale = delta_energy(u, c, channel_axis)
     lo, hi = _scales(ops, u, w_min, w_max)
-    e_hat = normalized_energy(ops, energy)
+    e_hat = normalized_energy(ops, energy, scale)
     axes = _non_batch_axes(e_hat)
     e_min, e_max = ops.amin(e_hat, axes), ops.amax(e_hat, axes)
     return hi - (hi - lo) * ((e_hat - e_min) / (e_max - e_min + EPS))
@@ -227,6 +238,6 @@ def linear_scale_map(u, c, w_min, w_max, *, channel_axis=1):
 
 def samg_linear(u, c, w_min, w_max, *, channel_axis=1):
     """Linear in min-max-normalized energy: ``u + w(p)·Δ`` with :func:`linear_scale_map`."""
-    ops, u32, delta, _ = delta_energy(u, c, channel_axis)
+    ops, u32, delta, _, _ = delta_energy(u, c, channel_axis)
     w = linear_scale_map(u, c, w_min, w_max, channel_axis=channel_axis)
     return _combine(ops, u, u32, delta, w)

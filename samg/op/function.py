@@ -32,9 +32,10 @@ STANDALONE_IR_VERSION = 10
 _FLOAT = 1  # onnx.TensorProto.FLOAT
 _BOOL = 9  # onnx.TensorProto.BOOL
 
-# Steps: fp32 delta -> energy over channels of delta / max|delta| -> per-sample normalization ->
-# sigmoid membership m (flattened to [B, N] so the body is rank-agnostic) -> optional smoothing of
-# m per frame -> w = w_max - (w_max - w_min) m -> out = u + w delta, cast back to the input dtype.
+# Steps: fp32 delta -> energy over channels of delta / max|delta| -> per-sample normalization
+# (eps scaled alike) -> sigmoid membership m (flattened to [B, N] so the body is rank-agnostic) ->
+# optional smoothing of m per frame -> w = w_max - (w_max - w_min) m -> out = u + w delta, cast
+# back to the input dtype.
 # In the text syntax `float[]` is a float tensor of unknown shape (`float` alone means a scalar).
 _BODY = """
 <domain: "{domain}", opset_import: ["" : {opset}]>
@@ -50,8 +51,8 @@ _BODY = """
     u = Cast <to = {float}> (pred_uncond)
     c = Cast <to = {float}> (pred_cond)
     delta = Sub (c, u)
-    # Energy of delta / (the sample's max |delta|, or 1 where that is 0): squares and sums stay in
-    # float32 range, and the normalized energy (a ratio) is unchanged.
+    # Energy of delta / s, s = the sample's max |delta| (1 where that is 0): squares and sums stay in
+    # float32 range; eps is scaled to match below, so the normalized energy is the spec's.
     flat_shape = Constant <value_ints: ints = [0, -1]> ()
     delta_flat = Reshape (delta, flat_shape)
     delta_abs = Abs (delta_flat)
@@ -82,8 +83,12 @@ _BODY = """
 
     energy_flat = Reshape (energy, flat_shape)
 {mean_line}
+    # The spec's E / (mean E + eps) on the energy of delta itself is, on the scaled energy,
+    # E / (mean E + eps / s^2): (eps / s) / s, never s^2 (which underflows for s < 1e-23).
     epsilon = Constant <value_float: float = {epsilon}> ()
-    mean_eps = Add (energy_mean, epsilon)
+    epsilon_per_scale = Div (epsilon, energy_scale)
+    epsilon_scaled = Div (epsilon_per_scale, energy_scale)
+    mean_eps = Add (energy_mean, epsilon_scaled)
     energy_norm = Div (energy_flat, mean_eps)
     above_tau = Sub (energy_norm, tau_value)
     logits = Mul (above_tau, sharpness_value)
