@@ -13,6 +13,7 @@ from samg.errors import SamgError
 from samg.scfg.op import DOMAIN, OP_TYPE, function_proto, make_standalone_model, semantic_combine
 from samg.scfg.export import tie_aware_check, undecided_locations
 from samg.scfg.reference import scfg_combine, semantic_maps
+from scfg_hand_case import RATE_ROWS, hand_delta, hand_level, rate_map, uniform_coarse_level
 
 ATOL = RTOL = 1e-5  # float32 op body vs torch reference, where the masks are decided
 
@@ -118,43 +119,17 @@ def test_bad_input_is_a_samg_error():
         semantic_combine(u, u, torch.ones(1, 2), self_maps[:1], cross_maps[:1], factors=(4,))
 
 
-# The hand case of test_scfg_reference.py (its comments hold the arithmetic): a 2x2 level of a 4x4
-# latent (tokens 0 = start, 1 = "cat", 2 = "sky"; identity self-attention), plus a uniform 1x1 coarse
-# level, which adds the same constant to every token's and both foreground maps (no mask moves).
-# delta has norm 1 in the top half and 5 in the bottom half; token "cat" holds the top rows, "sky"
-# the bottom rows, and the foreground is the bottom (official quirk: from the unconditional half)
-# or the top (corrected). Rates per row, before/after the vertical blur [K0, K1, K0]:
-_E = np.exp(-1.0)
-_K0 = _E / (1 + 2 * _E)
-_HAND_RATE_ROWS = {
-    # quirk, w = 7.5: rate_cat = 5/1 -> clamp 3 -> cap 15/7.5 = 2; rate_sky = 5/5 = 1
-    (False, 7.5): [2.0, 2 - _K0, 1 + _K0, 1.0],
-    # quirk, w = 2: the cap 7.5 is loose, rate_cat = 3
-    (False, 2.0): [3.0, 3 - 2 * _K0, 1 + 2 * _K0, 1.0],
-    # corrected, w = 7.5: rate_cat = 1/1, rate_sky = 1/5 -> clamp 0.8
-    (True, 7.5): [1.0, 1 - 0.2 * _K0, 0.8 + 0.2 * _K0, 0.8],
-}
-
-
-def _hand_level():
-    uncond = ([0.9, 0.05, 0.05], [0.2, 0.4, 0.4])
-    cond = ([0.4, 0.5, 0.1], [0.6, 0.1, 0.3])
-    cross = torch.tensor([[top, top, bottom, bottom] for top, bottom in (uncond, cond)])[:, None]  # [2, 1, 4, 3]
-    return torch.eye(4).expand(2, 1, 4, 4).clone(), cross
-
-
-@pytest.mark.parametrize("corrected, scale", sorted(_HAND_RATE_ROWS))
+# The hand case (tests/scfg_hand_case.py) plus a uniform 1x1 coarse level, which adds the same
+# constant to every token's and both foreground maps (no mask moves).
+@pytest.mark.parametrize("corrected, scale", sorted(RATE_ROWS))
 def test_eager_op_and_function_body_give_the_hand_computed_rate(corrected, scale):
-    self_fine, cross_fine = _hand_level()
-    self_coarse, cross_coarse = torch.ones(2, 1, 1, 1), torch.full((2, 1, 1, 3), 1 / 3)
-    delta = torch.zeros(1, 2, 4, 4)
-    delta[0, 0, :2] = 1.0
-    delta[0, 0, 2:], delta[0, 1, 2:] = 3.0, 4.0
+    self_fine, cross_fine = hand_level()
+    self_coarse, cross_coarse = uniform_coarse_level()
+    delta = hand_delta()
     u = torch.randn(1, 2, 4, 4, generator=torch.Generator().manual_seed(0))
     c = u + delta
     scales = torch.tensor([[scale, scale]])
-    rate = torch.tensor(_HAND_RATE_ROWS[(corrected, scale)], dtype=torch.float32)[:, None].expand(4, 4)
-    expected = (u + scale * rate * delta).numpy()
+    expected = (u + scale * rate_map(RATE_ROWS[(corrected, scale)]) * delta).numpy()
     eager = semantic_combine(u, c, scales, [self_fine, self_coarse], [cross_fine, cross_coarse], factors=(2, 4),
                              corrected=corrected)
     np.testing.assert_allclose(eager.numpy(), expected, rtol=1e-5, atol=1e-5)

@@ -1,6 +1,5 @@
-"""S-CFG reference pinned against small cases computed by hand (see the comments for the arithmetic)."""
-
-import math
+"""S-CFG reference pinned against small cases computed by hand (the arithmetic: comments here and
+tests/scfg_hand_case.py)."""
 
 import pytest
 
@@ -14,10 +13,19 @@ from samg.scfg.reference import (
     scfg_rate,
     semantic_masks,
 )
-
-E = math.exp(-1.0)
-K0, K1 = E / (1 + 2 * E), 1 / (1 + 2 * E)  # 1-D blur weights: [K0, K1, K0]
-ALPHA = 2 * K0  # on a length-2 axis with reflect padding, blur maps [a, b] -> [(1-ALPHA)a + ALPHA b, ...]
+from scfg_hand_case import (
+    ALPHA,
+    COND,
+    K0,
+    K1,
+    RATE_ROWS,
+    UNCOND,
+    cross_rows,
+    hand_delta,
+    hand_level,
+    rate_map,
+    uniform_coarse_level,
+)
 
 
 def test_blur_weights_and_reflect_padding():
@@ -44,30 +52,11 @@ def test_self_attention_completion_quirk_and_corrected():
     assert torch.allclose(complete_self_attention(swap, corrected=True), (swap + eye) / 2)
 
 
-def _cross(top, bottom):
-    """Cross-attention probs of a 2x2 level whose rows are constant: [N=4, T] (row-major locations)."""
-    return torch.tensor([top, top, bottom, bottom])
-
-
-def _level(uncond_top, uncond_bottom, cond_top, cond_bottom):
-    """One level (2x2, one layer, identity self-attention), batch [uncond, cond]."""
-    cross = torch.stack([_cross(uncond_top, uncond_bottom), _cross(cond_top, cond_bottom)])[:, None]
-    self_ = torch.eye(4).expand(2, 1, 4, 4).clone()  # S~ = I in both modes, so A = cross
-    return self_, cross
-
-
-# Tokens: 0 = start of text, 1 = "cat", 2 = "sky". Hand computation (maps constant along width, so only
-# the vertical blur acts; a map [a, b] with mean m normalizes to [((1-ALPHA)a + ALPHA b)/m, ...]):
-#  cond tokens: SOT [.4,.6] -> [.970, 1.030]; cat [.5,.1] -> [1.102, .898]; sky [.1,.3] -> [.924, 1.076]
-#    => top row: cat, bottom row: sky.
-#  uncond fore: SOT [.9,.2] -> [1.097, .903]; others [.1,.8] -> [.882, 1.118] => foreground = bottom row.
-#  cond fore:   SOT [.4,.6] -> [.970, 1.030]; others [.6,.4] -> [1.030, .970] => foreground = top row.
-UNCOND = ([0.9, 0.05, 0.05], [0.2, 0.4, 0.4])
-COND = ([0.4, 0.5, 0.1], [0.6, 0.1, 0.3])
+# The hand case (its arithmetic: tests/scfg_hand_case.py).
 
 
 def test_hand_computed_normalized_values():
-    # spot-check the arithmetic used in the comment above against the formula itself
+    # spot-check the arithmetic of scfg_hand_case's docstring against the formula itself
     top = ((1 - ALPHA) * 0.5 + ALPHA * 0.1) / 0.3
     assert top == pytest.approx(1.1015, abs=1e-4)
     assert (0.1 * (1 - ALPHA) + 0.3 * ALPHA) / 0.2 == pytest.approx(0.9239, abs=1e-4)
@@ -75,7 +64,7 @@ def test_hand_computed_normalized_values():
 
 @pytest.mark.parametrize("corrected, fore_row", [(False, 1), (True, 0)])
 def test_token_and_foreground_masks(corrected, fore_row):
-    self_, cross = _level(*UNCOND, *COND)
+    self_, cross = hand_level()
     token_mask, fore_mask = semantic_masks([self_], [cross], (4, 4), corrected=corrected)
     assert token_mask.shape == (1, 3, 2, 2) and fore_mask.shape == (1, 1, 2, 2)
     expected_tokens = torch.zeros(1, 3, 2, 2)
@@ -89,44 +78,21 @@ def test_token_and_foreground_masks(corrected, fore_row):
 
 def test_a_coarser_level_that_is_uniform_does_not_move_the_masks():
     # a 1x1 level upsamples to a constant map, normalizing to 1 for every token: same argmax
-    self_, cross = _level(*UNCOND, *COND)
-    coarse_self = torch.ones(2, 1, 1, 1)
-    coarse_cross = torch.full((2, 1, 1, 3), 1 / 3)
+    self_, cross = hand_level()
+    coarse_self, coarse_cross = uniform_coarse_level()
     masks_one = semantic_masks([self_], [cross], (4, 4))
     masks_two = semantic_masks([self_, coarse_self], [cross, coarse_cross], (4, 4))
     assert all(torch.equal(a, b) for a, b in zip(masks_one, masks_two))
 
 
-def _delta_top_norm1_bottom_norm5():
-    delta = torch.zeros(1, 2, 4, 4)
-    delta[0, 0, :2] = 1.0  # norm 1 in the top half
-    delta[0, 0, 2:], delta[0, 1, 2:] = 3.0, 4.0  # norm 5 in the bottom half
-    return delta
-
-
-def _rows(values):
-    return torch.tensor(values, dtype=torch.float32)[:, None].expand(4, 4)
-
-
-@pytest.mark.parametrize(
-    "corrected, scale, rows",
-    [
-        # fore = bottom (norm 5): rate_cat = 5/1 -> clamp 3 -> cap 15/7.5 = 2; rate_sky = 5/5 = 1.
-        # rows [2, 2, 1, 1], blurred vertically with reflect: [2, 2 - K0, 1 + K0, 1]
-        (False, 7.5, [2.0, 2 - K0, 1 + K0, 1.0]),
-        # w = 2: cap 15/2 = 7.5 is loose, so rate_cat = 3: rows [3, 3, 1, 1] -> [3, 3 - 2K0, 1 + 2K0, 1]
-        (False, 2.0, [3.0, 3 - 2 * K0, 1 + 2 * K0, 1.0]),
-        # fore = top (norm 1): rate_cat = 1, rate_sky = 1/5 -> clamp 0.8: rows [1,1,.8,.8]
-        (True, 7.5, [1.0, 1 - 0.2 * K0, 0.8 + 0.2 * K0, 0.8]),
-    ],
-)
-def test_rate_and_guided_output_by_hand(corrected, scale, rows):
-    self_, cross = _level(*UNCOND, *COND)
-    delta = _delta_top_norm1_bottom_norm5()
+@pytest.mark.parametrize("corrected, scale", sorted(RATE_ROWS))
+def test_rate_and_guided_output_by_hand(corrected, scale):
+    self_, cross = hand_level()
+    delta = hand_delta()
     u = torch.randn(1, 2, 4, 4, generator=torch.Generator().manual_seed(0))
     c = u + delta
     out, rate = scfg_combine(u, c, [self_], [cross], scale, corrected=corrected, return_rate=True)
-    expected_rate = _rows(rows)
+    expected_rate = rate_map(RATE_ROWS[(corrected, scale)])
     assert torch.allclose(rate[0, 0], expected_rate, atol=1e-5)
     assert torch.allclose(out, u + scale * expected_rate * delta, atol=1e-5)
 
@@ -136,23 +102,23 @@ def test_rate_from_masks_matches_the_direct_function():
     token_mask[0, 1, 0], token_mask[0, 2, 1] = 1, 1
     fore = torch.zeros(1, 1, 2, 2)
     fore[0, 0, 1] = 1
-    rate = scfg_rate(_delta_top_norm1_bottom_norm5(), token_mask, fore, 7.5)
-    assert torch.allclose(rate[0, 0], _rows([2.0, 2 - K0, 1 + K0, 1.0]), atol=1e-6)
+    rate = scfg_rate(hand_delta(), token_mask, fore, 7.5)
+    assert torch.allclose(rate[0, 0], rate_map(RATE_ROWS[(False, 7.5)]), atol=1e-6)
 
 
 def test_per_sample_scales_and_dtype():
-    self_, cross = _level(*UNCOND, *COND)
+    self_, cross = hand_level()
     self2, cross2 = (torch.cat([t[:1], t[:1], t[1:], t[1:]]) for t in (self_, cross))  # B = 2
-    delta = _delta_top_norm1_bottom_norm5().expand(2, 2, 4, 4)
+    delta = hand_delta().expand(2, 2, 4, 4)
     u = torch.zeros(2, 2, 4, 4, dtype=torch.float16)
     out = scfg_combine(u, u + delta.half(), [self2], [cross2], torch.tensor([[7.5, 7.5], [2.0, 2.0]]))
     assert out.dtype == torch.float16
-    assert torch.allclose(out[0].float(), 7.5 * _rows([2.0, 2 - K0, 1 + K0, 1.0]) * delta[0], atol=2e-2)
-    assert torch.allclose(out[1].float(), 2.0 * _rows([3.0, 3 - 2 * K0, 1 + 2 * K0, 1.0]) * delta[1], atol=2e-2)
+    assert torch.allclose(out[0].float(), 7.5 * rate_map(RATE_ROWS[(False, 7.5)]) * delta[0], atol=2e-2)
+    assert torch.allclose(out[1].float(), 2.0 * rate_map(RATE_ROWS[(False, 2.0)]) * delta[1], atol=2e-2)
 
 
 def test_zero_delta_returns_uncond_and_bad_shapes_raise():
-    self_, cross = _level(*UNCOND, *COND)
+    self_, cross = hand_level()
     u = torch.randn(1, 2, 4, 4)
     assert torch.equal(scfg_combine(u, u.clone(), [self_], [cross], 7.5), u)
     with pytest.raises(SamgError, match="does not fit"):
@@ -165,8 +131,9 @@ class _HandModel:
     """Stands in for the UNet in `scfg_unet_step`: known predictions and attention maps.
 
     Each batch row's conditioning carries a flag (encoder_hidden_states[:, 0, 0]: 0 = unconditional,
-    1 = conditional); the row predicts u = x/2 or c = u + Δ and records the UNCOND or COND maps of the
-    hand case above at factor 2 (a 2x2 level of a 4x4 latent), as the capture processors would.
+    1 = conditional); the row predicts u = x/2 or c = u + Δ and records the UNCOND or COND maps of
+    the hand case (scfg_hand_case) at factor 2 (a 2x2 level of a 4x4 latent), as the capture
+    processors would.
     """
 
     def __init__(self, store, delta):
@@ -176,28 +143,25 @@ class _HandModel:
         self.calls += 1
         flags = encoder_hidden_states[:, 0, 0]
         assert x.shape[0] == flags.shape[0] == t.shape[0]
-        self_rows, cross_rows, preds = [], [], []
+        self_maps, cross_maps, preds = [], [], []
         for row, flag in enumerate(flags.tolist()):
             top, bottom = COND if flag == 1 else UNCOND
-            self_rows.append(torch.eye(4))
-            cross_rows.append(_cross(top, bottom))
+            self_maps.append(torch.eye(4))
+            cross_maps.append(cross_rows(top, bottom))
             preds.append(x[row] / 2 + (self.delta[0] if flag == 1 else 0))
-        self.store.add(2, "self", torch.stack(self_rows))
-        self.store.add(2, "cross", torch.stack(cross_rows))
+        self.store.add(2, "self", torch.stack(self_maps))
+        self.store.add(2, "cross", torch.stack(cross_maps))
         return (torch.stack(preds),)
 
 
-@pytest.mark.parametrize("corrected, scale, rows", [
-    (False, 7.5, [2.0, 2 - K0, 1 + K0, 1.0]),
-    (True, 7.5, [1.0, 1 - 0.2 * K0, 0.8 + 0.2 * K0, 0.8]),
-])
-def test_unet_step_gives_the_hand_computed_rate(corrected, scale, rows):
+@pytest.mark.parametrize("corrected, scale", [(False, 7.5), (True, 7.5)])
+def test_unet_step_gives_the_hand_computed_rate(corrected, scale):
     # The full step (model on [uncond; cond], capture, masks, rates) against the rates worked out by
-    # hand above (test_rate_and_guided_output_by_hand), not against scfg_combine.
+    # hand (scfg_hand_case.RATE_ROWS), not against scfg_combine.
     from samg.scfg.capture import AttentionMapStore, scfg_unet_step
 
     store = AttentionMapStore()
-    delta = _delta_top_norm1_bottom_norm5()
+    delta = hand_delta()
     model = _HandModel(store, delta)
     latents = torch.randn(1, 2, 4, 4, generator=torch.Generator().manual_seed(1))
     flags = torch.tensor([0.0, 1.0]).view(2, 1, 1).expand(2, 3, 5)  # unconditional first
@@ -205,4 +169,4 @@ def test_unet_step_gives_the_hand_computed_rate(corrected, scale, rows):
                          corrected=corrected)
     assert model.calls == 1
     u = latents / 2
-    assert torch.allclose(out, u + scale * _rows(rows) * delta, atol=1e-5)
+    assert torch.allclose(out, u + scale * rate_map(RATE_ROWS[(corrected, scale)]) * delta, atol=1e-5)
