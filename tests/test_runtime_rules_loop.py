@@ -6,6 +6,8 @@ a closed-form "model", against the loop written out here from docs/guidance-op.m
 - CFG++: x̂0 from u + λΔ, and the next state re-noised along the unconditional eps u.
 """
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -78,11 +80,14 @@ def _norm(values):
     return np.sqrt(_per_sample_sum(values**2))
 
 
-def spec_apg_loop(sched, prediction_type, w, *, eta, norm_threshold, momentum, momentum_space="x0"):
+def spec_apg_loop(sched, prediction_type, w, *, eta, norm_threshold, momentum, momentum_space="x0",
+                  initial_running=None, return_running=False):
     """Euler over APG as the spec writes it. momentum_space="eps" (or "none") is the wrong loop a
-    broken runtime would run: used only to show that the test tells them apart."""
+    broken runtime would run, and `initial_running` (a buffer left by an earlier generation) the
+    leak of a reused one: used only to show that the tests tell them apart. With return_running,
+    returns (x, the final momentum buffer)."""
     x = _start(sched).astype(np.float64)
-    running = None
+    running = initial_running
     sigmas = [float(s) for s in sched.sigmas]
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
         u, c = model_predictions(x / np.sqrt(1 + sigma**2), sched.timestep_for(sigma))
@@ -101,7 +106,7 @@ def spec_apg_loop(sched, prediction_type, w, *, eta, norm_threshold, momentum, m
         parallel = _per_sample_sum(d * c_hat) * c_hat
         x0 = x0_c + (w - 1) * ((d - parallel) + eta * parallel)
         x = x0 + (x - x0) / sigma * sigma_next  # Euler
-    return x
+    return (x, running) if return_running else x
 
 
 def spec_cfgpp_loop(sched, lam, *, renoise="uncond"):
@@ -150,11 +155,27 @@ def test_apg_norm_clip_is_active_in_the_clipped_case():
     assert _far_apart(clipped, unclipped)
 
 
-def test_a_new_denoiser_starts_with_empty_momentum():
-    # One Denoiser per generation: two generations give the same image (the state does not leak).
+def test_one_pipeline_starts_every_generation_with_empty_momentum():
+    # A service reuses one Pipeline: each sample() must start APG's momentum afresh. Both of its
+    # generations equal the spec's loop from an empty buffer; a second generation that carried the
+    # first one's buffer would not (shown at the end, so the test can fail).
+    from samg.runtime.pipeline import Pipeline
+
+    runner = ClosedFormRunner()
+    manifest = {"latent": {}, "prediction_type": "epsilon", "scheduler": SD, "guidance": "raw"}
+    pipeline = Pipeline(Path("unused-export"), manifest, {"denoiser": runner}, [])
+    conditioning = {"encoder_hidden_states": np.zeros((2 * SHAPE[0], 1, 1), np.float32)}
+    options = dict(eta=0.0, norm_threshold=0.0, momentum=-0.5)
+    guidance = Guidance("apg", 5.0, 5.0, options=options)
+    noise = np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32)  # as _start, before σ_max
+    first, second = (pipeline.sample(conditioning, noise, guidance=guidance, sampler="euler", steps=STEPS)
+                     for _ in range(2))
+    assert runner.calls == 2 * STEPS
     sched = schedules.make_schedule(SD, "euler", STEPS)
-    guidance = Guidance("apg", 5.0, 5.0, options=dict(momentum=-0.5, norm_threshold=0.0))
-    np.testing.assert_array_equal(_run_runtime(sched, "epsilon", guidance), _run_runtime(sched, "epsilon", guidance))
+    want, left_over = spec_apg_loop(sched, "epsilon", 5.0, **options, return_running=True)
+    _assert_close(np.asarray(first, np.float64), want)
+    _assert_close(np.asarray(second, np.float64), want)
+    assert _far_apart(spec_apg_loop(sched, "epsilon", 5.0, **options, initial_running=left_over), want)
 
 
 @pytest.mark.parametrize("lam", [0.3, 0.8])
