@@ -100,7 +100,10 @@ def test_cpp_matches_python_on_samg_digits(samg_run, digits_export, pipeline, in
 
 @pytest.mark.parametrize("args,scales", [
     (["--w-min", "2", "--w-max", "5"], {"w_min": 2.0, "w_max": 5.0}),
-    (["--scale", "0.5"], {"scale": 0.5}),  # below 1: w_min = w_max = 0.5 on both sides
+    # --scale W as `samg generate`: SAMG spans ((1 + W) / 2, W) for W >= 1, and below 1 there is no
+    # guidance above 1 to halve, so w_min = w_max = W (hand-derived values, not samg's resolver)
+    (["--scale", "6"], {"w_min": 3.5, "w_max": 6.0}),
+    (["--scale", "0.5"], {"w_min": 0.5, "w_max": 0.5}),
 ])
 def test_samg_run_seed_draws_the_same_noise_as_samg_generate(samg_run, digits_export, pipeline, inputs, tmp_path,
                                                              args, scales):
@@ -118,6 +121,10 @@ def test_samg_run_seed_draws_the_same_noise_as_samg_generate(samg_run, digits_ex
     other_seed = pipeline(PROMPT, NEGATIVE, guidance="samg", steps=STEPS, sampler="euler", num_images=2, seed=12,
                           output="latents", **scales)
     assert np.abs(actual - other_seed).max() > 100 * LATENT_RTOL * scale
+    if "--scale" in args:  # and `samg generate --scale W` (Python's resolve_scales) lands on the same sample
+        generate = pipeline(PROMPT, NEGATIVE, guidance="samg", steps=STEPS, sampler="euler", num_images=2, seed=11,
+                            output="latents", scale=float(args[1]))
+        np.testing.assert_allclose(actual, generate, rtol=0, atol=LATENT_RTOL * scale)
 
 
 def test_embedding_example_samples_from_a_seed(samg_run, digits_export, pipeline, inputs, tmp_path):
@@ -185,6 +192,10 @@ def _delete(key):
     return lambda manifest: manifest.pop(key)
 
 
+def _zero_snr(manifest):  # CogVideoX's shifted zero-terminal-SNR schedule on an epsilon model
+    manifest["scheduler"].update(snr_shift_scale=3.0, rescale_betas_zero_snr=True, timestep_spacing="trailing")
+
+
 BAD_MANIFESTS = [
     # (case, mutate or raw text, words the one line must hold)
     ("invalid-json", '{"format": "samg-export", ', "not valid JSON"),
@@ -208,7 +219,10 @@ BAD_MANIFESTS = [
     ("raw-but-fused-graph", _set("guidance", "raw"), "a raw export's denoiser has"),
     ("wrong-channels", _set("latent", "channels", 3), "latent.channels is 3 but the denoiser"),
     ("zero-scaling", _set("vae", "scaling_factor", 0), "vae.scaling_factor must be"),
-    ("snr-shift", _set("scheduler", "snr_shift_scale", 3.0), "scheduler.snr_shift_scale selects CogVideoX's"),
+    ("snr-shift-0", _set("scheduler", "snr_shift_scale", 0), "scheduler.snr_shift_scale must be a finite number in (0"),
+    ("zero-snr-epsilon", _zero_snr, "starts at zero SNR (infinite sigma), where a epsilon model cannot predict x0"),
+    ("no-files", _delete("files"), "samg.json: files is missing"),
+    ("bad-hash", _set("files", "denoiser.onnx", "md5:0"), "files.denoiser.onnx must be \"sha256:\""),
 ]
 
 
@@ -303,7 +317,92 @@ def test_runaway_model_outputs_stop_the_loop(samg_run, digits_export, inputs, tm
     model.ir_version = 8
     (export / "denoiser.onnx").unlink()  # a hard link: replace, do not write through
     onnx.save(model, str(export / "denoiser.onnx"))
+    _rehash(export, "denoiser.onnx")  # a model broken on purpose, not a corrupted file
     image = tmp_path / "flat.png"
     result = _run(samg_run, export, folder, "--seed", "1", "--steps", "4", "--out-image", str(image))
     assert words in _one_line_error(result, code=1)
     assert not image.exists() and not list(tmp_path.glob("*.tmp*"))
+
+
+# -- what is loaded is what was exported (samg.json `files`, the verified-stamp) --------------------
+
+def _rehash(export, name):
+    import hashlib
+
+    manifest = json.loads((export / "samg.json").read_text())
+    manifest["files"][name] = "sha256:" + hashlib.sha256((export / name).read_bytes()).hexdigest()
+    (export / "samg.json").write_text(json.dumps(manifest))
+
+
+def _copied_export(digits_export, tmp_path):
+    """A copy of the export with its verified-stamp, model files copied with their mtimes."""
+    import shutil
+
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    for path in [*digits_export.glob("*.onnx*"), digits_export / "samg.json", digits_export / ".samg-verified.json"]:
+        if path.exists():
+            shutil.copy2(path, folder / path.name)
+    return folder
+
+
+def _flip_a_byte(path, keep_mtime=False):
+    import os
+
+    before = path.stat()
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01  # inside the weights: the graph still loads, only the hash tells
+    path.write_bytes(bytes(data))
+    if keep_mtime:
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    else:
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns + 1_000_000_000))  # touched
+    assert path.stat().st_size == before.st_size
+
+
+@pytest.mark.parametrize("name", ["denoiser.onnx", "vae_decoder.onnx"])
+def test_a_changed_model_file_is_refused(samg_run, digits_export, inputs, tmp_path, name):
+    """One byte changed, size kept, mtime touched: the stamp no longer vouches for it, its sha256
+    differs from samg.json's, and samg-run refuses it in one line naming the file."""
+    folder, _ = inputs
+    export = _copied_export(digits_export, tmp_path)
+    out = tmp_path / "latents.npy"
+    args = ("--noise", str(folder / "noise.npy"), "--steps", "2", "--out-latents", str(out))
+    assert _run(samg_run, export, folder, *args).returncode == 0  # the intact copy runs
+    out.unlink()
+    _flip_a_byte(export / name)
+    line = _one_line_error(_run(samg_run, export, folder, *args))
+    assert f"{export / name} does not match its sha256 in samg.json" in line and "re-export" in line
+    assert not out.exists()
+
+
+def test_the_verified_stamp_spares_rehashing(samg_run, digits_export, inputs, tmp_path):
+    """The stamp the Python side wrote is read: a file whose size and mtime_ns still match its entry is
+    not hashed again (so a change that restores the mtime goes unseen, as in samg/contract.py); without
+    the stamp the same file is hashed and refused."""
+    folder, _ = inputs
+    export = _copied_export(digits_export, tmp_path)
+    stamp = json.loads((export / ".samg-verified.json").read_text())
+    assert stamp["format"] == "samg-verified" and "denoiser.onnx" in stamp["files"]
+    _flip_a_byte(export / "denoiser.onnx", keep_mtime=True)
+    args = ("--noise", str(folder / "noise.npy"), "--steps", "2", "--out-latents", str(tmp_path / "x.npy"))
+    assert _run(samg_run, export, folder, *args).returncode == 0
+    (export / ".samg-verified.json").unlink()
+    assert "denoiser.onnx does not match its sha256" in _one_line_error(_run(samg_run, export, folder, *args))
+
+
+def test_unlisted_loaded_files_are_refused(samg_run, digits_export, inputs, tmp_path):
+    folder, _ = inputs
+    args = ("--noise", str(folder / "noise.npy"), "--steps", "2", "--out-latents", str(tmp_path / "x.npy"))
+    export = _copied_export(digits_export, tmp_path)
+    manifest = json.loads((export / "samg.json").read_text())
+    del manifest["files"]["vae_decoder.onnx"]
+    (export / "samg.json").write_text(json.dumps(manifest))
+    assert "samg.json lists no hash for vae_decoder.onnx" in _one_line_error(_run(samg_run, export, folder, *args))
+    # external weights ONNX Runtime would read beside the graph must be listed too
+    del manifest["files"]["denoiser.onnx"]
+    manifest["files"]["vae_decoder.onnx"] = json.loads((digits_export / "samg.json").read_text())["files"]["vae_decoder.onnx"]
+    (export / "samg.json").write_text(json.dumps(manifest))
+    _rehash(export, "denoiser.onnx")
+    (export / "denoiser.onnx.data").write_bytes(b"weights from elsewhere")
+    assert "samg.json lists no hash for denoiser.onnx.data" in _one_line_error(_run(samg_run, export, folder, *args))

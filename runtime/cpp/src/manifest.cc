@@ -168,11 +168,8 @@ SchedulerSpec read_scheduler(const Json& root) {
   if (s.has("clip_sample") && s.boolean("clip_sample"))
     fail(s.field("clip_sample"), "is true (the scheduler clips x0), which samg's samplers do not do",
          "sample this model with diffusers");
-  // CogVideoXDDIMScheduler's recipe (alphas_cumprod shifted, then rescaled to zero terminal SNR,
-  // first sigma infinite) is in the Python runtime only.
-  if (s.has("snr_shift_scale"))
-    fail(s.field("snr_shift_scale"), "selects CogVideoX's shifted schedule, which the C++ runtime does not have",
-         "sample this model with `samg generate`");
+  // CogVideoXDDIMScheduler's recipe: alphas_cumprod shifted, then rescaled to zero terminal SNR.
+  if (s.has("snr_shift_scale")) spec.snr_shift_scale = s.number("snr_shift_scale", 0.0, 1e6, /*lo_open*/ true);
   return spec;
 }
 
@@ -205,6 +202,8 @@ LatentSpec read_latent(const Json& root) {
 }
 
 }  // namespace
+
+SchedulerSpec read_scheduler_spec(const nlohmann::json& scheduler) { return read_scheduler(Json{{"scheduler", scheduler}}); }
 
 std::vector<int64_t> latent_shape(const LatentSpec& latent, int64_t batch, int64_t height, int64_t width,
                                   int64_t frames) {
@@ -307,10 +306,23 @@ Manifest read_manifest(const std::string& export_dir) {
 
   const Section vae(root, "vae");
   m.vae_path = vae.file("file", export_dir);
+  m.vae_file = vae.string("file");
   if (vae.has("scaling_factor")) m.vae_scaling_factor = vae.number("scaling_factor", 0.0, 1e6, true);
   if (vae.has("shift_factor")) m.vae_shift_factor = vae.number("shift_factor", -1e6, 1e6);
   const Section denoiser(root, "denoiser");
   m.denoiser_path = denoiser.file("file", export_dir);
+  m.denoiser_file = denoiser.string("file");
+
+  // What the export wrote, by name; the loaded files are checked against it (samg/verify.h).
+  const auto files = root.find("files");
+  if (files == root.end() || !files->is_object()) fail("files", files == root.end() ? "is missing" : "must be an object, got " + shown(*files));
+  for (const auto& [name, digest] : files->items()) {
+    const std::string text = digest.is_string() ? digest.get<std::string>() : "";
+    bool hex = text.size() == 7 + 64 && text.rfind("sha256:", 0) == 0;
+    for (size_t i = 7; hex && i < text.size(); ++i) hex = std::isdigit(static_cast<unsigned char>(text[i])) || (text[i] >= 'a' && text[i] <= 'f');
+    if (!hex) fail("files." + name, "must be \"sha256:\" and 64 lowercase hex digits, got " + shown(digest));
+    m.file_hashes[name] = text;
+  }
 
   const Section text_encoder(root, "text_encoder");
   const Json& outputs = text_encoder.at("outputs");

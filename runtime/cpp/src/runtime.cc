@@ -8,6 +8,7 @@
 #include <stdexcept>
 
 #include "guidance_combine.h"  // plugins/cpu: the host-side combine for raw exports
+#include "samg/verify.h"
 
 namespace samg {
 namespace {
@@ -152,11 +153,15 @@ void check_request(const Manifest& manifest, const Request& request) {
   if (request.guidance == "samg" && !(request.w_min <= request.w_max))
     throw std::invalid_argument("w_min (" + std::to_string(request.w_min) + ") is above w_max (" +
                                 std::to_string(request.w_max) + "): swap --w-min and --w-max");
-  make_schedule(manifest.scheduler, request.sampler, request.steps, request.karras);  // sampler and steps
+  const Schedule schedule = make_schedule(manifest.scheduler, request.sampler, request.steps, request.karras);
+  if (std::isinf(schedule.sigmas[0]) && manifest.prediction_type != "v_prediction")
+    throw ManifestError("this schedule starts at zero SNR (infinite sigma), where a " + manifest.prediction_type +
+                        " model cannot predict x0: use a v_prediction model or a schedule without rescale_betas_zero_snr");
 }
 
 Runtime::Runtime(const std::string& export_dir, const RuntimeOptions& options)
     : export_dir_(export_dir), manifest_(read_manifest(export_dir)) {
+  verify_loaded_files(manifest_, export_dir);  // what ONNX Runtime is about to load is what was exported
   env_ = std::make_unique<Ort::Env>(ORT_LOGGING_LEVEL_ERROR, "samg");
   Ort::SessionOptions session_options;
   // As samg's Python runner: idle ORT threads spin by default, stealing a shared CPU from the rest.
@@ -178,7 +183,9 @@ Tensor Runtime::denoise(const Tensor& x, double sigma, double timestep, const st
   const double w_lo = request.guidance == "cfg" ? request.w_max : request.w_min, w_hi = request.w_max;
 
   std::map<std::string, std::pair<std::vector<float>, std::vector<int64_t>>> feeds;
-  const double input_scale = prediction == "flow" ? 1.0 : 1.0 / std::sqrt(1.0 + sigma * sigma);
+  // At sigma = inf (zero terminal SNR) the sampler variable already holds the model latents.
+  const bool zero_snr = std::isinf(sigma);
+  const double input_scale = prediction == "flow" || zero_snr ? 1.0 : 1.0 / std::sqrt(1.0 + sigma * sigma);
   feeds["latents"] = {scaled(x.data, input_scale), x.shape};
   feeds["timestep"] = {std::vector<float>(static_cast<size_t>(batch), static_cast<float>(timestep)), {batch}};
   for (const auto& [name, tensor] : cond) feeds[name] = {tensor.data, tensor.shape};
@@ -213,7 +220,10 @@ Tensor Runtime::denoise(const Tensor& x, double sigma, double timestep, const st
   // x0 from the guided prediction (samg.runtime.denoiser._x0_from).
   Tensor x0{x.shape, std::vector<float>(x.data.size())};
   const float s = static_cast<float>(sigma);
-  if (prediction == "epsilon" || prediction == "flow") {
+  if (zero_snr) {  // alpha_bar = 0: x0 = sqrt(ab) x_t - sqrt(1 - ab) v = -v, as diffusers' DDIM (check_request
+                   // admits only v_prediction here)
+    for (size_t i = 0; i < x0.data.size(); ++i) x0.data[i] = -guided.data[i];
+  } else if (prediction == "epsilon" || prediction == "flow") {
     for (size_t i = 0; i < x0.data.size(); ++i) x0.data[i] = x.data[i] - s * guided.data[i];
   } else if (prediction == "v_prediction") {
     const double a = 1.0 / (1.0 + sigma * sigma), b = sigma / std::sqrt(1.0 + sigma * sigma);
@@ -275,8 +285,10 @@ Tensor Runtime::sample(const std::map<std::string, Tensor>& conditioning, const 
       if (sigma_next == 0) {
         x.data = denoised.data;
       } else {
+        // At sigma = inf: x holds x_VE / sigma, h = inf, expm1(-h) = -1, and the next step's r = inf
+        // gives d = denoised (1 / (2 r) = 0).
         const double h = -std::log(sigma_next) + std::log(sigma);
-        const double ratio = sigma_next / sigma, step = std::expm1(-h);
+        const double ratio = std::isinf(sigma) ? sigma_next : sigma_next / sigma, step = std::expm1(-h);
         for (size_t k = 0; k < x.data.size(); ++k) {
           double d = denoised.data[k];
           if (!old_denoised.empty()) {
@@ -289,8 +301,10 @@ Tensor Runtime::sample(const std::map<std::string, Tensor>& conditioning, const 
       }
       old_denoised = denoised.data;
     } else {  // Euler; with DDIM's sigmas it is DDIM (eta 0), with flow sigmas flow-matching Euler
+      const bool zero_snr = std::isinf(sigma);
       for (size_t k = 0; k < x.data.size(); ++k) {
-        const double d = (static_cast<double>(x.data[k]) - denoised.data[k]) / sigma;
+        // (x - x0) / sigma; at sigma = inf the variable holds x / sigma and x0 / sigma is 0
+        const double d = zero_snr ? x.data[k] : (static_cast<double>(x.data[k]) - denoised.data[k]) / sigma;
         x.data[k] = static_cast<float>(denoised.data[k] + d * sigma_next);
       }
     }

@@ -53,38 +53,100 @@ std::vector<float> betas(int n, double beta_start, double beta_end, const std::s
   return b;
 }
 
-std::vector<float> alphas_cumprod(const SchedulerSpec& cfg) {
-  std::vector<float> b = betas(cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end, cfg.beta_schedule);
-  const bool zero_snr = cfg.rescale_betas_zero_snr;
+// CogVideoXDDIMScheduler's alpha_bar (samg.runtime.schedules.shifted_alphas_cumprod): cumprod of
+// 1 - betas, shifted by snr_shift_scale as SD3, `ac / (s + (1 - s) ac)`, then (if asked) rescaled to
+// zero terminal SNR on alphas_cumprod itself, which ends at exactly 0. T is the betas' precision:
+// float64 for scaled_linear (as diffusers' CogVideoX scheduler), float32 otherwise.
+template <typename T>
+std::vector<double> shifted_alphas_cumprod(const SchedulerSpec& cfg, const std::vector<T>& b) {
   const size_t n = b.size();
-  if (zero_snr) {  // Lin et al. 2023, Algorithm 1, in float32 like the numpy port
-    std::vector<float> sqrt_ab(n);
-    float running = 1.0f;
-    for (size_t i = 0; i < n; ++i) sqrt_ab[i] = std::sqrt(running *= (1.0f - b[i]));
-    const float first = sqrt_ab[0], last = sqrt_ab[n - 1];
-    std::vector<float> ab(n);
+  std::vector<T> ac(n);
+  T running = 1;
+  for (size_t i = 0; i < n; ++i) ac[i] = running *= (T(1) - b[i]);
+  const T shift = static_cast<T>(cfg.snr_shift_scale), one_minus_shift = static_cast<T>(1 - cfg.snr_shift_scale);
+  for (size_t i = 0; i < n; ++i) ac[i] = ac[i] / (shift + one_minus_shift * ac[i]);
+  if (cfg.rescale_betas_zero_snr) {  // diffusers' version on alphas_cumprod, no clamp
+    std::vector<T> root(n);
+    for (size_t i = 0; i < n; ++i) root[i] = std::sqrt(ac[i]);
+    const T first = root[0], last = root[n - 1], gain = first / (first - last);
     for (size_t i = 0; i < n; ++i) {
-      const float s = (sqrt_ab[i] - last) * first / (first - last);
-      ab[i] = s * s;
+      const T s = (root[i] - last) * gain;
+      ac[i] = s * s;
     }
-    for (size_t i = 0; i < n; ++i) b[i] = 1.0f - (i == 0 ? ab[0] : ab[i] / ab[i - 1]);
   }
-  std::vector<float> ac(n);
-  float running = 1.0f;
-  for (size_t i = 0; i < n; ++i) ac[i] = running *= (1.0f - b[i]);
-  if (zero_snr) ac[n - 1] = std::ldexp(1.0f, -24);
-  // Betas that round away in float32 leave alphas_cumprod at 1 (sigma 0) or flat: no schedule.
-  for (size_t i = 0; i < n; ++i)
-    if (!(ac[i] > 0.0f && ac[i] < 1.0f) || (i && !(ac[i] < ac[i - 1])))
-      throw ManifestError("samg.json: scheduler betas give no usable noise schedule (alphas_cumprod[" + std::to_string(i) +
-                          "] = " + std::to_string(ac[i]) + "): re-export the model with `samg export`");
-  return ac;
+  return std::vector<double>(ac.begin(), ac.end());
 }
 
-std::vector<double> train_sigmas(const std::vector<float>& ac) {
-  std::vector<double> out(ac.size());
-  for (size_t i = 0; i < ac.size(); ++i) out[i] = static_cast<double>(std::sqrt((1.0f - ac[i]) / ac[i]));
+}  // namespace
+
+// alpha_bar(t), t = 0..T-1, with the precision of samg/runtime/schedules.py (float32 values, except
+// CogVideoX's float64 recipe). Zero terminal SNR through snr_shift_scale ends at exactly 0 (first
+// sigma infinite); otherwise every value is in (0, 1).
+std::vector<double> alphas_cumprod(const SchedulerSpec& cfg) {
+  const size_t n = static_cast<size_t>(cfg.num_train_timesteps);
+  std::vector<double> out;
+  if (cfg.snr_shift_scale > 0) {
+    if (cfg.beta_schedule == "scaled_linear") {
+      std::vector<double> b(n);
+      const auto roots = linspace(std::sqrt(cfg.beta_start), std::sqrt(cfg.beta_end), static_cast<int64_t>(n));
+      for (size_t i = 0; i < n; ++i) b[i] = roots[i] * roots[i];
+      out = shifted_alphas_cumprod(cfg, b);
+    } else {
+      out = shifted_alphas_cumprod(cfg, betas(cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end, cfg.beta_schedule));
+    }
+  } else {
+    std::vector<float> b = betas(cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end, cfg.beta_schedule);
+    const bool zero_snr = cfg.rescale_betas_zero_snr;
+    if (zero_snr) {  // Lin et al. 2023, Algorithm 1, in float32 like the numpy port
+      std::vector<float> sqrt_ab(n);
+      float running = 1.0f;
+      for (size_t i = 0; i < n; ++i) sqrt_ab[i] = std::sqrt(running *= (1.0f - b[i]));
+      const float first = sqrt_ab[0], last = sqrt_ab[n - 1];
+      std::vector<float> ab(n);
+      for (size_t i = 0; i < n; ++i) {
+        const float s = (sqrt_ab[i] - last) * first / (first - last);
+        ab[i] = s * s;
+      }
+      for (size_t i = 0; i < n; ++i) b[i] = 1.0f - (i == 0 ? ab[0] : ab[i] / ab[i - 1]);
+    }
+    std::vector<float> ac(n);
+    float running = 1.0f;
+    for (size_t i = 0; i < n; ++i) ac[i] = running *= (1.0f - b[i]);
+    if (zero_snr) ac[n - 1] = std::ldexp(1.0f, -24);  // as diffusers: near zero, so the first sigma is finite
+    out.assign(ac.begin(), ac.end());
+  }
+  // Betas that round away leave alphas_cumprod at 1 (sigma 0) or flat: no schedule. Only the
+  // shifted zero-SNR recipe may end at exactly 0.
+  const bool may_end_at_zero = cfg.snr_shift_scale > 0 && cfg.rescale_betas_zero_snr;
+  for (size_t i = 0; i < n; ++i) {
+    const bool at_zero_end = may_end_at_zero && i == n - 1 && out[i] == 0.0;
+    if (!((out[i] > 0.0 || at_zero_end) && out[i] < 1.0) || (i && !(out[i] < out[i - 1])))
+      throw ManifestError("samg.json: scheduler betas give no usable noise schedule (alphas_cumprod[" + std::to_string(i) +
+                          "] = " + std::to_string(out[i]) + "): re-export the model with `samg export`");
+  }
   return out;
+}
+
+namespace {
+
+// sigma(t) = sqrt((1 - alpha_bar) / alpha_bar) in float64; inf where alpha_bar is 0.
+double sigma_of(double ac) { return std::sqrt((1.0 - ac) / ac); }
+
+std::vector<double> train_sigmas(const std::vector<double>& ac) {
+  std::vector<double> out(ac.size());
+  for (size_t i = 0; i < ac.size(); ++i) out[i] = sigma_of(ac[i]);
+  return out;
+}
+
+// The first sigma of a schedule that starts at zero SNR is infinite: the sampler variable then
+// holds the model latents themselves (standard normal noise), so the starting scale is 1.
+double init_noise_scale(double first_sigma, double finite_scale) { return std::isinf(first_sigma) ? 1.0 : finite_scale; }
+
+void refuse_karras_at_zero_snr(const std::vector<double>& full) {
+  for (double s : full)
+    if (std::isinf(s))
+      throw std::invalid_argument("--karras spaces sigmas between the smallest and the largest, and this schedule's largest "
+                                  "is infinite (zero terminal SNR): drop --karras");
 }
 
 // numpy.interp(x, arange(len(fp)), fp).
@@ -93,8 +155,12 @@ double interp_index(double x, const std::vector<double>& fp) {
   if (x <= 0) return fp[0];
   if (x >= static_cast<double>(last)) return fp[last];
   const int64_t j = static_cast<int64_t>(std::floor(x));
+  if (static_cast<double>(j) == x) return fp[j];  // as numpy: no slope at a sample point (fp may be inf)
   const double slope = (fp[j + 1] - fp[j]) / 1.0;
-  return slope * (x - static_cast<double>(j)) + fp[j];
+  const double y = slope * (x - static_cast<double>(j)) + fp[j];
+  if (!std::isnan(y)) return y;
+  const double other = slope * (x - static_cast<double>(j + 1)) + fp[j + 1];  // numpy's other direction
+  return std::isnan(other) && fp[j] == fp[j + 1] ? fp[j] : other;
 }
 
 double sigma_to_t(double sigma, const std::vector<double>& log_sigmas) {
@@ -145,6 +211,7 @@ Schedule euler_schedule(const SchedulerSpec& cfg, int steps, bool karras) {
   std::vector<double> sig(ts.size());
   for (size_t i = 0; i < ts.size(); ++i) sig[i] = interp_index(ts[i], full);
   if (karras) {
+    refuse_karras_at_zero_snr(full);
     std::vector<double> log_full(full.size());
     for (size_t i = 0; i < full.size(); ++i) log_full[i] = std::log(full[i]);
     sig = karras_sigmas(sig.back(), sig.front(), steps);
@@ -155,7 +222,10 @@ Schedule euler_schedule(const SchedulerSpec& cfg, int steps, bool karras) {
   s.sigmas = sig;
   s.sigmas.push_back(0.0);
   const double max_sigma = *std::max_element(s.sigmas.begin(), s.sigmas.end());
-  s.init_noise_sigma = (spacing == "linspace" || spacing == "trailing") ? max_sigma : std::sqrt(max_sigma * max_sigma + 1);
+  // diffusers' quirk: the starting noise is scaled by sqrt(sigma^2 + 1) for "leading" spacing
+  s.init_noise_sigma = init_noise_scale(max_sigma, (spacing == "linspace" || spacing == "trailing")
+                                                       ? max_sigma
+                                                       : std::sqrt(max_sigma * max_sigma + 1));
   return s;
 }
 
@@ -164,23 +234,30 @@ Schedule ddim_schedule(const SchedulerSpec& cfg, int steps) {
   const int num_train = static_cast<int>(ac.size());
   const std::string spacing = cfg.timestep_spacing.empty() ? "leading" : cfg.timestep_spacing;
   std::vector<double> ts = spaced_timesteps(spacing, steps, num_train, cfg.steps_offset);
-  const float final_ac = cfg.set_alpha_to_one ? 1.0f : ac[0];
+  const double final_ac = cfg.set_alpha_to_one ? 1.0 : ac[0];
   Schedule s;
-  // float32 throughout, like the numpy port (alphas_cumprod is float32 there).
-  auto sigma_of = [](float a) { return static_cast<double>(std::sqrt((1.0f - a) / a)); };
-  float last_prev_ac = final_ac;
+  double last_prev_ac = final_ac;
+  int64_t expected_t = 0;  // the previous step's "previous timestep" (none before the first step)
+  bool first = true;
   for (double t : ts) {
     const int64_t step_t = static_cast<int64_t>(spacing == "linspace" ? round_half_even(t) : t);
     if (step_t < 0 || step_t >= num_train)  // leading spacing + steps_offset at steps == num_train_timesteps
       throw std::invalid_argument("ddim with " + std::to_string(steps) + " steps reaches timestep " + std::to_string(step_t) +
                                   ", beyond the model's " + std::to_string(num_train) + ": use fewer --steps");
+    // DDIM steps from t to prev; diffusers evaluates the next step at its own t even where that is
+    // not prev (a timestep the step did not land on). samg does not copy that (as the Python runtime).
+    if (!first && step_t != expected_t)
+      throw std::invalid_argument("DDIM with " + spacing + " spacing at " + std::to_string(steps) +
+                                  " steps evaluates the model at timesteps its steps do not land on: use a step count "
+                                  "that divides " + std::to_string(num_train) + " (e.g. 50) or --sampler euler");
     const int64_t prev = step_t - num_train / steps;
+    expected_t = prev, first = false;
     s.timesteps.push_back(static_cast<double>(step_t));
     s.sigmas.push_back(sigma_of(ac[step_t]));
     last_prev_ac = prev >= 0 ? ac[prev] : final_ac;
   }
   s.sigmas.push_back(sigma_of(last_prev_ac));
-  s.init_noise_sigma = std::sqrt(1 + s.sigmas[0] * s.sigmas[0]);
+  s.init_noise_sigma = init_noise_scale(s.sigmas[0], std::sqrt(1 + s.sigmas[0] * s.sigmas[0]));
   return s;
 }
 
@@ -203,6 +280,7 @@ Schedule dpm_schedule(const SchedulerSpec& cfg, int steps, bool karras) {
   const auto full = train_sigmas(ac);
   std::vector<double> sig;
   if (karras) {
+    refuse_karras_at_zero_snr(full);
     std::vector<double> log_full(full.size());
     for (size_t i = 0; i < full.size(); ++i) log_full[i] = std::log(full[i]);
     sig = karras_sigmas(full.front(), full.back(), steps);
@@ -215,7 +293,7 @@ Schedule dpm_schedule(const SchedulerSpec& cfg, int steps, bool karras) {
   s.timesteps = ts;
   s.sigmas = sig;
   s.sigmas.push_back(0.0);
-  s.init_noise_sigma = std::sqrt(1 + s.sigmas[0] * s.sigmas[0]);
+  s.init_noise_sigma = init_noise_scale(s.sigmas[0], std::sqrt(1 + s.sigmas[0] * s.sigmas[0]));
   return s;
 }
 

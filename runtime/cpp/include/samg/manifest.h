@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -31,6 +32,9 @@ struct SchedulerSpec {
   bool rescale_betas_zero_snr = false;
   bool set_alpha_to_one = true;
   double shift = 1.0;               // flow
+  // CogVideoXDDIMScheduler's alphas_cumprod shift (0: none); with rescale_betas_zero_snr the
+  // schedule ends at alpha_bar = 0, an infinite first sigma (samg.runtime.schedules).
+  double snr_shift_scale = 0.0;
 };
 
 struct CombineSpec {
@@ -54,6 +58,8 @@ struct Manifest {
   LatentSpec latent;
   SchedulerSpec scheduler;
   std::string denoiser_path, vae_path;  // inside the export folder, existing regular files
+  std::string denoiser_file, vae_file;  // the same, relative to the export folder (as in samg.json)
+  std::map<std::string, std::string> file_hashes;  // `files`: name -> "sha256:<64 hex digits>"
   double vae_scaling_factor = 1.0, vae_shift_factor = 0.0;
   std::vector<std::string> conditioning_names;  // denoiser conditioning inputs (<name>.npy)
   nlohmann::json raw;               // the whole document, as read
@@ -61,6 +67,9 @@ struct Manifest {
 
 // Reads and validates EXPORT_DIR/samg.json; throws ManifestError (one line) on any problem.
 Manifest read_manifest(const std::string& export_dir);
+
+// The `scheduler` section alone, validated as read_manifest does (tools/schedule.cc, tests).
+SchedulerSpec read_scheduler_spec(const nlohmann::json& scheduler);
 
 // Latent shape for `batch` samples at a pixel size (frames: 0 for images), after checking it
 // against the manifest (multiples, static sizes, kMaxLatentElements); ManifestError otherwise.

@@ -52,6 +52,8 @@ struct Image {  // uint8 RGB, row-major
 
 class Runtime {
  public:
+  // Reads and validates samg.json, checks the graphs against its `files` hashes (samg/verify.h) and
+  // loads them; ManifestError (std::invalid_argument, one line) for a bad manifest or a changed file.
   Runtime(const std::string& export_dir, const RuntimeOptions& options);
   ~Runtime();
 

@@ -16,6 +16,11 @@ struct Schedule {
   bool flow = false;              // flow matching (sampler variable = model latents)
 };
 
+// alpha_bar(t) for t = 0..num_train_timesteps-1 (float32 values as diffusers, or CogVideoX's float64
+// shifted recipe when snr_shift_scale is set, ending at exactly 0 with rescale_betas_zero_snr).
+// ManifestError when the betas give no usable schedule.
+std::vector<double> alphas_cumprod(const SchedulerSpec& scheduler);
+
 // Throws std::invalid_argument with a fix for unknown samplers, or steps outside [1, num_train_timesteps].
 Schedule make_schedule(const SchedulerSpec& scheduler, const std::string& sampler, int steps, bool karras);
 
