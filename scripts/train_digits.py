@@ -41,12 +41,16 @@ SCHEDULER = dict(  # SD 1.x noise schedule
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
 
 
-def build_tokenizer():
-    """Word-level tokenizer (lower-cased, split on whitespace/punctuation) as a transformers fast tokenizer."""
+def build_tokenizer(words=None, max_length: int = MAX_TOKENS):
+    """Word-level tokenizer (lower-cased, split on whitespace/punctuation) as a transformers fast tokenizer.
+
+    `words` is the vocabulary after the special tokens (default: the digits prompts'); samg-shapes
+    builds its tokenizer with this too."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(list(SPECIAL_TOKENS) + digits_data.vocabulary())}
+    words = digits_data.vocabulary() if words is None else list(words)
+    vocab = {tok: i for i, tok in enumerate(list(SPECIAL_TOKENS) + words)}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
     core.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -61,7 +65,7 @@ def build_tokenizer():
         eos_token="<eos>",
         unk_token="<unk>",
         pad_token="<pad>",
-        model_max_length=MAX_TOKENS,
+        model_max_length=max_length,
         padding_side="right",
     )
 
@@ -119,10 +123,10 @@ def to_rgb_tensor(images01: np.ndarray) -> torch.Tensor:
     return x[:, None].repeat(1, 3, 1, 1)
 
 
-def train_vae(vae, images: torch.Tensor, steps: int, batch: int, gen: torch.Generator, log) -> None:
+def train_vae(vae, images: torch.Tensor, steps: int, batch: int, gen: torch.Generator, log, lr: float = 1e-3) -> None:
     """Reconstruction (L1 + MSE) with a small KL term, as SD's VAE but without the GAN/LPIPS parts."""
-    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=max(steps, 1), pct_start=0.1)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.1)
     vae.train()
     for step in range(steps):
         idx = torch.randint(len(images), (batch,), generator=gen)

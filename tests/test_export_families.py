@@ -123,7 +123,7 @@ def test_video_latent_layouts(tiny_export):
 
 
 def test_specs_are_data():
-    assert set(SPECS) == {"sd15", "sd21", "sdxl", "sd35-medium", "cogvideox", "modelscope-t2v", "digits"}
+    assert set(SPECS) == {"sd15", "sd21", "sdxl", "sd35-medium", "cogvideox", "modelscope-t2v", "digits", "shapes"}
     for spec in SPECS.values():
         assert spec.conditioning[0] == "encoder_hidden_states"
         assert spec.layout in ("BCHW", "BFCHW", "BCFHW")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-MODEL_NAMES = ("sd15", "sd21", "sdxl", "sd35-medium", "cogvideox", "modelscope-t2v", "digits")
+MODEL_NAMES = ("sd15", "sd21", "sdxl", "sd35-medium", "cogvideox", "modelscope-t2v", "digits", "shapes")
 
 
 def _factors(text: str) -> tuple[int, ...]:

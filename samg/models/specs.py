@@ -301,6 +301,16 @@ SPECS: dict[str, ModelSpec] = {
             scheduler_class="DDPMScheduler",
             bundled="samg-digits",
         ),
+        replace(
+            _SD15,
+            name="shapes",
+            hub_id="samg/samg-shapes",
+            # Real sizes are read from the bundled model's config at export time (32x32 images).
+            default_height=64,
+            default_width=64,
+            scheduler_class="EulerDiscreteScheduler",
+            bundled="samg-shapes",
+        ),
     )
 }
 
