@@ -20,7 +20,14 @@ runtime, built on first use (skips with the build command when cmake/c++ are mis
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# Tests never download: a test that expects a hub load to fail must fail the same way on a machine
+# with network access. Set before huggingface_hub is imported (it reads the variable at import),
+# and inherited by the subprocesses tests start.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 @pytest.fixture(scope="session")

@@ -125,3 +125,14 @@ def test_manifest_written_by_the_contract_writer(tiny_export):
     assert sorted(m["files"]) == ["denoiser.onnx", "text_encoder.onnx", "tokenizer/tokenizer.json", "vae_decoder.onnx"]
     for name, digest in m["files"].items():
         assert digest == "sha256:" + hashlib.sha256((folder / name).read_bytes()).hexdigest()
+
+
+def test_the_test_session_never_downloads():
+    """The hub case above must fail the same way with network access: tests/conftest.py sets
+    HF_HUB_OFFLINE before huggingface_hub is imported (it reads the variable at import)."""
+    import os
+
+    import huggingface_hub.constants
+
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"
+    assert huggingface_hub.constants.is_offline_mode()

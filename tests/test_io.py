@@ -1,5 +1,6 @@
 """Atomic writes leave either the old content or the new, never a partial file, with normal permissions."""
 
+import json
 import os
 import stat
 
@@ -68,21 +69,22 @@ def _dead_pid() -> int:
     return proc.pid
 
 
-def _marker(folder, pid, **extra):
+def _marker(folder, pid, role, host=None, **extra):
     import json
     import socket
 
-    (folder / ".samg-partial").write_text(json.dumps({"pid": pid, "host": socket.gethostname(), **extra}))
+    (folder / ".samg-partial").write_text(json.dumps({"pid": pid, "host": host or socket.gethostname(), "role": role,
+                                                      **extra}))
 
 
 def test_killed_assembly_leaves_a_temp_folder_the_next_run_removes(tmp_path):
     stale = tmp_path / ".export.tmp-killed"  # what `kill -9` during an export leaves
     stale.mkdir()
     (stale / "denoiser.onnx").write_bytes(b"half")
-    _marker(stale, _dead_pid(), target="export")
+    _marker(stale, _dead_pid(), "tmp", target="export")
     running = tmp_path / ".export.tmp-running"  # another export still at work: not touched
     running.mkdir()
-    _marker(running, os.getpid(), target="export")
+    _marker(running, os.getpid(), "tmp", target="export")
     foreign = tmp_path / ".export.tmp-mine"  # no samg marker: not samg's, not touched
     foreign.mkdir()
     with atomic_dir(tmp_path / "export") as d:
@@ -95,9 +97,10 @@ def test_kill_between_the_two_renames_is_undone_by_the_next_reader(tmp_path):
     from samg.io import recover_dir
 
     # The previous folder was moved aside, the new one not yet moved in: `export` is missing.
-    aside = tmp_path / f".export.old-{_dead_pid()}-abcd"
+    aside = tmp_path / ".export.old-abcd"
     aside.mkdir()
     (aside / "samg.json").write_text("{}")
+    _marker(aside, _dead_pid(), "old", target="export")
     recover_dir(tmp_path / "export")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
     assert (tmp_path / "export" / "samg.json").read_text() == "{}"
@@ -106,15 +109,22 @@ def test_kill_between_the_two_renames_is_undone_by_the_next_reader(tmp_path):
 def test_kill_after_the_swap_leaves_an_old_copy_the_next_run_removes(tmp_path):
     from samg.io import recover_dir
 
+    from samg.export.folder import samg_files
+    from samg.io import clean_stale
+
     (tmp_path / "export").mkdir()
     (tmp_path / "export" / "new").write_text("new")
-    aside = tmp_path / f".export.old-{_dead_pid()}-abcd"
+    aside = tmp_path / ".export.old-abcd"
     aside.mkdir()
-    (aside / "samg.json").write_text("{}")
-    user = tmp_path / f".export.old-{_dead_pid()}-user"  # same pattern but not samg's content: kept
+    (aside / "samg.json").write_text(json.dumps({"format": "samg-export", "files": {"a.onnx": "sha256:0"}}))
+    (aside / "a.onnx").write_text("samg's")
+    _marker(aside, _dead_pid(), "old", target="export")
+    user = tmp_path / ".export.old-user"  # same pattern but no samg marker: kept
     user.mkdir()
-    (user / "notes.txt").write_text("mine")
-    recover_dir(tmp_path / "export")
+    (user / "samg.json").write_text("{}")
+    recover_dir(tmp_path / "export")  # a reader: deletes nothing
+    assert sorted(p.name for p in tmp_path.iterdir()) == [aside.name, user.name, "export"]
+    clean_stale(tmp_path / "export", samg_files)  # the exporter: removes the abandoned old copy only
     assert sorted(p.name for p in tmp_path.iterdir()) == [user.name, "export"]
     assert (tmp_path / "export" / "new").read_text() == "new"
 
@@ -125,7 +135,8 @@ def test_merge_keeps_other_files_and_replaces_only_owned_ones(tmp_path):
     (out / "notes.txt").write_text("user")
     (out / "old.onnx").write_text("samg's, no longer written")
     (out / "samg.json").write_text("old manifest")
-    with atomic_dir(out, merge_owned={"old.onnx", "samg.json"}) as d:
+    with atomic_dir(out, owned=lambda folder: {"old.onnx", "samg.json"} & {p.name for p in folder.iterdir()},
+                    merge=True) as d:
         (d / "samg.json").write_text("new manifest")
         (d / "sub").mkdir()
         (d / "sub" / "a.onnx").write_text("new")
@@ -138,9 +149,139 @@ def test_merge_keeps_other_files_and_replaces_only_owned_ones(tmp_path):
 def test_merge_refuses_a_file_that_appeared_and_is_not_owned(tmp_path):
     out = tmp_path / "export"
     out.mkdir()
-    with pytest.raises(SamgError, match="a.onnx appeared while exporting and was not written by samg"):
-        with atomic_dir(out, merge_owned=set()) as d:
+    with pytest.raises(SamgError, match=r"a.onnx appeared while samg was writing .*export and was not written by "
+                       r"samg, so .*export was left as it was: the new result is in .*export\.new-"):
+        with atomic_dir(out, owned=lambda folder: set(), merge=True) as d:
             (d / "a.onnx").write_text("new")
             (out / "a.onnx").write_text("user's, written meanwhile")
     assert (out / "a.onnx").read_text() == "user's, written meanwhile"
+    kept = [p.name for p in tmp_path.iterdir() if p.name != "export"]
+    assert len(kept) == 1 and (tmp_path / kept[0] / "a.onnx").read_text() == "new"
+
+
+def test_the_umask_is_read_without_changing_it(tmp_path, monkeypatch):
+    """os.umask(0) to read it would briefly change the whole process's umask (a race with every other
+    thread when samg is a library): writes must not call it."""
+    old = os.umask(0o027)
+    try:
+        def forbidden(mask):
+            raise AssertionError(f"os.umask({mask:o}) called while writing")
+
+        monkeypatch.setattr(os, "umask", forbidden)
+        with atomic_path(tmp_path / "f") as tmp:
+            tmp.write_bytes(b"1")
+        with atomic_dir(tmp_path / "d"):
+            pass
+    finally:
+        monkeypatch.undo()
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "f").stat().st_mode) == 0o640
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o750
+
+
+# --- leftovers that only look like samg's are never touched -------------------------------------------
+
+
+def test_a_users_backup_folder_named_like_samgs_is_neither_restored_nor_deleted(tmp_path):
+    """`.exp.old-backup/` with a samg.json and notes, no samg marker: a reader does not move it in
+    place of a missing exp, and a writer does not delete it."""
+    from samg.contract import read_export
+    from samg.export.folder import samg_files
+
+    backup = tmp_path / ".exp.old-backup"
+    backup.mkdir()
+    (backup / "samg.json").write_text("{}")
+    (backup / "notes.txt").write_text("mine")
+    with pytest.raises(SamgError, match="is not a folder"):
+        read_export(tmp_path / "exp")
+    assert not (tmp_path / "exp").exists() and (backup / "notes.txt").read_text() == "mine"
+    with atomic_dir(tmp_path / "exp", owned=samg_files) as d:
+        (d / "x").write_text("1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".exp.old-backup", "exp"]
+    assert sorted(p.name for p in backup.iterdir()) == ["notes.txt", "samg.json"]
+
+
+@pytest.mark.parametrize("marker", [
+    dict(pid="12x", role="old"),  # not a pid samg wrote
+    dict(pid="dead", role="old", host="another-host"),  # another machine's (shared file system): its pid means nothing here
+    dict(pid="dead", role="backup"),  # not samg's role
+])
+def test_an_old_folder_is_restored_only_with_samgs_marker_from_a_gone_process_on_this_host(tmp_path, marker):
+    from samg.export.folder import samg_files
+    from samg.io import clean_stale, recover_dir
+
+    aside = tmp_path / ".exp.old-1234-abcd"
+    aside.mkdir()
+    (aside / "samg.json").write_text("{}")
+    pid = _dead_pid() if marker["pid"] == "dead" else marker["pid"]
+    _marker(aside, pid, marker["role"], host=marker.get("host"))
+    recover_dir(tmp_path / "exp")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [aside.name]
+    (tmp_path / "exp").mkdir()
+    clean_stale(tmp_path / "exp", samg_files)
+    assert sorted(p.name for p in aside.iterdir()) == [".samg-partial", "samg.json"]
+
+
+def test_an_abandoned_old_folder_loses_only_samgs_files(tmp_path):
+    """Marked "old" by a process that is gone, but a user file got in: only the files its manifest
+    lists (and samg's bookkeeping) are deleted; the folder stays with the user's file."""
+    from samg.export.folder import samg_files
+    from samg.io import clean_stale
+
+    (tmp_path / "exp").mkdir()
+    aside = tmp_path / ".exp.old-abcd"
+    aside.mkdir()
+    (aside / "samg.json").write_text(json.dumps({"format": "samg-export", "files": {"a.onnx": "sha256:0"}}))
+    (aside / "a.onnx").write_text("samg's")
+    (aside / "mine.txt").write_text("the user's")
+    _marker(aside, _dead_pid(), "old")
+    clean_stale(tmp_path / "exp", samg_files)
+    assert sorted(p.name for p in aside.iterdir()) == ["mine.txt"]
+
+
+# --- a file that appears between the check and the swap is never lost ------------------------------
+
+
+def _owns_manifest_and_onnx(folder):
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.name == "samg.json" or p.suffix == ".onnx"}
+
+
+def test_replace_refuses_when_a_foreign_file_appeared_and_keeps_the_new_folder_beside(tmp_path):
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "samg.json").write_text("old")
+    with pytest.raises(SamgError) as info:
+        with atomic_dir(out, owned=_owns_manifest_and_onnx) as d:
+            (d / "samg.json").write_text("new")
+            (out / "notes.txt").write_text("written by the user meanwhile")
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith("export.new-")]
+    assert len(kept) == 1
+    message = str(info.value)
+    assert f"{out / 'notes.txt'} appeared while samg was writing {out}" in message
+    assert f"the new result is in {kept[0]}" in message and "\n" not in message
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "samg.json"]
+    assert (out / "samg.json").read_text() == "old" and (out / "notes.txt").read_text().startswith("written")
+    assert sorted(p.name for p in kept[0].iterdir()) == ["samg.json"] and (kept[0] / "samg.json").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", kept[0].name]
+
+
+def test_replace_with_only_owned_files_swaps_and_removes_only_those(tmp_path):
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "samg.json").write_text("old")
+    (out / "old.onnx").write_text("old graph")
+    with atomic_dir(out, owned=_owns_manifest_and_onnx) as d:
+        (d / "samg.json").write_text("new")
+    assert sorted(p.name for p in out.iterdir()) == ["samg.json"] and (out / "samg.json").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+
+def test_merge_keeps_a_file_that_appeared_meanwhile_and_deletes_only_owned_ones(tmp_path):
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "notes.txt").write_text("user")
+    (out / "old.onnx").write_text("samg's, no longer written")
+    with atomic_dir(out, owned=_owns_manifest_and_onnx, merge=True) as d:
+        (d / "new.onnx").write_text("new")
+        (out / "later.txt").write_text("the user's, written meanwhile")
+    assert sorted(p.name for p in out.iterdir()) == ["later.txt", "new.onnx", "notes.txt"]

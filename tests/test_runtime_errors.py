@@ -337,3 +337,76 @@ def test_encode_refuses_mismatched_negative_prompts_and_a_file_as_output(sd15, t
                     fragment="is a file")
     _assert_refused(capsys, tmp_path, "encode", str(sd15), "--prompt", LONE_SURROGATE, "--out", str(tmp_path / "c2"),
                     fragment="--prompt is not valid UTF-8")
+
+
+# ------------------------------------------------- manifest fields the loaded graphs contradict
+
+def _edited_copy(export, tmp_path, edit):
+    """A copy of `export` whose samg.json is changed by `edit(manifest_dict)` (samg.json is not hashed)."""
+    import shutil
+
+    folder = tmp_path / "edited"
+    shutil.copytree(export, folder)
+    manifest = json.loads((folder / "samg.json").read_text())
+    edit(manifest)
+    (folder / "samg.json").write_text(json.dumps(manifest))
+    return folder
+
+
+@pytest.mark.parametrize("edit,fragments", [
+    (lambda m: m["text_encoder"]["tokenizers"][0].update(pad_id=10**12),
+     ("pad_id 1000000000000 for tokenizer/tokenizer.json is not a token of its vocabulary",)),
+    (lambda m: m["text_encoder"].update(outputs=["nope"]),
+     ("text_encoder.outputs names 'nope', not an output of text_encoder.onnx (it has encoder_hidden_states)",)),
+    (lambda m: m["text_encoder"]["tokenizers"][0].update(input="bogus"),
+     ("text_encoder.tokenizers[0].input 'bogus' is not an input of text_encoder.onnx (it has input_ids)",)),
+])
+def test_manifest_names_the_graph_does_not_have_are_one_line_at_load(sd15, tmp_path, edit, fragments):
+    from samg.runtime.pipeline import Pipeline
+
+    folder = _edited_copy(sd15, tmp_path, edit)
+    _one_line_error(lambda: Pipeline.load(folder), *fragments, "re-export", max_traced_bytes=1 << 30)
+
+
+# ------------------------------------------------------------------ messages name the right thing
+
+def test_a_width_off_the_grid_names_width_not_height(sd15):
+    multiple = json.loads((sd15 / "samg.json").read_text())["latent"]["size_multiple"]
+    message = _one_line_error(lambda: _unloaded(sd15).validate_size(None, 7, None),
+                              f"--width must be a multiple of {multiple}, got 7: e.g. --width {multiple}")
+    assert "--height" not in message
+
+
+def test_frames_out_of_range_on_a_static_export_suggests_its_own_count(tiny_export):
+    cog = tiny_export("cogvideox", "fused")
+    latent = json.loads((cog / "samg.json").read_text())["latent"]
+    assert latent["dynamic_frames"] is False
+    pipe = _unloaded(cog)
+    _one_line_error(lambda: pipe.validate_size(None, None, 0), f"e.g. --frames {latent['frames']}")
+    assert pipe.validate_size(None, None, latent["frames"])[2] == latent["frames"]  # the suggestion is accepted
+
+
+def test_generate_with_an_empty_out_says_it_is_empty(sd15, tmp_path, capsys, no_model_loading):
+    _assert_refused(capsys, tmp_path, "generate", str(sd15), "--prompt", PROMPT, "--out", "",
+                    fragment="--out is empty: pass a file path such as --out image.png")
+
+
+@pytest.mark.parametrize("beta_start,fragment", [
+    (0.0, "gives a training step without noise (a beta of 0, so sigma 0): beta_start and beta_end must be above 0"),
+    (0.999, "leaves no signal before the last training step"),
+])
+def test_corrupt_betas_name_the_scheduler_fields(sd15, tmp_path, capsys, beta_start, fragment):
+    """Not a numpy warning, not the guidance scale, not a zero-SNR rescale the manifest does not set."""
+    import warnings
+
+    folder = _edited_copy(sd15, tmp_path, lambda m: m["scheduler"].update(beta_start=beta_start))
+    assert not json.loads((folder / "samg.json").read_text())["scheduler"].get("rescale_betas_zero_snr")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rc, err = _cli(capsys, "generate", str(folder), "--prompt", PROMPT, "--steps", "2", "--quiet",
+                       "--out", str(tmp_path / "img.png"))
+    assert rc == 2 and err.count("\n") == 1, err
+    assert f"scheduler (beta_start {beta_start:g}," in err and fragment in err, err
+    assert "guidance" not in err and "rescale_betas_zero_snr" not in err, err
+    assert not [w for w in caught if issubclass(w.category, RuntimeWarning)], [str(w.message) for w in caught]
+    assert not (tmp_path / "img.png").exists()
