@@ -85,27 +85,29 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def _export_raw(export_dir: Path, manifest: dict, into: Path) -> Path:
+def _export_raw(export_dir: Path, export_info, into: Path) -> Path:
+    """A raw export of the same source and size as `export_info` (samg.contract.Export), in `into`."""
     from samg.errors import SamgError
     from samg.export.exporter import ExportOptions, export
 
-    source = manifest.get("source", {})
-    if source.get("kind") == "tiny":
-        model_path = str(export_dir / source.get("path", "source"))
-    elif source.get("kind") == "path":
-        model_path = source.get("path")
+    source = export_info.source
+    if source.kind == "tiny":
+        model_path = str(export_dir / source.path)
+    elif source.kind == "path":
+        model_path = source.path
     else:
         raise SamgError("this export came from the hub: export a raw variant yourself and pass --raw DIR")
-    lat = manifest["latent"]
-    opts = ExportOptions(model=manifest["model"], out=str(into / "raw"), model_path=model_path, guidance="raw",
-                         height=lat.get("height"), width=lat.get("width"), frames=lat.get("frames"),
-                         validate=False, quiet=True)
+    lat = export_info.latent
+    opts = ExportOptions(model=export_info.model, out=str(into / "raw"), model_path=model_path, guidance="raw",
+                         height=lat.height, width=lat.width, frames=lat.frames, validate=False, quiet=True)
     return export(opts)
 
 
-def _diffusers_pipeline(export_dir: Path, manifest: dict, sampler: str):
-    """diffusers' pipeline from source/ with the scheduler that matches samg's sampler, or None."""
-    source = export_dir / manifest.get("source", {}).get("path", "source")
+def _diffusers_pipeline(export_dir: Path, export_info, sampler: str):
+    """diffusers' pipeline from the export's tiny source/ with the scheduler that matches samg's sampler, or None."""
+    from samg.contract import TINY_SOURCE_DIR
+
+    source = export_dir / (export_info.source.path if export_info.source.kind == "tiny" else TINY_SOURCE_DIR)
     if not (source / "model_index.json").is_file():
         return None
     from samg.errors import require
@@ -126,11 +128,11 @@ def _step_callable(pipe, guidance, w_min, w_max, sampler, steps, noise):
     from samg.runtime import schedules
     from samg.runtime.denoiser import Denoiser, Guidance
 
-    schedule = schedules.make_schedule(pipe.manifest["scheduler"], sampler, steps)
+    schedule = schedules.make_schedule(pipe.export.scheduler, sampler, steps)
     cond = pipe.conditioning("a photo of a cat", "", noise.shape[0])
-    den = Denoiser(pipe.runners["denoiser"], prediction_type=pipe.prediction_type,
-                   export_guidance=pipe.manifest["guidance"], schedule=schedule, conditioning=cond,
-                   guidance=Guidance(guidance, w_min, w_max), combine=pipe.manifest.get("combine"))
+    den = Denoiser(pipe.runners["denoiser"], prediction_type=pipe.prediction_type, combine=pipe.export.combine,
+                   host_rule_attrs=pipe.export.host_rule_attrs, schedule=schedule, conditioning=cond,
+                   guidance=Guidance(guidance, w_min, w_max))
     x = noise * schedule.init_noise_sigma
     sigma = float(schedule.sigmas[0])
     return lambda: den(x, sigma)
@@ -139,16 +141,17 @@ def _step_callable(pipe, guidance, w_min, w_max, sampler, steps, noise):
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from samg.contract import GuidanceCombineAttrs, read_export
     from samg.errors import SamgError
-    from samg.contract import read_export
     from samg.runtime.pipeline import Pipeline
 
     if args.steps < 1 or args.reps < 1:
         raise SamgError("--steps and --reps must be at least 1")
     export_dir = Path(args.export_dir)
-    manifest = read_export(export_dir)
-    if manifest["guidance"] != "fused":
-        raise SamgError(f"{export_dir} is a raw export: pass the fused export as DIR and this one as --raw")
+    export_info = read_export(export_dir)
+    if not isinstance(export_info.combine, GuidanceCombineAttrs):
+        raise SamgError(f"{export_dir} is a {export_info.mode} export: pass the fused export as DIR and a raw one "
+                        "as --raw")
     fused = Pipeline.load(export_dir, backend=args.backend, device=args.device)
     null = Pipeline.load(export_dir, backend="null")
     height, width, frames = fused.validate_size(args.height, args.width, None)
@@ -159,9 +162,9 @@ def run(args: argparse.Namespace) -> int:
         raw_dir = Path(args.raw) if args.raw else None
         if raw_dir is None:
             print("samg bench: exporting the raw variant for the peers' row ...", file=sys.stderr)
-            raw_dir = _export_raw(export_dir, manifest, Path(tmp))
+            raw_dir = _export_raw(export_dir, export_info, Path(tmp))
         raw = Pipeline.load(raw_dir, backend=args.backend, device=args.device)
-        if raw.manifest["guidance"] != "raw":
+        if raw.export.fused:
             raise SamgError(f"--raw {raw_dir} is not a raw export: export one with --guidance raw")
 
         null_cond = null.conditioning(prompt, "", 1)
@@ -174,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
                 null_cond, noise, guidance=_guidance(args), sampler=args.sampler, steps=args.steps),
             "end to end: samg runtime (SAMG)": lambda: fused(prompt, guidance="samg", w_min=args.w_min, w_max=args.w_max, **common),
         }
-        ref = None if args.no_diffusers else _diffusers_pipeline(export_dir, manifest, args.sampler)
+        ref = None if args.no_diffusers else _diffusers_pipeline(export_dir, export_info, args.sampler)
         if ref is not None:
             torch = __import__("torch")
             latents_t = torch.from_numpy(noise)
@@ -192,7 +195,7 @@ def run(args: argparse.Namespace) -> int:
             for name, fn in rows.items():
                 times[name].append(_timed(fn))
         times["loop overhead per step (null runner)"] = [t / args.steps for t in times["loop overhead per step (null runner)"]]
-        _print_table(times, args, fused.manifest)
+        _print_table(times, args, fused.export.model)
     return 0
 
 
@@ -211,10 +214,10 @@ RATIOS = [
 ]
 
 
-def _print_table(times: dict[str, list[float]], args, manifest) -> None:
+def _print_table(times: dict[str, list[float]], args, model: str) -> None:
     """Each row's median and interquartile range (ms), then each ratio with its spread and verdict."""
     reps = len(next(iter(times.values())))
-    print(f"samg bench: model {manifest.get('model')}, sampler {args.sampler}, {args.steps} steps, "
+    print(f"samg bench: model {model}, sampler {args.sampler}, {args.steps} steps, "
           f"backend {args.backend}/{args.device}, median [interquartile range] of {reps} interleaved reps")
     width = max(len(k) for k in times)
     for name, samples in times.items():

@@ -1,10 +1,13 @@
-"""The export folder's contract: the one writer and the one reader of `samg.json`.
+"""The export folder's contract: the one writer and the one reader of `samg.json`, and of the
+`samg build` engine records beside it.
 
-`write_export(folder, manifest)` hashes the folder's files into `files`, checks the manifest with the
-same validator the reader uses, and writes it atomically. `read_export(export_dir)` is what every
-reader calls: it validates every field once (one SamgError line naming the field), confines every
-path to the export folder, and checks the files the runtimes load against the hashes written at
-export. Hashing multi-GB models on every load would be slow, so a verified-stamp
+The manifest is typed: `Export` (frozen dataclasses for the latent layout, the scheduler recipe, the
+three graphs, the combine op's attributes, files with hashes, validation, versions and source).
+`write_export(folder, export)` hashes the folder's files into `files`, checks the JSON with the same
+validator the reader uses, and writes it atomically. `read_export(export_dir) -> Export` is what
+every reader calls: it validates every field once (one SamgError line naming the field), confines
+every path to the export folder, and checks the files the runtimes load against the hashes written
+at export. Nothing outside this module reads or indexes the JSON. Hashing multi-GB models on every load would be slow, so a verified-stamp
 (`.samg-verified.json`, keyed by file name, size, mtime_ns and the expected hash) remembers files
 already checked; where the folder is read-only no stamp is written and files are hashed each load.
 
@@ -17,11 +20,14 @@ import json
 import math
 import os
 import re
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, ClassVar, Mapping, Union
 
 from samg import EXPORT_FORMAT_VERSION
 from samg.errors import SamgError
+from samg.op import schema as guidance_op
+from samg.scfg import op as semantic_op
 
 MANIFEST = "samg.json"
 FORMAT = "samg-export"
@@ -31,9 +37,8 @@ VERIFIED_FORMAT = "samg-verified"
 # Marks a folder samg is still writing (samg.io.atomic_dir: a temp folder, or an export being
 # merged into by --force, then listing the files it replaces); never listed in `files`.
 PARTIAL_MARKER = ".samg-partial"
-# Folder of `samg build` engines inside an export, and the endings of what it writes there.
+# Folder of `samg build` engines inside an export.
 ENGINES_DIR = "engines"
-ENGINE_SUFFIXES = (".engine", ".engine.json")
 # The diffusers pipeline a --tiny export saves (source.kind == "tiny").
 TINY_SOURCE_DIR = "source"
 
@@ -65,15 +70,16 @@ _STAMP_FILES_LIMIT = 100_000
 
 
 class _Fields:
-    """Typed reads of one manifest with one-line errors naming the field."""
+    """Typed reads of one manifest (or engine record) with one-line errors naming the field and the fix."""
 
-    def __init__(self, where: str):
+    def __init__(self, where: str, fix: str = "re-export the model with `samg export`"):
         self.where = where
+        self.fix = fix
 
     def fail(self, field: str, want: str, value: Any) -> SamgError:
         shown = repr(value)
         shown = shown if len(shown) <= 60 else shown[:57] + "..."
-        return SamgError(f"{self.where}: {field} must be {want}, got {shown}: re-export the model with `samg export`")
+        return SamgError(f"{self.where}: {field} must be {want}, got {shown}: {self.fix}")
 
     def section(self, obj: dict, key: str, prefix: str = "") -> dict:
         value = obj.get(key)
@@ -86,7 +92,7 @@ class _Fields:
         if key not in obj or (optional and obj[key] is None):
             if optional:
                 return None, False
-            raise SamgError(f"{self.where}: {prefix + key} is missing: re-export the model with `samg export`")
+            raise SamgError(f"{self.where}: {prefix + key} is missing: {self.fix}")
         return obj[key], True
 
     def integer(self, obj: dict, key: str, prefix: str = "", *, lo: int = 1, hi: int | None = None,
@@ -204,6 +210,11 @@ def validate_manifest(manifest: Any, where: str = MANIFEST, *, complete: bool = 
     for key in ("versions", "validation"):
         if key in manifest:
             f.section(manifest, key)
+    for name in manifest.get("validation", {}):
+        q = f"validation.{name}."
+        entry = f.section(manifest["validation"], name, "validation.")
+        f.number(entry, "max_abs_err", q, lo=0.0, optional=True)
+        f.number(entry, "tolerance", q, lo=0.0, optional=True)
     files = f.section(manifest, "files")
     for name, digest in files.items():
         if not is_confined_name(name):
@@ -237,9 +248,7 @@ def _validate_latent(f: _Fields, latent: dict) -> dict:
 
 
 def _validate_combine(f: _Fields, combine: dict, guidance: str, layout: str) -> None:
-    from samg.op import schema
-    from samg.scfg import op as scfg_op
-
+    schema, scfg_op = guidance_op, semantic_op
     p = "combine."
     if combine.get("domain") != schema.DOMAIN:
         raise f.fail(p + "domain", repr(schema.DOMAIN), combine.get("domain"))
@@ -263,7 +272,7 @@ def _validate_combine(f: _Fields, combine: dict, guidance: str, layout: str) -> 
     axis = f.integer(combine, "channel_axis", p)
     if smooth not in schema.SMOOTH_CHOICES:
         raise f.fail(p + "smooth", " or ".join(map(str, schema.SMOOTH_CHOICES)), smooth)
-    want_axis = 2 if layout == "BFCHW" else 1
+    want_axis = channel_axis_of(layout)
     if axis != want_axis:
         raise f.fail(p + "channel_axis", f"{want_axis} for layout {layout}", axis)
 
@@ -325,22 +334,479 @@ def _validate_component(f: _Fields, name: str, section: dict, complete: bool) ->
         f.boolean(section, "force_zeros_for_empty_prompt", p, optional=True)
 
 
-def loaded_files(manifest: dict) -> list[str]:
-    """The files (relative to the export folder) the runtimes open: graphs and tokenizers."""
-    names = []
-    for component in COMPONENTS:
-        section = manifest[component]
-        if section.get("runtime", "onnx") != NO_RUNTIME:
-            names.append(section["file"])
-    names += [entry["file"] for entry in manifest["text_encoder"].get("tokenizers", [])]
-    return names
+# --- the typed export ---------------------------------------------------------------------------------
+# Built from a manifest `validate_manifest` accepted (read_export), or by `samg export`; `to_json()`
+# gives the format_version 1 JSON back. Keys samg does not know are kept in `extra` and written back.
+
+
+def channel_axis_of(layout: str) -> int:
+    """The channel axis of a latent layout: 2 for [B, F, C, H, W], else 1."""
+    return 2 if layout == "BFCHW" else 1
+
+
+def _extra(obj: Mapping[str, Any], known: tuple[str, ...]) -> dict[str, Any]:
+    return {k: v for k, v in obj.items() if k not in known}
+
+
+def _present(**values: Any) -> dict[str, Any]:
+    """The optional JSON keys that have a value (None: the key is absent)."""
+    return {k: v for k, v in values.items() if v is not None}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A graph input or output: shape of sizes and symbolic names (B, 2B, H, W, F, L, N), dtype."""
+
+    shape: tuple[int | str, ...]
+    dtype: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"shape": list(self.shape), "dtype": self.dtype}
+
+
+def _tensors(obj: Mapping[str, Any] | None) -> dict[str, TensorSpec] | None:
+    if obj is None:
+        return None
+    return {name: TensorSpec(tuple(info["shape"]), info["dtype"]) for name, info in obj.items()}
+
+
+def _tensors_json(tensors: Mapping[str, TensorSpec] | None) -> dict[str, Any] | None:
+    return None if tensors is None else {name: t.to_json() for name, t in tensors.items()}
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where the exported model came from: a --tiny pipeline saved in the folder, a path, or a hub id."""
+
+    kind: str  # SOURCE_KINDS
+    path: str | None = None  # "tiny": relative to the export folder
+    hub_id: str | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    _KEYS: ClassVar = ("kind", "path", "hub_id")
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> "Source":
+        return cls(obj["kind"], obj.get("path"), obj.get("hub_id"), _extra(obj, cls._KEYS))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "path": self.path, "hub_id": self.hub_id, **self.extra}
+
+
+@dataclass(frozen=True)
+class Latent:
+    """Latent layout and the traced sizes (`height`, `width`, `frames` in pixels; `latent_*` in latents)."""
+
+    layout: str  # LAYOUTS
+    channels: int
+    spatial_factor: int
+    temporal_factor: int
+    height: int
+    width: int
+    frames: int | None  # None for images (BCHW)
+    dynamic_resolution: bool
+    dynamic_frames: bool | None = None
+    latent_height: int | None = None
+    latent_width: int | None = None
+    latent_frames: int | None = None
+    size_multiple: int | None = None  # pixel sizes must be multiples (None: spatial_factor)
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    _REQUIRED: ClassVar = ("layout", "channels", "spatial_factor", "temporal_factor", "height", "width", "frames",
+                           "dynamic_resolution")
+    _OPTIONAL: ClassVar = ("dynamic_frames", "latent_height", "latent_width", "latent_frames", "size_multiple")
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> "Latent":
+        return cls(**{k: obj.get(k) for k in cls._REQUIRED + cls._OPTIONAL},
+                   extra=_extra(obj, cls._REQUIRED + cls._OPTIONAL))
+
+    def to_json(self) -> dict[str, Any]:
+        # every key written, null where unknown (an image's latent_frames), as samg export always has
+        return {**{k: getattr(self, k) for k in self._REQUIRED + self._OPTIONAL}, **self.extra}
+
+    @property
+    def is_video(self) -> bool:
+        return self.layout != "BCHW"
+
+    @property
+    def channel_axis(self) -> int:
+        return channel_axis_of(self.layout)
+
+    @property
+    def pixel_multiple(self) -> int:
+        """What pixel height and width must be multiples of (the denoiser may need more than the VAE factor)."""
+        return self.size_multiple or self.spatial_factor
+
+
+@dataclass(frozen=True)
+class DiscreteScheduler:
+    """A DDPM-family recipe (diffusers' DDPM/DDIM/Euler/DPM-Solver schedulers' config). None: the key
+    is absent and samg.runtime.schedules uses diffusers' default for the sampler's scheduler.
+    `snr_shift_scale` is CogVideoXDDIMScheduler's: alpha_bar shifted as SD3 before any rescale."""
+
+    num_train_timesteps: int | None = None
+    beta_start: float | None = None
+    beta_end: float | None = None
+    beta_schedule: str | None = None  # BETA_SCHEDULES
+    timestep_spacing: str | None = None  # TIMESTEP_SPACINGS
+    steps_offset: int | None = None
+    rescale_betas_zero_snr: bool | None = None
+    set_alpha_to_one: bool | None = None
+    clip_sample: bool | None = None
+    snr_shift_scale: float | None = None
+    prediction_type: str | None = None
+    scheduler_class: str | None = None  # "class": the diffusers class of the source
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    kind: ClassVar = "discrete"
+    _KEYS: ClassVar = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "timestep_spacing",
+                       "steps_offset", "rescale_betas_zero_snr", "set_alpha_to_one", "clip_sample",
+                       "snr_shift_scale", "prediction_type")
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> "DiscreteScheduler":
+        return cls(**{k: obj.get(k) for k in cls._KEYS}, scheduler_class=obj.get("class"),
+                   extra=_extra(obj, ("kind", "class") + cls._KEYS))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, **_present(**{k: getattr(self, k) for k in self._KEYS}),
+                **_present(**{"class": self.scheduler_class}), **self.extra}
+
+
+@dataclass(frozen=True)
+class FlowScheduler:
+    """A flow-matching recipe (FlowMatchEulerDiscreteScheduler, static shift)."""
+
+    shift: float | None = None
+    num_train_timesteps: int | None = None
+    scheduler_class: str | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    kind: ClassVar = "flow"
+    _KEYS: ClassVar = ("shift", "num_train_timesteps")
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> "FlowScheduler":
+        return cls(**{k: obj.get(k) for k in cls._KEYS}, scheduler_class=obj.get("class"),
+                   extra=_extra(obj, ("kind", "class") + cls._KEYS))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, **_present(**{k: getattr(self, k) for k in self._KEYS}),
+                **_present(**{"class": self.scheduler_class}), **self.extra}
+
+
+SchedulerRecipe = Union[DiscreteScheduler, FlowScheduler]
+
+
+def scheduler_recipe(obj: Mapping[str, Any]) -> SchedulerRecipe:
+    """The typed recipe of a manifest's `scheduler` object (no `kind`: discrete). Unchecked: read_export
+    validates the manifest before it builds one."""
+    return FlowScheduler.from_json(obj) if obj.get("kind") == "flow" else DiscreteScheduler.from_json(obj)
+
+
+@dataclass(frozen=True)
+class GuidanceCombineAttrs:
+    """`samg::GuidanceCombine`'s attributes in a fused graph (or, in a raw export, the defaults the
+    host-side SAMG rules take: Export.host_rule_attrs). The graph takes (w_min, w_max) per step, so it
+    runs the rules that are such a pair: SAMG, CFG (w_min == w_max) and interval (1, 1 outside)."""
+
+    tau: float = guidance_op.DEFAULT_TAU
+    sharpness: float = guidance_op.DEFAULT_SHARPNESS
+    smooth: int = guidance_op.DEFAULT_SMOOTH
+    channel_axis: int = guidance_op.DEFAULT_CHANNEL_AXIS
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    rules: ClassVar[tuple[str, ...]] = ("samg", "cfg", "interval")
+    export_mode: ClassVar = "fused"  # samg.json's `guidance` for a graph holding this op
+    _KEYS: ClassVar = ("tau", "sharpness", "smooth", "channel_axis")
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> "GuidanceCombineAttrs":
+        return cls(**{k: obj[k] for k in cls._KEYS}, extra=_extra(obj, ("domain", "op", "version") + cls._KEYS))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"domain": guidance_op.DOMAIN, "op": guidance_op.OP_TYPE, "version": guidance_op.OP_VERSION,
+                **{k: getattr(self, k) for k in self._KEYS}, **self.extra}
+
+    def attributes(self) -> dict[str, Any]:
+        """The op's attributes by name (tau, sharpness, smooth, channel_axis)."""
+        return {k: getattr(self, k) for k in self._KEYS}
+
+
+@dataclass(frozen=True)
+class SemanticCombineAttrs:
+    """`samg::SemanticCombine` (S-CFG, docs/scfg.md) in the graph: the two attention levels by
+    downsampling factor and the variant. `guidance_scales[:, 0]` is w (the runtime feeds (w, w))."""
+
+    factor_fine: int
+    factor_coarse: int
+    corrected: bool = False
+    levels: tuple[int, ...] | None = None  # the levels asked for (one level is fed twice)
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    rules: ClassVar[tuple[str, ...]] = ("scfg",)
+    export_mode: ClassVar = "scfg"
+    SCALES_NOTE: ClassVar = "guidance_scales[:, 0] is w; feed (w, w)"
+    _KEYS: ClassVar = ("factor_fine", "factor_coarse", "corrected", "levels", "scales")
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> "SemanticCombineAttrs":
+        levels = obj.get("levels")
+        return cls(obj["factor_fine"], obj["factor_coarse"], bool(obj["corrected"]),
+                   tuple(levels) if isinstance(levels, list) else None,
+                   _extra(obj, ("domain", "op", "version") + cls._KEYS))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"domain": semantic_op.DOMAIN, "op": semantic_op.OP_TYPE, "version": semantic_op.OP_VERSION,
+                "factor_fine": self.factor_fine, "factor_coarse": self.factor_coarse, "corrected": int(self.corrected),
+                **_present(levels=None if self.levels is None else list(self.levels)),
+                "scales": self.SCALES_NOTE, **self.extra}
+
+
+Combine = Union[GuidanceCombineAttrs, SemanticCombineAttrs]
+RAW_MODE = "raw"  # samg.json's `guidance` for a graph that returns both predictions
+
+
+def export_mode(combine: Combine | None) -> str:
+    """samg.json's `guidance` string for a graph with this combine (None: a raw graph)."""
+    return RAW_MODE if combine is None else combine.export_mode
+
+
+@dataclass(frozen=True)
+class TokenizerEntry:
+    """One tokenizer: its `tokenizers` JSON file (already padding and truncating to max_length) and
+    the text encoder graph input it feeds."""
+
+    file: str
+    max_length: int
+    pad_id: int | None = None
+    pad_token: str | None = None
+    input: str | None = None  # None: "input_ids"
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    _KEYS: ClassVar = ("file", "max_length", "pad_id", "pad_token", "input")
+
+    @property
+    def input_name(self) -> str:
+        return self.input or "input_ids"
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> "TokenizerEntry":
+        return cls(**{k: obj.get(k) for k in cls._KEYS}, extra=_extra(obj, cls._KEYS))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"file": self.file, "max_length": self.max_length,
+                **_present(pad_id=self.pad_id, pad_token=self.pad_token, input=self.input), **self.extra}
+
+
+def _component_json(runtime: str | None, file: str | None) -> dict[str, Any]:
+    return _present(file=file, runtime=runtime)
+
+
+@dataclass(frozen=True)
+class DenoiserGraph:
+    file: str | None  # None when runtime is "none"
+    inputs: Mapping[str, TensorSpec] | None = None
+    outputs: Mapping[str, TensorSpec] | None = None
+    runtime: str | None = None  # RUNTIMES; None: "onnx"
+    model_class: str | None = None  # "class": the diffusers denoiser class
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    _KEYS: ClassVar = ("file", "runtime", "class", "inputs", "outputs")
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> "DenoiserGraph":
+        return cls(obj.get("file"), _tensors(obj.get("inputs")), _tensors(obj.get("outputs")), obj.get("runtime"),
+                   obj.get("class"), _extra(obj, cls._KEYS))
+
+    def to_json(self) -> dict[str, Any]:
+        return {**_component_json(self.runtime, self.file), **_present(**{"class": self.model_class}),
+                **_present(inputs=_tensors_json(self.inputs), outputs=_tensors_json(self.outputs)), **self.extra}
+
+
+@dataclass(frozen=True)
+class TextEncoderGraph:
+    """ONE graph: the token ids of every tokenizer in, the denoiser's conditioning inputs out."""
+
+    file: str | None
+    tokenizers: tuple[TokenizerEntry, ...] = ()
+    outputs: tuple[str, ...] = ()
+    runtime: str | None = None
+    force_zeros_for_empty_prompt: bool | None = None  # SDXL: zeros, not the encoded "", for no negative
+    compute_dtype: str | None = None
+    output_shapes: Mapping[str, TensorSpec] | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    _KEYS: ClassVar = ("file", "runtime", "compute_dtype", "tokenizers", "outputs", "output_shapes",
+                       "force_zeros_for_empty_prompt")
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> "TextEncoderGraph":
+        return cls(obj.get("file"), tuple(TokenizerEntry.from_json(t) for t in obj.get("tokenizers", ())),
+                   tuple(obj.get("outputs", ())), obj.get("runtime"), obj.get("force_zeros_for_empty_prompt"),
+                   obj.get("compute_dtype"), _tensors(obj.get("output_shapes")), _extra(obj, cls._KEYS))
+
+    def to_json(self) -> dict[str, Any]:
+        graph = {}
+        if self.runtime != NO_RUNTIME:
+            graph = {"tokenizers": [t.to_json() for t in self.tokenizers], "outputs": list(self.outputs)}
+        return {**_component_json(self.runtime, self.file), **_present(compute_dtype=self.compute_dtype), **graph,
+                **_present(output_shapes=_tensors_json(self.output_shapes),
+                           force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt), **self.extra}
+
+
+@dataclass(frozen=True)
+class VaeDecoderGraph:
+    """Latents (already divided by scaling_factor, plus shift_factor) in, images in [-1, 1] out."""
+
+    file: str | None
+    scaling_factor: float = 1.0
+    shift_factor: float | None = None  # None: 0
+    frames: str | None = None  # VAE_FRAMES; None: "none"
+    runtime: str | None = None
+    note: str | None = None
+    inputs: Mapping[str, TensorSpec] | None = None
+    outputs: Mapping[str, TensorSpec] | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    _KEYS: ClassVar = ("file", "runtime", "scaling_factor", "shift_factor", "frames", "note", "inputs", "outputs")
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> "VaeDecoderGraph":
+        return cls(obj.get("file"), obj.get("scaling_factor", 1.0), obj.get("shift_factor"), obj.get("frames"),
+                   obj.get("runtime"), obj.get("note"), _tensors(obj.get("inputs")), _tensors(obj.get("outputs")),
+                   _extra(obj, cls._KEYS))
+
+    def to_json(self) -> dict[str, Any]:
+        graph = {}
+        if self.runtime != NO_RUNTIME:
+            graph = {"scaling_factor": self.scaling_factor,
+                     **_present(shift_factor=self.shift_factor, frames=self.frames, note=self.note)}
+        return {**_component_json(self.runtime, self.file), **graph,
+                **_present(inputs=_tensors_json(self.inputs), outputs=_tensors_json(self.outputs)), **self.extra}
+
+    @property
+    def frame_mode(self) -> str:
+        return self.frames or "none"
+
+
+@dataclass(frozen=True)
+class ValidationRecord:
+    """How a graph compared with torch at export (`samg export` fails above the tolerance)."""
+
+    max_abs_err: float | None = None
+    tolerance: float | None = None
+    checked_shapes: tuple[tuple[int, ...], ...] | None = None  # first-input shapes checked
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    _KEYS: ClassVar = ("max_abs_err", "tolerance", "checked_shapes")
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> "ValidationRecord":
+        shapes = obj.get("checked_shapes")
+        shapes = tuple(tuple(s) for s in shapes) if isinstance(shapes, list) else None
+        return cls(obj.get("max_abs_err"), obj.get("tolerance"), shapes, _extra(obj, cls._KEYS))
+
+    def to_json(self) -> dict[str, Any]:
+        shapes = None if self.checked_shapes is None else [list(s) for s in self.checked_shapes]
+        return {**_present(max_abs_err=self.max_abs_err, tolerance=self.tolerance, checked_shapes=shapes),
+                **self.extra}
+
+
+@dataclass(frozen=True)
+class Export:
+    """An export folder's manifest (docs/architecture.md, "Export folder"), typed.
+
+    `combine` is the op the denoiser graph combines the two predictions with; None for a raw graph,
+    which returns both (so "fused" is `combine is not None`). `host_rule_attrs` (raw exports only) are
+    the GuidanceCombine attributes host-side SAMG rules default to; format_version 1 keeps them in
+    `combine`. `files` maps every file of the export to its "sha256:..." (filled by write_export)."""
+
+    model: str
+    family: str
+    source: Source
+    prediction_type: str  # PREDICTION_TYPES
+    latent: Latent
+    scheduler: SchedulerRecipe
+    denoiser: DenoiserGraph
+    text_encoder: TextEncoderGraph
+    vae: VaeDecoderGraph
+    combine: Combine | None
+    host_rule_attrs: GuidanceCombineAttrs | None = None
+    opset: int = 18
+    dtype: str = "float32"  # DTYPES: the denoiser's and VAE's
+    versions: Mapping[str, Any] | None = None
+    validation: Mapping[str, ValidationRecord] | None = None
+    files: Mapping[str, str] = field(default_factory=dict)
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    _KEYS: ClassVar = ("format", "format_version", "model", "family", "source", "prediction_type", "guidance",
+                       "combine", "latent", "scheduler", "vae", "text_encoder", "denoiser", "opset", "dtype",
+                       "versions", "files", "validation")
+
+    @property
+    def fused(self) -> bool:
+        """The graph combines the predictions itself (feed guidance_scales, read `guided`)."""
+        return self.combine is not None
+
+    @property
+    def mode(self) -> str:
+        """samg.json's `guidance`: fused, raw or scfg (for messages; decide on `combine`)."""
+        return export_mode(self.combine)
+
+    @classmethod
+    def from_json(cls, manifest: Mapping[str, Any]) -> "Export":
+        """The typed form of a manifest validate_manifest accepted."""
+        raw = manifest["guidance"] == RAW_MODE
+        combine_json = manifest["combine"]
+        if raw:
+            combine, host_attrs = None, GuidanceCombineAttrs.from_json(combine_json)
+        elif combine_json["op"] == semantic_op.OP_TYPE:
+            combine, host_attrs = SemanticCombineAttrs.from_json(combine_json), None
+        else:
+            combine, host_attrs = GuidanceCombineAttrs.from_json(combine_json), None
+        validation = manifest.get("validation")
+        return cls(
+            model=manifest["model"], family=manifest["family"], source=Source.from_json(manifest["source"]),
+            prediction_type=manifest["prediction_type"], latent=Latent.from_json(manifest["latent"]),
+            scheduler=scheduler_recipe(manifest["scheduler"]), denoiser=DenoiserGraph.from_json(manifest["denoiser"]),
+            text_encoder=TextEncoderGraph.from_json(manifest["text_encoder"]),
+            vae=VaeDecoderGraph.from_json(manifest["vae"]), combine=combine, host_rule_attrs=host_attrs,
+            opset=manifest["opset"], dtype=manifest["dtype"], versions=manifest.get("versions"),
+            validation=None if validation is None else {k: ValidationRecord.from_json(v) for k, v in validation.items()},
+            files=dict(manifest["files"]), extra=_extra(manifest, cls._KEYS),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The manifest JSON (format_version 1) this export is written as."""
+        combine = self.combine if self.combine is not None else self.host_rule_attrs
+        if combine is None:
+            raise SamgError(f"the {self.model} export is raw but has no host_rule_attrs (format_version 1 stores them "
+                            "in `combine`): build the Export with host_rule_attrs=GuidanceCombineAttrs(...)")
+        validation = None if self.validation is None else {k: v.to_json() for k, v in self.validation.items()}
+        return {
+            "format": FORMAT, "format_version": EXPORT_FORMAT_VERSION, "model": self.model, "family": self.family,
+            "source": self.source.to_json(), "prediction_type": self.prediction_type, "guidance": self.mode,
+            "combine": combine.to_json(), "latent": self.latent.to_json(), "scheduler": self.scheduler.to_json(),
+            "vae": self.vae.to_json(), "text_encoder": self.text_encoder.to_json(),
+            "denoiser": self.denoiser.to_json(), "opset": self.opset, "dtype": self.dtype,
+            **_present(versions=self.versions), "files": dict(self.files), **_present(validation=validation),
+            **self.extra,
+        }
+
+    def loaded_files(self) -> list[str]:
+        """The files (relative to the export folder) the runtimes open: graphs and tokenizers."""
+        graphs = (self.denoiser, self.text_encoder, self.vae)
+        names = [g.file for g in graphs if g.runtime != NO_RUNTIME and g.file is not None]
+        return names + [t.file for t in self.text_encoder.tokenizers]
 
 
 # --- reading ------------------------------------------------------------------------------------------
 
 
-def read_export(export_dir: str | os.PathLike, verify: bool = True, *, complete: bool = True) -> dict:
-    """The validated manifest of an export folder (SamgError naming the problem otherwise).
+def read_export(export_dir: str | os.PathLike, verify: bool = True, *, complete: bool = True) -> Export:
+    """The validated, typed manifest of an export folder (SamgError naming the problem otherwise).
 
     verify: also check every file listed in `files` against its hash (through the verified-stamp).
     complete: the text encoder and VAE must be graphs too (False for `samg build`, which builds what
@@ -366,18 +832,19 @@ def read_export(export_dir: str | os.PathLike, verify: bool = True, *, complete:
     except RecursionError:
         raise SamgError(f"{path} is nested too deeply to be a samg manifest: re-export the model") from None
     validate_manifest(manifest, str(path), complete=complete)
-    check_confined(export_dir, manifest)
+    export = Export.from_json(manifest)
+    check_confined(export_dir, export)
     if verify:
-        verify_files(export_dir, manifest)
-    return manifest
+        verify_files(export_dir, export)
+    return export
 
 
-def check_confined(export_dir: Path, manifest: dict) -> None:
+def check_confined(export_dir: Path, export: Export) -> None:
     """Every path the manifest names resolves inside the export folder (symbolic links included)."""
     root = export_dir.resolve()
-    names = loaded_files(manifest) + list(manifest["files"])
-    if manifest["source"]["kind"] == "tiny":
-        names.append(manifest["source"]["path"])
+    names = export.loaded_files() + list(export.files)
+    if export.source.kind == "tiny":
+        names.append(export.source.path)
     for name in names:
         target = (export_dir / name).resolve()
         if target != root and root not in target.parents:
@@ -410,12 +877,12 @@ def write_stamp(export_dir: Path, entries: dict) -> bool:
         return False
 
 
-def verify_files(export_dir: Path, manifest: dict) -> None:
+def verify_files(export_dir: Path, export: Export) -> None:
     """Each file in `files` matches its hash; each file the runtimes load is listed there."""
     from samg.io import sha256_file
 
-    files = manifest["files"]
-    unlisted = [name for name in loaded_files(manifest) if name not in files]
+    files = export.files
+    unlisted = [name for name in export.loaded_files() if name not in files]
     if unlisted:
         raise SamgError(f"{export_dir / MANIFEST} lists no hash for {unlisted[0]}, so it cannot be verified: "
                         "re-export the model with `samg export`")
@@ -449,10 +916,10 @@ def _private(name: str) -> bool:
     return name in (MANIFEST, VERIFIED_STAMP, PARTIAL_MARKER)
 
 
-def write_export(folder: str | os.PathLike, manifest: dict, *, complete: bool = True) -> Path:
-    """Hash the folder's files into `manifest["files"]` (all but the tiny source/, engines/ and
-    samg's own bookkeeping), validate the manifest as `read_export` will, write the verified-stamp and then
-    `samg.json` (atomically, last). Returns the manifest's path."""
+def write_export(folder: str | os.PathLike, export: Export, *, complete: bool = True) -> Export:
+    """The one writer of samg.json. Hashes the folder's files into `files` (all but the tiny source/,
+    engines/ and samg's own bookkeeping), validates the JSON as `read_export` will, writes the
+    verified-stamp and then `samg.json` (atomically, last). Returns the export as written."""
     from samg.io import atomic_write_json, sha256_file
 
     folder = Path(folder)
@@ -463,43 +930,176 @@ def write_export(folder: str | os.PathLike, manifest: dict, *, complete: bool = 
             continue  # the torch backend's source and `samg build` output are not the export's graphs
         files[name] = sha256_file(path)
         stamp[name] = _stamp_entry(path.stat(), files[name])
-    manifest["files"] = files
+    export = replace(export, files=files)
+    manifest = export.to_json()
     validate_manifest(manifest, f"manifest for {folder}", complete=complete)
-    check_confined(folder, manifest)
+    check_confined(folder, export)
     write_stamp(folder, stamp)
     atomic_write_json(folder / MANIFEST, manifest)
-    return folder / MANIFEST
+    return export
 
 
-# --- ownership ----------------------------------------------------------------------------------------
+# --- engine records -----------------------------------------------------------------------------------
+# `samg build` writes DIR/engines/<component>.engine and, last, its record <component>.engine.json
+# (docs/architecture.md, "Engines folder"). An engine is loaded only when its record reads back here
+# and the engine's size and hash match it.
+
+ENGINE_FORMAT = "samg-engine"
+ENGINE_FORMAT_VERSION = 1
+ENGINE_COMBINE_PATHS = ("function", "plugin", "none")  # how the denoiser engine runs GuidanceCombine
+_REBUILD = "rebuild it with `samg build`"
 
 
-def samg_files(folder: Path) -> set[str]:
-    """Files in `folder` (relative POSIX paths) that samg wrote: those of the export its manifest
-    describes, samg's bookkeeping, `samg build` engines, and those a killed `--force` export was
-    writing (listed in its partial marker). Nothing else may be replaced or deleted."""
-    owned: set[str] = set()
+@dataclass(frozen=True)
+class EngineRecord:
+    """What an engine was built from and for. The cache key hashes `key_fields()`."""
+
+    key: str
+    component: str
+    onnx_sha256: tuple[str, ...]  # the ONNX file and its external data files
+    trt_flavour: str  # "tensorrt" | "tensorrt-rtx"
+    trt_version: str
+    compute_capability: str  # "sm_XY"; "any" (TensorRT-RTX) or "unknown": not checked on load
+    precision: str
+    combine: str  # ENGINE_COMBINE_PATHS
+    profiles: Mapping[str, Mapping[str, tuple[int, ...]]]  # input -> {"min", "opt", "max"}
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    plugins: tuple[str, ...]  # plugin ids to register before deserializing
+    engine_bytes: int
+    engine_sha256: str
+    onnx: str | None = None  # the ONNX file's name
+    build_seconds: float | None = None
+    samg_version: str | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    _KEYS: ClassVar = ("format", "format_version", "key", "component", "onnx_sha256", "trt", "compute_capability",
+                       "precision", "combine", "profiles", "onnx", "inputs", "outputs", "plugins", "engine_bytes",
+                       "engine_sha256", "build_seconds", "samg_version")
+
+    def key_fields(self) -> dict[str, Any]:
+        """The build inputs the cache key is a hash of (samg.build)."""
+        return {"format_version": ENGINE_FORMAT_VERSION, "component": self.component,
+                "onnx_sha256": list(self.onnx_sha256), "trt": {"flavour": self.trt_flavour, "version": self.trt_version},
+                "compute_capability": self.compute_capability, "precision": self.precision, "combine": self.combine,
+                "profiles": {name: {k: list(v) for k, v in p.items()} for name, p in self.profiles.items()}}
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> "EngineRecord":
+        """The typed form of a record validate_engine_record accepted."""
+        return cls(
+            key=obj["key"], component=obj["component"], onnx_sha256=tuple(obj["onnx_sha256"]),
+            trt_flavour=obj["trt"]["flavour"], trt_version=obj["trt"]["version"],
+            compute_capability=obj["compute_capability"], precision=obj["precision"], combine=obj["combine"],
+            profiles={name: {k: tuple(v) for k, v in p.items()} for name, p in obj["profiles"].items()},
+            inputs=tuple(obj["inputs"]), outputs=tuple(obj["outputs"]), plugins=tuple(obj["plugins"]),
+            engine_bytes=obj["engine_bytes"], engine_sha256=obj["engine_sha256"], onnx=obj.get("onnx"),
+            build_seconds=obj.get("build_seconds"), samg_version=obj.get("samg_version"),
+            extra=_extra(obj, cls._KEYS),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": ENGINE_FORMAT, "key": self.key, **self.key_fields(), **_present(onnx=self.onnx),
+                "inputs": list(self.inputs), "outputs": list(self.outputs), "plugins": list(self.plugins),
+                "engine_bytes": self.engine_bytes, "engine_sha256": self.engine_sha256,
+                **_present(build_seconds=self.build_seconds, samg_version=self.samg_version), **self.extra}
+
+
+def engine_record_path(engine_path: str | os.PathLike) -> Path:
+    """`<component>.engine.json` beside `<component>.engine`."""
+    engine_path = Path(engine_path)
+    return engine_path.with_name(engine_path.name + ".json")
+
+
+def validate_engine_record(record: Any, where: str) -> dict:
+    """Check every field of a parsed engine record; returns it (SamgError naming the field otherwise)."""
+    f = _Fields(where, _REBUILD)
+    if not isinstance(record, dict) or record.get("format") != ENGINE_FORMAT:
+        raise SamgError(f"{where} is not a samg engine record: {_REBUILD}")
+    version = record.get("format_version")
+    if version != ENGINE_FORMAT_VERSION or isinstance(version, bool):
+        raise SamgError(f"{where} is not a samg engine record of version {ENGINE_FORMAT_VERSION} (it has "
+                        f"{version!r}): {_REBUILD}")
+    for key in ("key", "component", "compute_capability", "precision"):
+        f.string(record, key)
+    f.choice(record, "combine", ENGINE_COMBINE_PATHS)
+    trt = f.section(record, "trt")
+    f.string(trt, "flavour", "trt.")
+    f.string(trt, "version", "trt.")
+    for key in ("onnx_sha256", "inputs", "outputs", "plugins"):
+        names = record.get(key)
+        if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+            raise f.fail(key, "a list of names", names)
+    hashes = [(f"onnx_sha256[{i}]", digest) for i, digest in enumerate(record["onnx_sha256"])]
+    for name, digest in hashes + [("engine_sha256", record.get("engine_sha256"))]:
+        if not isinstance(digest, str) or not _HASH.fullmatch(digest):
+            raise f.fail(name, '"sha256:" and 64 hex digits', digest)
+    f.integer(record, "engine_bytes", lo=0)
+    profiles = f.section(record, "profiles")
+    for name, profile in profiles.items():
+        ok = isinstance(profile, dict) and set(profile) == {"min", "opt", "max"} and all(
+            isinstance(dims, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in dims)
+            for dims in profile.values())
+        if not ok:
+            raise f.fail(f"profiles.{name}", 'an object {"min", "opt", "max"} of shapes', profile)
+    f.string(record, "onnx", optional=True)
+    f.number(record, "build_seconds", lo=0.0, optional=True)
+    f.string(record, "samg_version", optional=True)
+    return record
+
+
+def read_engine_record(engine_path: str | os.PathLike) -> EngineRecord:
+    """The validated record beside an engine (SamgError naming the problem and the fix otherwise)."""
+    engine_path = Path(engine_path)
+    record_path = engine_record_path(engine_path)
+    if not engine_path.is_file():
+        raise SamgError(f"{engine_path} does not exist: build it with `samg build EXPORT_DIR`")
+    if not record_path.is_file():
+        raise SamgError(f"{engine_path} has no build record {record_path.name} beside it: {_REBUILD}")
+    if record_path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise SamgError(f"{record_path} is larger than {MAX_MANIFEST_BYTES >> 20} MiB, not a samg engine record: {_REBUILD}")
     try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-    except (OSError, ValueError):
-        manifest = None
-    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() or p.is_symlink()}
-    if isinstance(manifest, dict) and manifest.get("format") == FORMAT:
-        owned.add(MANIFEST)
-        files = manifest.get("files")
-        owned.update(n for n in (files if isinstance(files, dict) else {}) if isinstance(n, str))
-        source = manifest.get("source")
-        if isinstance(source, dict) and source.get("kind") == "tiny":
-            owned.update(n for n in present if n.split("/")[0] == TINY_SOURCE_DIR)
-    try:
-        partial = json.loads((folder / PARTIAL_MARKER).read_text())
-        listed = partial.get("files", []) if isinstance(partial, dict) else []
-        owned.update(n for n in listed if isinstance(n, str))
-        owned.add(PARTIAL_MARKER)
-    except (OSError, ValueError):
-        pass
-    owned.update(n for n in present if n.split("/")[0] == ENGINES_DIR and n.endswith(ENGINE_SUFFIXES)
-                 and n.count("/") == 1)
-    if owned:
-        owned.add(VERIFIED_STAMP)
-    return owned & present
+        record = json.loads(record_path.read_bytes())
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise SamgError(f"{record_path} is not valid JSON ({reason}): {_REBUILD}") from None
+    except OSError as exc:
+        raise SamgError(f"cannot read {record_path} ({exc.strerror}): check the folder's permissions") from None
+    return EngineRecord.from_json(validate_engine_record(record, str(record_path)))
+
+
+def write_engine_record(engine_path: str | os.PathLike, record: EngineRecord) -> Path:
+    """Write the record beside its engine, atomically (write the engine first: a record is what makes
+    an engine valid). Returns the record's path."""
+    from samg.io import atomic_write_json
+
+    path = engine_record_path(engine_path)
+    manifest = record.to_json()
+    validate_engine_record(manifest, f"engine record for {engine_path}")
+    atomic_write_json(path, manifest)
+    return path
+
+
+def verify_engine(engine_path: str | os.PathLike, *, trt_flavour: str | None = None, trt_version: str | None = None,
+                  gpu_capability: str | None = None) -> EngineRecord:
+    """The engine's record, after checking the engine against it: size and hash always; the TensorRT
+    flavour and version when given (the installed ones); the compute capability when the record names
+    one and `gpu_capability` (this GPU's "sm_XY") is given. SamgError naming the fix otherwise."""
+    from samg.io import sha256_file
+
+    engine_path = Path(engine_path)
+    record = read_engine_record(engine_path)
+    size = engine_path.stat().st_size
+    if size != record.engine_bytes:
+        raise SamgError(f"{engine_path} is {size} bytes but was built as {record.engine_bytes}: the file is "
+                        f"truncated or replaced; {_REBUILD}")
+    if sha256_file(engine_path) != record.engine_sha256:
+        raise SamgError(f"{engine_path} does not match its build record (hash differs): the file is corrupt; {_REBUILD}")
+    if trt_flavour is not None and (record.trt_flavour, record.trt_version) != (trt_flavour, trt_version):
+        raise SamgError(f"{engine_path} was built with {record.trt_flavour} {record.trt_version} but this is "
+                        f"{trt_flavour} {trt_version}: rebuild it with `samg build --trt {trt_flavour}`")
+    wanted = record.compute_capability
+    if wanted not in ("any", "unknown") and gpu_capability not in (None, wanted):
+        raise SamgError(f"{engine_path} was built for {wanted} but this GPU is {gpu_capability}: rebuild it on "
+                        "this machine")
+    return record

@@ -72,7 +72,7 @@ def test_table_prints_every_rows_spread_and_each_ratios_verdict(capsys):
         "end to end: samg runtime (SAMG)": [50 * ms] * 5,
     }
     args = argparse.Namespace(sampler="euler", steps=4, backend="onnxruntime", device="cpu")
-    bench._print_table(times, args, {"model": "digits"})
+    bench._print_table(times, args, "digits")
     out = capsys.readouterr().out
     assert "median [interquartile range] of 5 interleaved reps" in out
     assert "12.000 ms  [IQR 11.000–13.000]" in out  # the fused step's row

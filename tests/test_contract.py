@@ -130,7 +130,73 @@ def test_every_family_manifest_is_accepted_as_written(sd15, tiny_export):
     """The writer and the reader agree: what `samg export` writes reads back unchanged."""
     for folder in (sd15, tiny_export("sd15", "raw")):
         before = json.loads((folder / MANIFEST).read_text())
-        assert read_export(folder) == before
+        assert read_export(folder).to_json() == before
+
+
+# The manifest keys docs/architecture.md documents ("Export folder"), by section.
+DOCUMENTED_KEYS = {
+    "": {"format", "format_version", "model", "family", "source", "prediction_type", "guidance", "combine", "latent",
+         "scheduler", "vae", "text_encoder", "denoiser", "opset", "dtype", "versions", "files", "validation"},
+    "source": {"kind", "path", "hub_id"},
+    "latent": {"layout", "channels", "spatial_factor", "temporal_factor", "height", "width", "frames",
+               "dynamic_resolution", "latent_height", "latent_width", "latent_frames", "dynamic_frames",
+               "size_multiple"},
+    "vae": {"file", "runtime", "scaling_factor", "shift_factor", "frames", "note", "inputs", "outputs"},
+    "text_encoder": {"file", "tokenizers", "outputs", "compute_dtype", "output_shapes", "force_zeros_for_empty_prompt"},
+    "denoiser": {"file", "inputs", "outputs"},
+}
+GUIDANCE_COMBINE_KEYS = {"domain", "op", "version", "tau", "sharpness", "smooth", "channel_axis"}
+DISCRETE_SCHEDULER_KEYS = {"kind", "num_train_timesteps", "beta_start", "beta_end", "beta_schedule",
+                           "timestep_spacing", "steps_offset", "rescale_betas_zero_snr"}
+
+
+@pytest.mark.parametrize("guidance", ["fused", "raw", "scfg"])
+def test_read_write_read_round_trip(tiny_export, tmp_path, guidance):
+    """read -> write -> read gives an equal Export, written with the documented JSON keys; the typed
+    fields say what the manifest says."""
+    from samg.contract import GuidanceCombineAttrs, SemanticCombineAttrs, write_export
+
+    # scfg: the export test_torch_backend_runs_an_scfg_export_like_onnxruntime uses (built once)
+    scfg = {"scfg_levels": (2,), "scfg_corrected": True, "validate": False}
+    folder = tiny_export("sd15", guidance, **(scfg if guidance == "scfg" else {}))
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy, ignore=shutil.ignore_patterns("source"))
+    first = read_export(folder)
+    written = write_export(copy, first)
+    second = read_export(copy)
+    assert second == first == written
+    manifest = json.loads((copy / MANIFEST).read_text())
+    assert manifest == json.loads((folder / MANIFEST).read_text())
+    for section, keys in DOCUMENTED_KEYS.items():
+        node = manifest[section] if section else manifest
+        assert keys <= set(node), (section, keys - set(node))
+    assert manifest["guidance"] == guidance and second.mode == guidance
+    assert (second.combine is not None) == (guidance != "raw") == second.fused
+    if guidance == "scfg":
+        assert isinstance(second.combine, SemanticCombineAttrs) and second.combine.rules == ("scfg",)
+        assert manifest["combine"]["op"] == "SemanticCombine"
+    else:
+        assert DISCRETE_SCHEDULER_KEYS <= set(manifest["scheduler"])
+        assert set(manifest["combine"]) >= GUIDANCE_COMBINE_KEYS
+        attrs = second.combine if guidance == "fused" else second.host_rule_attrs
+        assert isinstance(attrs, GuidanceCombineAttrs)
+        assert attrs.attributes() == {k: manifest["combine"][k] for k in ("tau", "sharpness", "smooth", "channel_axis")}
+    assert second.latent.channels == manifest["latent"]["channels"] == 4
+    assert second.scheduler.beta_schedule == manifest["scheduler"]["beta_schedule"] == "scaled_linear"
+    assert [t.file for t in second.text_encoder.tokenizers] == ["tokenizer/tokenizer.json"]
+    assert set(second.files) == set(manifest["files"]) and "denoiser.onnx" in second.files
+
+
+def test_extra_keys_are_kept_through_a_round_trip(export, tmp_path):
+    """Extra keys stay allowed (format_version 1) and survive read -> write."""
+    from samg.contract import write_export
+
+    _edit(export, lambda m: (m.update(custom={"a": 1}), m["latent"].update(note="mine"),
+                             m["scheduler"].update(variance_type="fixed_small")))
+    write_export(export, read_export(export))
+    manifest = json.loads((export / MANIFEST).read_text())
+    assert manifest["custom"] == {"a": 1} and manifest["latent"]["note"] == "mine"
+    assert manifest["scheduler"]["variance_type"] == "fixed_small"
 
 
 # --- paths and hashes --------------------------------------------------------------------------------
@@ -152,7 +218,7 @@ def test_changed_file_is_caught_and_named(export):
     path.write_bytes(bytes(data))
     with pytest.raises(SamgError, match=r"text_encoder\.onnx does not match the hash in samg\.json .*re-export"):
         read_export(export)
-    assert read_export(export, verify=False)["model"] == "sd15"  # validation alone does not hash
+    assert read_export(export, verify=False).model == "sd15"  # validation alone does not hash
 
 
 def test_missing_or_unlisted_file_is_refused(export):
@@ -191,7 +257,7 @@ def test_stamp_that_cannot_be_written_means_hashing_every_load(export):
     folder in the stamp's place): loading still works, and every load hashes."""
     (export / VERIFIED_STAMP).unlink()
     (export / VERIFIED_STAMP).mkdir()
-    assert read_export(export)["model"] == "sd15"
+    assert read_export(export).model == "sd15"
     _same_size_same_mtime_change(export / "denoiser.onnx")
     with pytest.raises(SamgError, match=r"denoiser\.onnx does not match the hash"):
         read_export(export)
@@ -211,18 +277,19 @@ def test_pipeline_load_goes_through_the_contract(export):
 def test_torch_backend_runs_an_scfg_export_like_onnxruntime(tiny_export):
     """One denoiser call on real conditioning at three sigmas, torch backend vs the ONNX graph.
 
-    S-CFG's masks are arg-maxes; where the reference is undecided within samg.scfg.export's
-    DECIDED_MARGIN the two may pick different regions, so the comparison is the exporter's tie-aware
-    one: exact (1e-4 relative) where decided, on the S-CFG line elsewhere."""
+    S-CFG's masks are arg-maxes; where the reference is undecided within samg.scfg.compare's
+    DECIDED_MARGIN the two may pick different regions, so the comparison is the exporter's tie-safe one:
+    the graph's own masks (probe outputs) an arg-max of the torch maps, its output the torch combine
+    given those masks to 1e-4 relative."""
     import numpy as np
 
-    from samg.engines.base import open_runner
     from samg.runtime.pipeline import Pipeline
+    from samg.scfg.compare import probe_session, run_probe
 
     # Non-default levels and variant (shared with test_scfg_export): the runner must read both.
     folder = tiny_export("sd15", "scfg", scfg_levels=(2,), scfg_corrected=True, validate=False)
     torch_pipe = Pipeline.load(folder, backend="torch")
-    ort_runner = open_runner(folder / "denoiser.onnx", "onnxruntime", "cpu")
+    graph_session = probe_session(folder / "denoiser.onnx")
     cond = torch_pipe.conditioning("a red circle", "", 1)
     height, width, frames = torch_pipe.validate_size(None, None, None)
     rng = np.random.default_rng(0)
@@ -231,8 +298,106 @@ def test_torch_backend_runs_an_scfg_export_like_onnxruntime(tiny_export):
                  "timestep": np.array([t], np.float32), **cond,
                  "guidance_scales": np.array([[5.0, 5.0]], np.float32)}
         ours = torch_pipe.runners["denoiser"].run(feeds)["guided"]
-        graph = ort_runner.run(feeds)["guided"]
-        assert ours.shape == graph.shape and np.isfinite(ours).all()
+        graph = run_probe(graph_session, feeds)
+        assert ours.shape == graph["guided"].shape and np.isfinite(ours).all()
         module = torch_pipe.runners["denoiser"].module
         inputs = tuple(__import__("torch").from_numpy(feeds[n]) for n in torch_pipe.runners["denoiser"].input_names)
-        assert module.validation_error(inputs, graph) <= 1e-4
+        result = module.validation_check(inputs, graph)
+        assert result.invalid_locations == 0 and result.error <= 1e-4, result
+
+
+# --- what each combine runs ----------------------------------------------------------------------------
+
+
+def test_each_combine_kind_declares_the_rules_it_runs():
+    """The runtime checks a request against the export's combine: GuidanceCombine runs SAMG, CFG and
+    interval in the graph; SemanticCombine only S-CFG; a raw graph (None) every host-side rule."""
+    from samg.contract import GuidanceCombineAttrs, SemanticCombineAttrs
+    from samg.runtime.denoiser import Guidance, check_guidance_for_export
+
+    fused, scfg = GuidanceCombineAttrs(), SemanticCombineAttrs(factor_fine=2, factor_coarse=4)
+    assert GuidanceCombineAttrs.rules == ("samg", "cfg", "interval") and SemanticCombineAttrs.rules == ("scfg",)
+    for rule in ("samg", "cfg", "interval"):
+        check_guidance_for_export(Guidance(rule), fused)
+    for rule in ("samg", "cfg", "apg", "cfgpp", "samg-bound"):
+        check_guidance_for_export(Guidance(rule), None)
+    check_guidance_for_export(Guidance("scfg"), scfg)
+    with pytest.raises(SamgError, match=r"guidance 'apg' cannot run on a fused export.*--guidance samg, cfg or interval"):
+        check_guidance_for_export(Guidance("apg"), fused)
+    for rule, combine, mode in (("scfg", None, "raw"), ("scfg", fused, "fused"), ("cfg", scfg, "scfg")):
+        with pytest.raises(SamgError, match=rf"S-CFG needs an export made with .*this export is '{mode}'"):
+            check_guidance_for_export(Guidance(rule), combine)
+
+
+# --- engine records ------------------------------------------------------------------------------------
+
+
+def _engine_record(engine, **changes):
+    import dataclasses
+    import hashlib
+
+    from samg.contract import EngineRecord
+
+    data = engine.read_bytes()
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    record = EngineRecord(
+        key="0123abcd", component="denoiser", onnx_sha256=("sha256:" + "0" * 64,), trt_flavour="tensorrt",
+        trt_version="10.9.0", compute_capability="sm_90", precision="fp16", combine="plugin",
+        profiles={"latents": {"min": (1, 4, 8, 8), "opt": (1, 4, 8, 8), "max": (2, 4, 16, 16)}},
+        inputs=("latents", "timestep"), outputs=("guided",), plugins=("samg::GuidanceCombine",),
+        engine_bytes=len(data), engine_sha256=digest, onnx="denoiser.onnx", build_seconds=1.5, samg_version="0.1",
+    )
+    return dataclasses.replace(record, **changes)
+
+
+def test_engine_record_round_trip_and_verification(tmp_path):
+    from samg.contract import engine_record_path, read_engine_record, verify_engine, write_engine_record
+
+    engine = tmp_path / "denoiser.engine"
+    engine.write_bytes(b"serialized engine")
+    record = _engine_record(engine)
+    assert write_engine_record(engine, record) == tmp_path / "denoiser.engine.json" == engine_record_path(engine)
+    assert read_engine_record(engine) == record
+    written = json.loads((tmp_path / "denoiser.engine.json").read_text())
+    assert (written["format"], written["format_version"], written["trt"]) == ("samg-engine", 1,
+                                                                             {"flavour": "tensorrt", "version": "10.9.0"})
+    assert written["profiles"]["latents"]["max"] == [2, 4, 16, 16] and written["plugins"] == ["samg::GuidanceCombine"]
+    assert verify_engine(engine, trt_flavour="tensorrt", trt_version="10.9.0", gpu_capability="sm_90") == record
+    with pytest.raises(SamgError, match=r"built with tensorrt 10\.9\.0 but this is tensorrt 10\.10: rebuild"):
+        verify_engine(engine, trt_flavour="tensorrt", trt_version="10.10")
+    with pytest.raises(SamgError, match=r"built for sm_90 but this GPU is sm_80: rebuild it on this machine"):
+        verify_engine(engine, gpu_capability="sm_80")
+    write_engine_record(engine, _engine_record(engine, compute_capability="any"))
+    verify_engine(engine, gpu_capability="sm_80")  # TensorRT-RTX engines run on any GPU
+    engine.write_bytes(b"serialized engine, longer")
+    with pytest.raises(SamgError, match=r"is 25 bytes but was built as 17: .*rebuild it with `samg build`"):
+        verify_engine(engine)
+    engine.write_bytes(b"serialized engine"[::-1])
+    with pytest.raises(SamgError, match=r"does not match its build record \(hash differs\)"):
+        verify_engine(engine)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda r: r.update(format_version=2), r"not a samg engine record of version 1"),
+    (lambda r: r.update(combine="both"), r"combine must be one of function, plugin, none"),
+    (lambda r: r.update(engine_bytes="17"), r"engine_bytes must be an integer of at least 0"),
+    (lambda r: r.update(engine_sha256="md5:x"), r"engine_sha256 must be \"sha256:\" and 64 hex digits"),
+    (lambda r: r["profiles"]["latents"].pop("opt"), r"profiles\.latents must be an object"),
+    (lambda r: r.pop("trt"), r"trt must be present"),
+    (lambda r: r.update(inputs="latents"), r"inputs must be a list of names"),
+])
+def test_bad_engine_record_field_is_one_line(tmp_path, change, message):
+    from samg.contract import read_engine_record, write_engine_record
+
+    engine = tmp_path / "denoiser.engine"
+    engine.write_bytes(b"serialized engine")
+    path = write_engine_record(engine, _engine_record(engine))
+    record = json.loads(path.read_text())
+    change(record)
+    path.write_text(json.dumps(record))
+    with pytest.raises(SamgError, match=message) as info:
+        read_engine_record(engine)
+    assert "\n" not in str(info.value) and "samg build" in str(info.value)
+    path.unlink()
+    with pytest.raises(SamgError, match=r"has no build record denoiser\.engine\.json beside it"):
+        read_engine_record(engine)

@@ -4,14 +4,16 @@ fused/raw rule checks, and non-finite detection through a tiny real ONNX model t
 import numpy as np
 import pytest
 
+from samg.contract import DiscreteScheduler, FlowScheduler, GuidanceCombineAttrs
 from samg.errors import SamgError
 from samg.runtime import samplers, schedules
 from samg.runtime.denoiser import Denoiser, Guidance
 
 S0 = 0.5
 MEANS = {"pred_uncond": 0.0, "pred_cond": 0.8}  # the two "conditions" are data means
-SD = dict(kind="discrete", num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-          beta_schedule="scaled_linear", timestep_spacing="leading", steps_offset=1)
+SD = DiscreteScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                       beta_schedule="scaled_linear", timestep_spacing="leading", steps_offset=1)
+FUSED = GuidanceCombineAttrs()  # a fused graph's combine (what the Denoiser decides on)
 
 
 class ExactGaussianRunner:
@@ -40,10 +42,10 @@ class ExactGaussianRunner:
 
 @pytest.mark.parametrize("pt", ["epsilon", "v_prediction", "flow"])
 def test_x0_conversion_and_cfg_in_x0_space(pt):
-    cfg = {"kind": "flow", "shift": 3.0} if pt == "flow" else SD
+    cfg = FlowScheduler(shift=3.0) if pt == "flow" else SD
     sched = schedules.make_schedule(cfg, "flow_euler" if pt == "flow" else "euler", 5)
     w = 3.0
-    den = Denoiser(ExactGaussianRunner(pt, sched), prediction_type=pt, export_guidance="raw", schedule=sched,
+    den = Denoiser(ExactGaussianRunner(pt, sched), prediction_type=pt, schedule=sched,
                    conditioning={"encoder_hidden_states": np.zeros((4, 1, 1), np.float32)},
                    guidance=Guidance("cfg", w, w))
     x = np.random.default_rng(0).standard_normal((2, 1, 2, 2)) * 3
@@ -59,7 +61,7 @@ def test_x0_conversion_and_cfg_in_x0_space(pt):
 
 def test_sampling_with_weight_one_follows_the_exact_conditional_ode():
     sched = schedules.make_schedule(SD, "dpmpp_2m", 25, karras=True)
-    den = Denoiser(ExactGaussianRunner("epsilon", sched), prediction_type="epsilon", export_guidance="raw",
+    den = Denoiser(ExactGaussianRunner("epsilon", sched), prediction_type="epsilon",
                    schedule=sched, conditioning={}, guidance=Guidance("cfg", 1.0, 1.0))
     z = np.random.default_rng(1).standard_normal((256, 1)).astype(np.float32)
     x_start = z * sched.init_noise_sigma
@@ -73,13 +75,13 @@ def test_fused_export_refuses_host_only_rules():
     sched = schedules.make_schedule(SD, "euler", 2)
     for rule in ("apg", "cfg-rescale", "cfgpp", "samg-bound"):
         with pytest.raises(SamgError, match="re-export with --guidance raw"):
-            Denoiser(None, prediction_type="epsilon", export_guidance="fused", schedule=sched, conditioning={},
+            Denoiser(None, prediction_type="epsilon", combine=FUSED, schedule=sched, conditioning={},
                      guidance=Guidance(rule, 3.0, 3.0))
 
 
 def test_interval_feeds_unit_scales_outside_its_range():
     sched = schedules.make_schedule(SD, "euler", 10)
-    den = Denoiser(None, prediction_type="epsilon", export_guidance="fused", schedule=sched, conditioning={},
+    den = Denoiser(None, prediction_type="epsilon", combine=FUSED, schedule=sched, conditioning={},
                    guidance=Guidance("interval", 6.0, 6.0, {"sigma_lo": 0.5, "sigma_hi": 3.0}))
     got = [den.scales_at(i, float(s)) for i, s in enumerate(sched.sigmas[:-1])]
     assert [g[0] for g in got] == [6.0 if 0.5 < s <= 3.0 else 1.0 for s in sched.sigmas[:-1]]
@@ -115,12 +117,12 @@ def _nan_below_timestep_model(path, threshold):
 
 def test_non_finite_output_names_the_step(tmp_path):
     pytest.importorskip("onnxruntime")
-    from samg.engines import open_runner
+    from samg.runners import open_runner
 
     path = tmp_path / "denoiser.onnx"
     _nan_below_timestep_model(path, 500.0)
     sched = schedules.make_schedule(SD, "euler", 4)  # timesteps 751, 501, 251, 1: NaN from step 3
-    den = Denoiser(open_runner(path), prediction_type="epsilon", export_guidance="fused", schedule=sched,
+    den = Denoiser(open_runner(path), prediction_type="epsilon", combine=FUSED, schedule=sched,
                    conditioning={"encoder_hidden_states": np.zeros((2, 3, 8), np.float32)},
                    guidance=Guidance("samg", 2.0, 6.0))
     x = np.ones((1, 4, 2, 2), np.float32)
@@ -129,7 +131,7 @@ def test_non_finite_output_names_the_step(tmp_path):
 
 
 def test_open_runner_rejects_unknown_backend_and_missing_file(tmp_path):
-    from samg.engines import open_runner
+    from samg.runners import open_runner
 
     with pytest.raises(SamgError, match="unknown backend"):
         open_runner(tmp_path / "x.onnx", backend="tvm")

@@ -33,12 +33,12 @@ def test_cfg_matches_diffusers_on_samg_digits(export_dir, reference, sampler, sc
     from samg.runtime.pipeline import Pipeline
 
     pipe = Pipeline.load(export_dir)
-    size = pipe.manifest["latent"]["height"]
+    size = pipe.export.latent.height
     noise = np.random.default_rng(7).standard_normal(pipe.latent_shape(2, size, size, None)).astype(np.float32)
     # The bundled folder stores an Euler config; DDIMScheduler.from_config would fill in its own
     # pixel-space defaults (clip_sample=True, set_alpha_to_one=True). Stable Diffusion configs set
     # both False, and so does the manifest samg writes: give the reference the same recipe.
-    recipe = {k: pipe.manifest["scheduler"][k] for k in ("clip_sample", "set_alpha_to_one")}
+    recipe = {k: getattr(pipe.export.scheduler, k) for k in ("clip_sample", "set_alpha_to_one")}
     reference.scheduler = getattr(diffusers, scheduler).from_config(reference.scheduler.config, **recipe)
     with torch.no_grad():
         out = reference(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=SCALE,

@@ -31,8 +31,8 @@ def _reference(folder, pipeline_class):
 
 
 def _size(pipe):
-    lat = pipe.manifest["latent"]
-    return int(lat["height"]), int(lat["width"]), (int(lat["frames"]) if lat.get("frames") else None)
+    lat = pipe.export.latent
+    return lat.height, lat.width, (lat.frames if lat.frames else None)
 
 
 def _noise(pipe, seed):
@@ -77,7 +77,7 @@ def test_sd35_flow_matches_diffusers(tiny_export):
     height, width, _ = _size(pipe)
     noise = _noise(pipe, 2)
     expected = _diffusers_latents(ref, noise, 4, height=height, width=width,
-                                  max_sequence_length=pipe.manifest["text_encoder"]["tokenizers"][2]["max_length"])
+                                  max_sequence_length=pipe.export.text_encoder.tokenizers[2].max_length)
     got = pipe(PROMPT, NEGATIVE, guidance="cfg", scale=SCALE, steps=4, sampler="flow_euler", latents=noise,
                output="latents")
     np.testing.assert_allclose(got, expected, atol=LATENT_ATOL, rtol=0)
@@ -117,8 +117,8 @@ def test_fused_samg_with_unequal_scales_on_video_layouts(tiny_export, model, cha
     from samg.guidance import samg_v1
 
     fused, raw = _load(tiny_export(model, "fused")), _load(tiny_export(model, "raw"))
-    combine = fused.manifest["combine"]
-    assert combine["channel_axis"] == channel_axis
+    combine = fused.export.combine
+    assert combine.channel_axis == channel_axis
     rng = np.random.default_rng(5)
     noise = _noise(fused, 5)
     batch = 2
@@ -130,7 +130,7 @@ def test_fused_samg_with_unequal_scales_on_video_layouts(tiny_export, model, cha
                                                                                  np.float32)})["guided"]
     outs = raw.runners["denoiser"].run(feeds)
     u, c = outs["pred_uncond"], outs["pred_cond"]
-    attrs = {k: combine[k] for k in ("tau", "sharpness", "smooth")}
+    attrs = {k: getattr(combine, k) for k in ("tau", "sharpness", "smooth")}
     expected = samg_v1(u, c, w_min, w_max, channel_axis=channel_axis, **attrs)
     norm = max(1.0, float(np.abs(expected).max()))
     assert np.abs(guided - expected).max() / norm < 1e-4

@@ -11,11 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from samg import contract
 from samg.runtime import samplers, schedules
 from samg.runtime.denoiser import Denoiser, Guidance
 
-SD = dict(kind="discrete", num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-          beta_schedule="scaled_linear", timestep_spacing="leading", steps_offset=1)
+SD = contract.DiscreteScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                beta_schedule="scaled_linear", timestep_spacing="leading", steps_offset=1)
 SHAPE = (2, 3, 4, 4)
 STEPS = 6
 
@@ -53,7 +54,7 @@ def _start(sched):
 
 def _run_runtime(sched, prediction_type, guidance):
     runner = ClosedFormRunner()
-    den = Denoiser(runner, prediction_type=prediction_type, export_guidance="raw", schedule=sched,
+    den = Denoiser(runner, prediction_type=prediction_type, schedule=sched,
                    conditioning={"encoder_hidden_states": np.zeros((2 * SHAPE[0], 1, 1), np.float32)},
                    guidance=guidance)
     out = samplers.sample_euler(den, _start(sched), sched.sigmas)
@@ -162,8 +163,13 @@ def test_one_pipeline_starts_every_generation_with_empty_momentum():
     from samg.runtime.pipeline import Pipeline
 
     runner = ClosedFormRunner()
-    manifest = {"latent": {}, "prediction_type": "epsilon", "scheduler": SD, "guidance": "raw"}
-    pipeline = Pipeline(Path("unused-export"), manifest, {"denoiser": runner}, [])
+    # a raw export (combine None) of the closed-form model; only what sample() reads matters
+    export = contract.Export(
+        model="closed-form", family="closed-form", source=contract.Source("hub"), prediction_type="epsilon",
+        latent=contract.Latent("BCHW", SHAPE[1], 8, 1, 8 * SHAPE[2], 8 * SHAPE[3], None, False), scheduler=SD,
+        denoiser=contract.DenoiserGraph("denoiser.onnx"), text_encoder=contract.TextEncoderGraph(None),
+        vae=contract.VaeDecoderGraph(None), combine=None, host_rule_attrs=contract.GuidanceCombineAttrs())
+    pipeline = Pipeline(Path("unused-export"), export, {"denoiser": runner}, [])
     conditioning = {"encoder_hidden_states": np.zeros((2 * SHAPE[0], 1, 1), np.float32)}
     options = dict(eta=0.0, norm_threshold=0.0, momentum=-0.5)
     guidance = Guidance("apg", 5.0, 5.0, options=options)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from samg.errors import SamgError
+from samg.contract import FlowScheduler
 from samg.runtime import samplers, schedules
 
 MU, S0 = 0.7, 0.5
@@ -67,7 +68,7 @@ def test_flow_euler_on_exact_flow_field():
         var = (1 - s) ** 2 * S0**2 + s**2
         return MU + (1 - s) * S0**2 / var * (x - (1 - s) * MU)
 
-    sched = schedules.flow_schedule({"kind": "flow", "shift": 3.0}, 200)
+    sched = schedules.flow_schedule(FlowScheduler(shift=3.0), 200)
     z = np.random.default_rng(2).standard_normal((32, 4))
     out = samplers.sample_flow_euler(denoise, z, sched.sigmas)
     np.testing.assert_allclose(out, MU + S0 * z, atol=0.02)

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from samg.errors import SamgError
+from samg.contract import scheduler_recipe as recipe
 from samg.runtime import schedules
 
 diffusers = pytest.importorskip("diffusers")
@@ -27,7 +28,7 @@ def _diffusers_kwargs(cfg):
 def test_euler_matches_diffusers(cfg, steps, karras):
     ref = diffusers.EulerDiscreteScheduler(**_diffusers_kwargs(cfg), use_karras_sigmas=karras)
     ref.set_timesteps(steps)
-    ours = schedules.euler_schedule(cfg, steps, karras=karras)
+    ours = schedules.euler_schedule(recipe(cfg), steps, karras=karras)
     np.testing.assert_allclose(ours.sigmas, ref.sigmas.numpy(), rtol=2e-5, atol=1e-6)
     np.testing.assert_allclose(ours.timesteps, ref.timesteps.numpy(), rtol=1e-4, atol=1e-3)
     assert ours.init_noise_sigma == pytest.approx(float(ref.init_noise_sigma), rel=2e-5)
@@ -38,7 +39,7 @@ def test_euler_matches_diffusers(cfg, steps, karras):
 def test_ddim_timesteps_and_alphas_match_diffusers(cfg, steps):
     ref = diffusers.DDIMScheduler(**_diffusers_kwargs(cfg), clip_sample=False)
     ref.set_timesteps(steps)
-    ours = schedules.ddim_schedule(cfg, steps)
+    ours = schedules.ddim_schedule(recipe(cfg), steps)
     np.testing.assert_array_equal(ours.timesteps, ref.timesteps.numpy())
     ac = ref.alphas_cumprod.double().numpy()
     t = ref.timesteps.numpy()
@@ -54,7 +55,7 @@ def test_dpmpp_matches_diffusers(steps, karras, spacing):
     cfg = dict(SD15, timestep_spacing=spacing)
     ref = diffusers.DPMSolverMultistepScheduler(**_diffusers_kwargs(cfg), use_karras_sigmas=karras)
     ref.set_timesteps(steps)
-    ours = schedules.dpm_schedule(cfg, steps, karras=karras)
+    ours = schedules.dpm_schedule(recipe(cfg), steps, karras=karras)
     np.testing.assert_allclose(ours.sigmas, ref.sigmas.numpy(), rtol=2e-5, atol=1e-6)
     np.testing.assert_allclose(ours.timesteps, ref.timesteps.numpy(), atol=1e-3)
 
@@ -64,38 +65,38 @@ def test_dpmpp_matches_diffusers(steps, karras, spacing):
 def test_flow_matches_diffusers(shift, steps):
     ref = diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
     ref.set_timesteps(steps)
-    ours = schedules.flow_schedule({"kind": "flow", "shift": shift, "num_train_timesteps": 1000}, steps)
+    ours = schedules.flow_schedule(recipe({"kind": "flow", "shift": shift, "num_train_timesteps": 1000}), steps)
     np.testing.assert_allclose(ours.sigmas, ref.sigmas.numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(ours.timesteps, ref.timesteps.numpy(), rtol=1e-5, atol=1e-3)
 
 
 def test_sigma_to_t_inverts_training_sigmas():
-    full = schedules.train_sigmas(schedules.alphas_cumprod(SD15))
+    full = schedules.train_sigmas(schedules.alphas_cumprod(recipe(SD15)))
     t = np.array([0.0, 10.0, 500.0, 999.0, 123.25])
     sig = np.exp(np.interp(t, np.arange(1000), np.log(full)))
     np.testing.assert_allclose(schedules.sigma_to_t(sig, np.log(full)), t, atol=1e-6)
 
 
 def test_zero_snr_ends_at_near_zero_alpha():
-    ac = schedules.alphas_cumprod(dict(SD15, rescale_betas_zero_snr=True))
+    ac = schedules.alphas_cumprod(recipe(dict(SD15, rescale_betas_zero_snr=True)))
     assert ac[-1] == 2.0**-24 and np.all(np.diff(ac) < 0)
 
 
 def test_bad_requests_raise_samg_error():
     with pytest.raises(SamgError, match="steps"):
-        schedules.make_schedule(SD15, "euler", 0)
+        schedules.make_schedule(recipe(SD15), "euler", 0)
     with pytest.raises(SamgError, match="flow_euler"):
-        schedules.make_schedule(SD15, "flow_euler", 4)
+        schedules.make_schedule(recipe(SD15), "flow_euler", 4)
     with pytest.raises(SamgError, match="flow"):
-        schedules.make_schedule({"kind": "flow", "shift": 3.0}, "ddim", 4)
+        schedules.make_schedule(recipe({"kind": "flow", "shift": 3.0}), "ddim", 4)
     with pytest.raises(SamgError, match="sampler"):
-        schedules.make_schedule(SD15, "heun", 4)
+        schedules.make_schedule(recipe(SD15), "heun", 4)
 
 
 def test_clip_sample_recipe_is_refused_not_ignored():
     with pytest.raises(SamgError, match="clip_sample"):
-        schedules.make_schedule(dict(SD15, clip_sample=True), "ddim", 4)
-    schedules.make_schedule(dict(SD15, clip_sample=False), "ddim", 4)
+        schedules.make_schedule(recipe(dict(SD15, clip_sample=True)), "ddim", 4)
+    schedules.make_schedule(recipe(dict(SD15, clip_sample=False)), "ddim", 4)
 
 
 # CogVideoX-2b's scheduler_config.json (CogVideoXDDIMScheduler), as the manifest records it.
@@ -110,7 +111,7 @@ def _cogvideox_reference():
 
 def test_cogvideox_alphas_cumprod_are_shifted_then_rescaled_to_zero():
     ref = _cogvideox_reference().alphas_cumprod.double().numpy()
-    ours = schedules.alphas_cumprod(COGVIDEOX)
+    ours = schedules.alphas_cumprod(recipe(COGVIDEOX))
     np.testing.assert_allclose(ours, ref, rtol=1e-12, atol=1e-15)
     assert ours[-1] == 0.0  # exactly zero terminal SNR, no clamp
     # the issue's number: sigma at t = 749 is 9.50 in diffusers (5.40 when the shift was ignored)
@@ -124,7 +125,7 @@ def test_cogvideox_alphas_cumprod_are_shifted_then_rescaled_to_zero():
 def test_cogvideox_ddim_matches_diffusers(steps):
     ref = _cogvideox_reference()
     ref.set_timesteps(steps)
-    ours = schedules.make_schedule(COGVIDEOX, "ddim", steps)
+    ours = schedules.make_schedule(recipe(COGVIDEOX), "ddim", steps)
     t = ref.timesteps.numpy()
     np.testing.assert_array_equal(ours.timesteps, t)
     ac = ref.alphas_cumprod.double().numpy()
@@ -136,9 +137,9 @@ def test_cogvideox_ddim_matches_diffusers(steps):
 
 def test_zero_terminal_snr_refusals_are_one_line_errors():
     with pytest.raises(SamgError, match="divides 1000"):  # diffusers' DDIM would land between timesteps
-        schedules.make_schedule(COGVIDEOX, "ddim", 3)
+        schedules.make_schedule(recipe(COGVIDEOX), "ddim", 3)
     for sampler in ("euler", "dpmpp_2m"):
         with pytest.raises(SamgError, match="drop --karras"):
-            schedules.make_schedule(COGVIDEOX, sampler, 4, karras=True)
+            schedules.make_schedule(recipe(COGVIDEOX), sampler, 4, karras=True)
     with pytest.raises(SamgError, match="snr_shift_scale"):
-        schedules.make_schedule(dict(COGVIDEOX, snr_shift_scale=0.0), "ddim", 4)
+        schedules.make_schedule(recipe(dict(COGVIDEOX, snr_shift_scale=0.0)), "ddim", 4)

@@ -82,14 +82,14 @@ def test_samg_step_is_samg_v1_of_the_two_predictions(pipes):
     w_min, w_max = 2.0, 9.0
     got = fused(PROMPT, NEGATIVE, guidance="samg", w_min=w_min, w_max=w_max, steps=1, sampler="euler",
                 latents=noise, output="latents")
-    sched = schedules.make_schedule(fused.manifest["scheduler"], "euler", 1)
+    sched = schedules.make_schedule(fused.export.scheduler, "euler", 1)
     sigma, x = float(sched.sigmas[0]), noise * np.float32(sched.init_noise_sigma)
     feeds = {"latents": (x / np.sqrt(1 + sigma**2)).astype(np.float32),
              "timestep": np.full((1,), sched.timesteps[0], np.float32),
              **raw.conditioning(PROMPT, NEGATIVE, 1)}
     outs = raw.runners["denoiser"].run(feeds)
     u, c = outs["pred_uncond"], outs["pred_cond"]
-    attrs = {k: fused.manifest["combine"][k] for k in ("tau", "sharpness", "smooth", "channel_axis")}
+    attrs = {k: getattr(fused.export.combine, k) for k in ("tau", "sharpness", "smooth", "channel_axis")}
     expected = x - sigma * samg_v1(u, c, w_min, w_max, **attrs)
     np.testing.assert_allclose(got, expected, atol=LATENT_ATOL * sigma)
     cfg_mid = x - sigma * (u + 0.5 * (w_min + w_max) * (c - u))

@@ -29,7 +29,7 @@ def test_cfg_matches_diffusers_sdxl(export_dir, reference, negative):
     from samg.runtime.pipeline import Pipeline
 
     pipe = Pipeline.load(export_dir)
-    assert pipe.manifest["text_encoder"]["force_zeros_for_empty_prompt"] is True
+    assert pipe.export.text_encoder.force_zeros_for_empty_prompt is True
     noise = np.random.default_rng(0).standard_normal(pipe.latent_shape(1, SIZE, SIZE, None)).astype(np.float32)
     with torch.no_grad():
         expected = reference(PROMPT, negative_prompt=negative or None, num_inference_steps=STEPS,

@@ -16,8 +16,8 @@ def test_generate_writes_gif_and_mp4_with_all_frames(tiny_export, tmp_path, mode
     from samg.contract import read_export
 
     folder = tiny_export(model)
-    latent = read_export(folder)["latent"]
-    frames = latent["frames"]
+    latent = read_export(folder).latent
+    frames = latent.frames
     for suffix in (".gif", ".mp4"):
         if suffix == ".mp4":
             pytest.importorskip("imageio_ffmpeg")
@@ -25,6 +25,6 @@ def test_generate_writes_gif_and_mp4_with_all_frames(tiny_export, tmp_path, mode
         assert main(["generate", str(folder), "--prompt", "a cat", "--steps", "2", "--quiet", "--out", str(out)]) == 0
         video = _frames(out)
         assert video.shape[0] == frames, (suffix, video.shape)
-        assert video.shape[1:3] == (latent["height"], latent["width"])
+        assert video.shape[1:3] == (latent.height, latent.width)
         assert video.std() > 0  # not a blank clip
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"{model}.gif", f"{model}.mp4"]  # no temp files left

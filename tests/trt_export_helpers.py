@@ -15,51 +15,43 @@ def write_export(folder: Path, dtype: str = "float32", shape=("B", 4, "H", "W"),
     """
     import onnx
 
-    from samg.contract import write_export as write_manifest
+    from samg import contract
     from samg.op.function import make_standalone_model
-    from samg.op.schema import DEFAULT_CHANNEL_AXIS, DEFAULT_SHARPNESS, DEFAULT_SMOOTH, DEFAULT_TAU
 
     folder.mkdir(parents=True, exist_ok=True)
     onnx.save(make_standalone_model(rank=len(shape), dtype=dtype, **attributes), str(folder / "denoiser.onnx"))
-    prediction = {"shape": list(shape), "dtype": dtype}
-    combine = {"tau": DEFAULT_TAU, "sharpness": DEFAULT_SHARPNESS, "smooth": DEFAULT_SMOOTH,
-               "channel_axis": DEFAULT_CHANNEL_AXIS, **attributes}
+    prediction = contract.TensorSpec(tuple(shape), dtype)
+    combine = contract.GuidanceCombineAttrs(**attributes)  # the op's defaults for what is not given
     video = len(shape) == 5
-    layout = ("BFCHW" if combine["channel_axis"] == 2 else "BCFHW") if video else "BCHW"
+    layout = ("BFCHW" if combine.channel_axis == 2 else "BCFHW") if video else "BCHW"
     frame_dim = shape[layout.index("F")] if video else None
-    manifest = {
-        "format": "samg-export",
-        "format_version": 1,
-        "model": "standalone",
-        "family": "standalone",
-        "source": {"kind": "hub", "path": None, "hub_id": None},
-        "prediction_type": "epsilon",
-        "guidance": "fused",
-        "combine": {"domain": "samg", "op": "GuidanceCombine", "version": 1, **combine},
-        "dtype": dtype,
-        "opset": 18,
-        "latent": {
-            "layout": layout,
-            "channels": 4,
-            "spatial_factor": 8,
-            "temporal_factor": 1,
-            "height": 64,
-            "width": 64,
-            "frames": (frame_dim if isinstance(frame_dim, int) else 1) if video else None,
-            "dynamic_resolution": True,
-        },
-        "scheduler": {"kind": "discrete", "num_train_timesteps": 1000},
-        "denoiser": {
-            "file": "denoiser.onnx",
-            "inputs": {
-                "pred_uncond": prediction,
-                "pred_cond": prediction,
-                "scales": {"shape": ["B", 2], "dtype": "float32"},
-            },
-            "outputs": {"guided": prediction},
-        },
-        "text_encoder": {"runtime": "none"},
-        "vae": {"runtime": "none"},
-    }
-    write_manifest(folder, manifest, complete=False)
+    export = contract.Export(
+        model="standalone",
+        family="standalone",
+        source=contract.Source("hub", None, None),
+        prediction_type="epsilon",
+        combine=combine,
+        dtype=dtype,
+        opset=18,
+        latent=contract.Latent(
+            layout=layout,
+            channels=4,
+            spatial_factor=8,
+            temporal_factor=1,
+            height=64,
+            width=64,
+            frames=(frame_dim if isinstance(frame_dim, int) else 1) if video else None,
+            dynamic_resolution=True,
+        ),
+        scheduler=contract.DiscreteScheduler(num_train_timesteps=1000),
+        denoiser=contract.DenoiserGraph(
+            file="denoiser.onnx",
+            inputs={"pred_uncond": prediction, "pred_cond": prediction,
+                    "scales": contract.TensorSpec(("B", 2), "float32")},
+            outputs={"guided": prediction},
+        ),
+        text_encoder=contract.TextEncoderGraph(file=None, runtime=contract.NO_RUNTIME),
+        vae=contract.VaeDecoderGraph(file=None, runtime=contract.NO_RUNTIME),
+    )
+    contract.write_export(folder, export, complete=False)
     return folder

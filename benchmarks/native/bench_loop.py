@@ -36,7 +36,9 @@ def export_once(work_dir: Path, label: str) -> Path:
     from samg.export.exporter import ExportOptions, export
 
     out = work_dir / label
-    if not (out / "samg.json").is_file():
+    from samg.contract import MANIFEST
+
+    if not (out / MANIFEST).is_file():
         export(ExportOptions(out=str(out), validate=False, quiet=True, **MODELS[label]))
     return out
 
@@ -100,7 +102,7 @@ def bench_model(label: str, export_dir: Path, samg_run: str, args) -> dict:
         np.save(inputs / f"{name}.npy", np.ascontiguousarray(value, np.float32))
     lat = pipe.latent
     noise = np.random.default_rng(0).standard_normal(
-        pipe.latent_shape(1, int(lat["height"]), int(lat["width"]), None), dtype=np.float32)
+        pipe.latent_shape(1, lat.height, lat.width, None), dtype=np.float32)
     np.save(inputs / "noise.npy", noise)
 
     python_loop(pipe, timed, cond, noise, args.sampler, args.steps)  # warm-up, as the C++ side's first loop

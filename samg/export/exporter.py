@@ -11,12 +11,12 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from samg.contract import MAX_FRAMES, MAX_PIXELS
 from samg.errors import SamgError, check, require
 from samg.models.specs import ModelSpec, get_spec
 
@@ -162,15 +162,30 @@ def _check_options(opts: ExportOptions, spec: ModelSpec) -> None:
     check(opts.scfg_levels is None or 1 <= len(opts.scfg_levels) <= 2,
           f"--scfg-levels takes one or two downsampling factors (e.g. 4,8), got {opts.scfg_levels}")
     validate_attributes(tau=opts.tau, sharpness=opts.sharpness, smooth=opts.smooth, channel_axis=spec.channel_axis)
-    for flag in ("height", "width", "frames"):
+    for flag, top in (("height", MAX_PIXELS), ("width", MAX_PIXELS), ("frames", MAX_FRAMES)):
         value = getattr(opts, flag)
         check(value is None or value > 0, f"--{flag} must be a positive integer, got {value}")
+        check(value is None or value <= top, f"--{flag} {value} is above the limit of {top}: pass a smaller --{flag}")
     check(
         opts.frames is None or spec.is_video,
         f"--frames is for video models; {spec.name} makes images: drop --frames",
     )
+    _check_latent_budget(spec, opts.height or spec.default_height, opts.width or spec.default_width,
+                         opts.frames or spec.default_frames, spec.spatial_factor)
     if not opts.tiny and (opts.model_path or spec.bundled):
         _check_source_folder(spec, Path(opts.model_path or spec.default_source))
+
+
+def _check_latent_budget(spec: ModelSpec, height: int, width: int, frames: int | None, factor: int) -> None:
+    """One traced sample's latent must fit the runtime's per-call budget (else nothing could sample it)."""
+    from samg.runtime.pipeline import MAX_LATENT_ELEMENTS
+
+    rows, cols = -(-height // factor), -(-width // factor)
+    elements = spec.latent_channels * rows * cols * (spec.latent_frames(frames) or 1)
+    flags = "--height/--width" + ("/--frames" if spec.is_video else "")
+    check(elements <= MAX_LATENT_ELEMENTS,
+          f"{height}x{width}{f'x{frames} frames' if spec.is_video else ''} makes a latent of {elements} values, above "
+          f"the limit of {MAX_LATENT_ELEMENTS}: lower {flags}")
 
 
 def _export_names(spec: ModelSpec, opts: ExportOptions) -> set[str]:
@@ -185,12 +200,13 @@ def _export_names(spec: ModelSpec, opts: ExportOptions) -> set[str]:
     return names
 
 
-def _check_out(opts: ExportOptions, spec: ModelSpec) -> set[str] | None:
-    """Check --out before any work. Returns None to replace the folder whole (it is new, empty or
-    holds only samg's files), or, with --force, the set of its files samg may replace (the export
-    is then merged into it and every other file stays)."""
-    from samg.contract import samg_files
-    from samg.io import recover_dir
+def _check_out(opts: ExportOptions, spec: ModelSpec) -> bool:
+    """Check --out before any work. Returns False to replace the folder whole (it is new, empty or
+    holds only samg's files), or True with --force where it holds other files (the export is then
+    merged into it, replacing only samg's files; every other file stays). samg.io.atomic_dir checks
+    ownership again right before the folder is changed."""
+    from samg.export.folder import samg_files
+    from samg.io import check_output_location, present_files, recover_dir
 
     text = opts.out
     check(isinstance(text, str) and text.strip() != "", "--out is empty: pass a folder path for the export, e.g. --out export")
@@ -203,23 +219,13 @@ def _check_out(opts: ExportOptions, spec: ModelSpec) -> set[str] | None:
           f"--out {text} is the current folder or one above it: pass a new folder path, e.g. --out export")
     check(not out.is_symlink(), f"--out {text} is a symbolic link: pass the folder it points to, or a new folder path")
     check(not out.exists() or out.is_dir(), f"--out {text} is a file: pass a folder path")
-    ancestor = resolved.parent
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    check(ancestor.is_dir(), f"--out {text} cannot be created: {ancestor} is a file, not a folder: pick another location")
-    try:  # a real write, not os.access: root, read-only mounts and ACLs are judged correctly
-        with tempfile.NamedTemporaryFile(prefix=".samg-write-check-", dir=ancestor):
-            pass
-    except OSError as exc:
-        raise SamgError(f"--out {text} cannot be written: {exc.strerror} in {ancestor}: pick a folder you can "
-                        "write to") from None
+    check_output_location(resolved.parent, f"--out {text}")  # the swap writes next to the folder
     if not out.is_dir():
-        return None
+        return False
     recover_dir(out)
-    present = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() or p.is_symlink()}
-    foreign = sorted(present - samg_files(out))
+    foreign = sorted(present_files(out) - samg_files(out))
     if not foreign:
-        return None
+        return False
     if not opts.force:
         shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
         raise SamgError(
@@ -230,7 +236,7 @@ def _check_out(opts: ExportOptions, spec: ModelSpec) -> set[str] | None:
     clash = [name for name in foreign if name.split("/")[0] in reserved]
     check(not clash, f"--out {text}: {clash[0] if clash else ''} was not written by samg and the export writes that "
           "name, so even --force will not replace it: move it away or pick another folder")
-    return samg_files(out)
+    return True
 
 
 def _check_source_folder(spec: ModelSpec, folder: Path) -> None:
@@ -239,7 +245,7 @@ def _check_source_folder(spec: ModelSpec, folder: Path) -> None:
         check(
             folder.is_dir(),
             f"the bundled {spec.bundled} model is missing at {folder}: train it "
-            "(python scripts/train_digits.py) or pass --model-path DIR or --tiny",
+            f"(python scripts/train_{spec.name}.py) or pass --model-path DIR or --tiny",
         )
     check(folder.is_dir(), f"model folder {folder} does not exist: pass --model-path DIR of a diffusers model")
     index = folder / "model_index.json"
@@ -263,7 +269,8 @@ def _check_source_folder(spec: ModelSpec, folder: Path) -> None:
         )
 
 
-def _load_pipeline(spec: ModelSpec, source: str, kind: str, dtype):
+def load_source_pipeline(spec: ModelSpec, source: str, kind: str, dtype):
+    """The diffusers pipeline of `spec` from `source` (kind "path" or "hub"), denoiser and VAE in `dtype`."""
     diffusers = require("diffusers", "to export models")
     torch = require("torch", "to export models")
     pipeline_class = getattr(diffusers, spec.pipeline_class)
@@ -341,6 +348,7 @@ def _resolve_sizes(spec: ModelSpec, pipe, opts: ExportOptions) -> Sizes:
             f"--frames {frames} must be 1 + a multiple of {spec.temporal_factor} for {spec.name}",
         )
         latent_frames = spec.latent_frames(frames)
+    _check_latent_budget(spec, height, width, frames if spec.is_video else None, vae_factor)
     if "pos_embed_max_size" in denoiser.config and denoiser.config["pos_embed_max_size"]:
         largest = denoiser.config["pos_embed_max_size"] * denoiser.config["patch_size"] * vae_factor
         check(
@@ -583,10 +591,11 @@ def _validate(component: Component, folder: Path, opts: ExportOptions, torch, or
     session_options = ort.SessionOptions()
     if opts.tiny:
         session_options.intra_op_num_threads = 1
-    session = ort.InferenceSession(
-        str(folder / component.file), session_options, providers=["CPUExecutionProvider"]
-    )
+    # S-CFG: a session whose graph also outputs its mask decisions (samg.scfg.compare)
+    open_session = getattr(component.module, "validation_session", ort.InferenceSession)
+    session = open_session(str(folder / component.file), session_options, providers=["CPUExecutionProvider"])
     worst = 0.0
+    decided = None  # S-CFG: smallest share of mask locations where the reference's masks are decided
     checked = []
     tolerance = TOLERANCE[opts.dtype]
     for scale in component.check_scales:
@@ -597,7 +606,8 @@ def _validate(component: Component, folder: Path, opts: ExportOptions, torch, or
                 expected = component.module(*inputs)
             expected = expected if isinstance(expected, tuple) else (expected,)
             feeds = {n: t.numpy() for n, t in zip(component.input_names, inputs)}
-            got = session.run(component.output_names, feeds)
+            outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+            got = [outputs[n] for n in component.output_names]
             for name, want, have in zip(component.output_names, expected, got):
                 want = want.float().numpy()
                 check(
@@ -608,11 +618,17 @@ def _validate(component: Component, folder: Path, opts: ExportOptions, torch, or
                 err = float(np.max(np.abs(have.astype(np.float32) - want))) if want.size else 0.0
                 # Relative to the output's magnitude, so large-valued outputs are judged fairly.
                 err /= max(1.0, float(np.max(np.abs(want))))
-                if hasattr(component.module, "validation_error"):  # S-CFG: tie-aware (samg.scfg.export)
-                    err = component.module.validation_error(inputs, have)
+                if hasattr(component.module, "validation_check"):  # S-CFG: tie-safe, from the graph's own masks
+                    result = component.module.validation_check(inputs, outputs)
+                    check(result.invalid_locations == 0,
+                          f"exported {component.name} puts {result.invalid_locations} S-CFG mask locations where "
+                          "the torch reference's maps are decided otherwise: report this model")
+                    err = result.error
+                    decided = min(result.decided_fraction, 1.0 if decided is None else decided)
                 worst = max(worst, err)
             checked.append([list(t.shape) for t in inputs[:1]][0])
-    component.validation = {"max_abs_err": worst, "tolerance": tolerance, "checked_shapes": checked}
+    component.validation = {"max_abs_err": worst, "tolerance": tolerance, "checked_shapes": checked,
+                            **({} if decided is None else {"decided_fraction": decided})}
     progress.log(f"{component.name}: ONNX Runtime vs torch max error {worst:.2e} (tolerance {tolerance:g})")
     check(
         np.isfinite(worst) and worst <= tolerance,
@@ -624,7 +640,10 @@ def _validate(component: Component, folder: Path, opts: ExportOptions, torch, or
 # --- manifest -------------------------------------------------------------------------------------
 
 
-def _scheduler_recipe(spec: ModelSpec, pipe) -> dict:
+def _scheduler_recipe(spec: ModelSpec, pipe):
+    """The family's recipe keys (spec.scheduler) with the source scheduler's own values."""
+    from samg.contract import scheduler_recipe
+
     config = dict(pipe.scheduler.config)
     recipe = {"kind": spec.scheduler["kind"]}
     for key, default in spec.scheduler.items():
@@ -634,7 +653,7 @@ def _scheduler_recipe(spec: ModelSpec, pipe) -> dict:
     recipe["class"] = type(pipe.scheduler).__name__
     if spec.prediction_type != "flow":
         recipe["prediction_type"] = config.get("prediction_type", spec.prediction_type)
-    return recipe
+    return scheduler_recipe(recipe)
 
 
 def _versions() -> dict:
@@ -646,12 +665,16 @@ def _versions() -> dict:
     return versions
 
 
-def _manifest(spec, pipe, opts, sizes, source, components, tokenizers) -> dict:
-    """The manifest without `files` (samg.contract.write_export hashes the folder)."""
-    from samg.op import DOMAIN, OP_TYPE, OP_VERSION
+def _manifest(spec, pipe, opts, sizes, source, components, tokenizers, combine):
+    """The typed manifest without `files` (samg.contract.write_export hashes the folder). `combine`:
+    the denoiser graph's combine (None: a raw graph)."""
+    from samg import contract
 
     denoiser, text, vae = components
-    by_name = lambda c, names: {n: {"shape": c.shapes[n], "dtype": c.dtypes[n]} for n in names}  # noqa: E731
+
+    def tensors(c, names):
+        return {n: contract.TensorSpec(tuple(c.shapes[n]), c.dtypes[n]) for n in names}
+
     vae_note = {
         "none": "image VAE: input [N, C, h, w]",
         "per_frame": "2-D image VAE run per frame: the runtime moves frames into the batch ([B*F, C, h, w])",
@@ -661,69 +684,82 @@ def _manifest(spec, pipe, opts, sizes, source, components, tokenizers) -> dict:
     prediction = spec.prediction_type
     if prediction != "flow":
         prediction = pipe.scheduler.config.get("prediction_type", prediction)
-    return {
-        "format": "samg-export",
-        "format_version": 1,
-        "model": spec.name,
-        "family": spec.family,
-        "source": source,
-        "prediction_type": prediction,
-        "guidance": opts.guidance,
-        "combine": {
-            "domain": DOMAIN, "op": OP_TYPE, "version": OP_VERSION, "tau": opts.tau,
-            "sharpness": opts.sharpness, "smooth": opts.smooth, "channel_axis": spec.channel_axis,
-        },
-        "latent": {
-            "layout": spec.layout,
-            "channels": getattr(pipe, spec.denoiser_component).config["in_channels"],
-            "spatial_factor": _vae_factor(pipe),
-            "temporal_factor": spec.temporal_factor,
-            "height": sizes.height,
-            "width": sizes.width,
-            "frames": sizes.frames,
-            "dynamic_resolution": spec.dynamic_resolution,
-            "dynamic_frames": spec.dynamic_frames,
-            "latent_height": sizes.latent_height,
-            "latent_width": sizes.latent_width,
-            "latent_frames": sizes.latent_frames,
-            "size_multiple": sizes.multiple,
-        },
-        "scheduler": _scheduler_recipe(spec, pipe),
-        "vae": {
-            "file": VAE_FILE,
-            "runtime": "onnx",
-            "scaling_factor": float(pipe.vae.config.get("scaling_factor") or spec.vae_scaling_factor),
-            "shift_factor": float(pipe.vae.config.get("shift_factor") or 0.0),
-            "frames": spec.vae_frames,
-            "note": vae_note,
-            "inputs": by_name(vae, vae.input_names),
-            "outputs": by_name(vae, vae.output_names),
-        },
-        "text_encoder": {
-            "file": TEXT_ENCODER_FILE,
-            "compute_dtype": "float32",
-            "tokenizers": tokenizers,
-            "outputs": list(spec.conditioning),
-            "output_shapes": by_name(text, text.output_names),
-            "force_zeros_for_empty_prompt": bool(
+    return contract.Export(
+        model=spec.name,
+        family=spec.family,
+        source=source,
+        prediction_type=prediction,
+        combine=combine,
+        # host-side SAMG rules of a raw export default to the export's own settings
+        host_rule_attrs=_guidance_attrs(opts, spec) if combine is None else None,
+        latent=contract.Latent(
+            layout=spec.layout,
+            channels=getattr(pipe, spec.denoiser_component).config["in_channels"],
+            spatial_factor=_vae_factor(pipe),
+            temporal_factor=spec.temporal_factor,
+            height=sizes.height,
+            width=sizes.width,
+            frames=sizes.frames,
+            dynamic_resolution=spec.dynamic_resolution,
+            dynamic_frames=spec.dynamic_frames,
+            latent_height=sizes.latent_height,
+            latent_width=sizes.latent_width,
+            latent_frames=sizes.latent_frames,
+            size_multiple=sizes.multiple,
+        ),
+        scheduler=_scheduler_recipe(spec, pipe),
+        vae=contract.VaeDecoderGraph(
+            file=VAE_FILE,
+            runtime="onnx",
+            scaling_factor=float(pipe.vae.config.get("scaling_factor") or spec.vae_scaling_factor),
+            shift_factor=float(pipe.vae.config.get("shift_factor") or 0.0),
+            frames=spec.vae_frames,
+            note=vae_note,
+            inputs=tensors(vae, vae.input_names),
+            outputs=tensors(vae, vae.output_names),
+        ),
+        text_encoder=contract.TextEncoderGraph(
+            file=TEXT_ENCODER_FILE,
+            compute_dtype="float32",
+            tokenizers=tuple(tokenizers),
+            outputs=tuple(spec.conditioning),
+            output_shapes=tensors(text, text.output_names),
+            force_zeros_for_empty_prompt=bool(
                 getattr(pipe.config, "force_zeros_for_empty_prompt", spec.force_zeros_for_empty_prompt)
                 if spec.force_zeros_for_empty_prompt else False
             ),
-        },
-        "denoiser": {
-            "file": DENOISER_FILE,
-            "class": spec.denoiser_class,
-            "inputs": by_name(denoiser, denoiser.input_names),
-            "outputs": by_name(denoiser, denoiser.output_names),
-        },
-        "opset": opts.opset,
-        "dtype": opts.dtype,
-        "versions": _versions(),
-        "validation": {c.name: c.validation for c in components if c.validation},
-    }
+        ),
+        denoiser=contract.DenoiserGraph(
+            file=DENOISER_FILE,
+            model_class=spec.denoiser_class,
+            inputs=tensors(denoiser, denoiser.input_names),
+            outputs=tensors(denoiser, denoiser.output_names),
+        ),
+        opset=opts.opset,
+        dtype=opts.dtype,
+        versions=_versions(),
+        validation={c.name: contract.ValidationRecord.from_json(c.validation) for c in components if c.validation},
+    )
 
 
-def _save_tokenizers(spec: ModelSpec, pipe, folder: Path) -> list[dict]:
+def _graph_combine(opts: ExportOptions, spec: ModelSpec, denoiser_module):
+    """The combine op the denoiser graph holds (None: a raw graph that returns both predictions)."""
+    if opts.guidance == "scfg":
+        return denoiser_module.combine_attrs()
+    return _guidance_attrs(opts, spec) if opts.guidance == "fused" else None
+
+
+def _guidance_attrs(opts: ExportOptions, spec: ModelSpec):
+    """GuidanceCombine's attributes from --tau/--sharpness/--smooth and the layout's channel axis."""
+    from samg.contract import GuidanceCombineAttrs
+
+    return GuidanceCombineAttrs(tau=opts.tau, sharpness=opts.sharpness, smooth=opts.smooth,
+                                channel_axis=spec.channel_axis)
+
+
+def _save_tokenizers(spec: ModelSpec, pipe, folder: Path) -> list:
+    from samg.contract import TokenizerEntry
+
     tokenizers = require("tokenizers", "to save tokenizers")
     saved = []
     for entry in _tokenizer_entries(spec, pipe):
@@ -741,13 +777,8 @@ def _save_tokenizers(spec: ModelSpec, pipe, folder: Path) -> list[dict]:
         path = folder / entry.file
         path.parent.mkdir(parents=True, exist_ok=True)
         copy.save(str(path))
-        saved.append({
-            "file": entry.file,
-            "max_length": entry.max_length,
-            "pad_id": int(tok.pad_token_id),
-            "pad_token": tok.pad_token,
-            "input": entry.spec_entry.input_name,
-        })
+        saved.append(TokenizerEntry(file=entry.file, max_length=entry.max_length, pad_id=int(tok.pad_token_id),
+                                    pad_token=tok.pad_token, input=entry.spec_entry.input_name))
     return saved
 
 
@@ -755,12 +786,13 @@ def _save_tokenizers(spec: ModelSpec, pipe, folder: Path) -> list[dict]:
 
 
 @contextlib.contextmanager
-def _output_folder(out: Path, merge_owned: set[str] | None):
+def _output_folder(out: Path, merge: bool):
     """samg.io.atomic_dir, with a folder that cannot be created or written as one SamgError line."""
+    from samg.export.folder import samg_files
     from samg.io import atomic_dir
 
     try:
-        with atomic_dir(out, merge_owned=merge_owned) as folder:
+        with atomic_dir(out, owned=samg_files, merge=merge) as folder:
             yield folder
     except OSError as exc:
         parent = out.resolve().parent
@@ -770,13 +802,21 @@ def _output_folder(out: Path, merge_owned: set[str] | None):
         raise SamgError(f"cannot write the export to {out} ({exc.strerror}): pick a folder you can write to") from None
 
 
+def _internal_manifest_error(exc: SamgError, folder: Path, out: Path) -> str:
+    """A manifest samg itself built failed validation: samg's bug, not the user's export to redo."""
+    detail = str(exc).replace(f"manifest for {folder}: ", "").replace(str(folder), str(out))
+    detail = detail.removesuffix(": re-export the model with `samg export`")
+    return (f"internal error in samg export: the manifest written for {out} is invalid ({detail}); {out} was left "
+            "as it was: please report this as a samg bug")
+
+
 def export(opts: ExportOptions) -> Path:
     """Run the whole export; returns the output folder. Raises SamgError with nothing left behind."""
-    from samg.contract import TINY_SOURCE_DIR, write_export
+    from samg.contract import TINY_SOURCE_DIR, Source, write_export
 
     spec = get_spec(opts.model)
     _check_options(opts, spec)
-    merge_owned = _check_out(opts, spec)  # before the heavy imports and the (long) work
+    merge = _check_out(opts, spec)  # before the heavy imports and the (long) work
     torch = require("torch", "to export models")
     onnx = require("onnx", "to export models")
     ort = require("onnxruntime", "to validate exported models")
@@ -784,23 +824,23 @@ def export(opts: ExportOptions) -> Path:
     out = Path(opts.out)
     progress = _Progress(total=6 + (3 if opts.validate else 0), quiet=opts.quiet)
     try:
-        with _quiet_libraries(), _threads_for(opts, torch), _output_folder(out, merge_owned) as folder:
+        with _quiet_libraries(), _threads_for(opts, torch), _output_folder(out, merge) as folder:
             if opts.tiny:
                 progress.stage("building tiny model")
                 tiny = spec.build_tiny(opts.seed)
                 tiny.save_pretrained(str(folder / TINY_SOURCE_DIR))
-                source = {"kind": "tiny", "path": TINY_SOURCE_DIR, "hub_id": spec.hub_id}
+                source = Source("tiny", TINY_SOURCE_DIR, spec.hub_id)
                 load_from, kind = str(folder / TINY_SOURCE_DIR), "tiny"
             elif opts.model_path or spec.bundled:
                 load_from = str(Path(opts.model_path or spec.default_source).resolve())
-                source = {"kind": "path", "path": load_from, "hub_id": spec.hub_id}
+                source = Source("path", load_from, spec.hub_id)
                 kind = "path"
             else:
                 load_from, kind = spec.hub_id, "hub"
-                source = {"kind": "hub", "path": None, "hub_id": spec.hub_id}
+                source = Source("hub", None, spec.hub_id)
             progress.done()
             progress.stage("loading pipeline")
-            pipe = _load_pipeline(spec, load_from, kind, dtype)
+            pipe = load_source_pipeline(spec, load_from, kind, dtype)
             sizes = _resolve_sizes(spec, pipe, opts)
             progress.done()
             components = [
@@ -819,10 +859,11 @@ def export(opts: ExportOptions) -> Path:
                     _validate(component, folder, opts, torch, ort, progress)
                     progress.done()
             progress.stage("writing manifest")
-            manifest = _manifest(spec, pipe, opts, sizes, source, components, tokenizers)
-            if opts.guidance == "scfg":
-                manifest["combine"] = components[0].module.manifest_combine()
-            write_export(folder, manifest)
+            combine = _graph_combine(opts, spec, components[0].module)
+            try:
+                write_export(folder, _manifest(spec, pipe, opts, sizes, source, components, tokenizers, combine))
+            except SamgError as exc:
+                raise SamgError(_internal_manifest_error(exc, folder, out)) from None
             progress.done()
     finally:
         progress.close()

@@ -18,10 +18,8 @@ def check_output_location(out: Path, *, folder: bool = False) -> None:
     """SamgError unless `out` can be written, checked before the work: a file output must not be an
     existing folder (a folder output not an existing file), and the nearest existing folder above it
     must accept new files (probed with a temporary file, which is removed)."""
-    import os
-    import tempfile
-
     from samg.errors import SamgError
+    from samg.io import check_output_location as check_output_location_of
 
     flag = f"--out {str(out) or '(empty)'}"
     if not str(out) or (not folder and out.name in ("", ".", "..")):
@@ -30,17 +28,7 @@ def check_output_location(out: Path, *, folder: bool = False) -> None:
         raise SamgError(f"{flag} is a folder: pass a file path inside it, e.g. --out {out / 'image.png'}")
     if folder and out.exists() and not out.is_dir():
         raise SamgError(f"{flag} is a file: pass a folder path")
-    parent = out if folder else out.parent
-    parent = Path(os.path.abspath(parent))
-    while not parent.exists():  # missing folders are created when writing
-        parent = parent.parent
-    if not parent.is_dir():
-        raise SamgError(f"{flag}: {parent} is a file, not a folder: pass a path inside a folder")
-    try:
-        with tempfile.TemporaryFile(dir=parent):
-            pass
-    except OSError as exc:
-        raise SamgError(f"{flag}: cannot write to {parent} ({exc.strerror or exc}): pass a path in a writable folder") from None
+    check_output_location_of(out if folder else out.parent, flag)  # missing folders are created when writing
 
 
 def check_fps(fps, suffix: str) -> int:
@@ -140,9 +128,11 @@ def run(args: argparse.Namespace) -> int:
     from samg.runtime.pipeline import Pipeline
 
     # Everything is checked before the models are loaded and minutes are spent sampling.
+    if not str(args.out).strip():  # Path("") would read as "."
+        raise SamgError("--out is empty: pass a file path such as --out image.png")
     out = Path(args.out)
-    manifest = read_export(args.export_dir, verify=False)  # Pipeline.load verifies the files
-    video = manifest["latent"]["layout"] != "BCHW"
+    export = read_export(args.export_dir, verify=False)  # Pipeline.load verifies the files
+    video = export.latent.is_video
     allowed = VIDEO_SUFFIXES if video else IMAGE_SUFFIXES
     if out.suffix.lower() not in allowed:
         raise SamgError(f"--out must end in {' or '.join(allowed)} for this model, got {out.name or repr(str(out))}")
@@ -154,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
         sampler=args.sampler, karras=args.karras, seed=args.seed, height=args.height, width=args.width,
         frames=args.frames, num_images=args.num_images, schedule=args.schedule,
     )
-    Pipeline(Path(args.export_dir), manifest, {}, []).plan(args.prompt, args.negative_prompt, **request)
+    Pipeline(Path(args.export_dir), export, {}, []).plan(args.prompt, args.negative_prompt, **request)
     pipe = Pipeline.load(args.export_dir, backend=args.backend, device=args.device)
     images = pipe(args.prompt, args.negative_prompt, progress=not args.quiet, **request)
     write_output(images, out, fps=args.fps)

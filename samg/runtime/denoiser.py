@@ -18,13 +18,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from samg.engines.base import Runner
+from samg.contract import Combine, GuidanceCombineAttrs, export_mode
+from samg.runners.base import Runner
 from samg.errors import SamgError
 from samg.runtime.schedules import Schedule
 
-# Rules the fused graph computes exactly: (w_min, w_max) per step; interval feeds (1, 1) outside
-# its sigma range, which makes the guided output equal to the conditional prediction.
-FUSED_RULES = ("samg", "cfg", "interval")
 SPATIAL_RULES = ("samg", "samg-quantile", "samg-bound", "samg-linear")  # rules taking w_min and w_max
 PREDICTION_TYPES = ("epsilon", "v_prediction", "flow")
 
@@ -55,20 +53,21 @@ class Guidance:
             raise SamgError(f"guidance {self.rule!r} takes one scale: pass --scale W instead of --w-min/--w-max")
 
 
-def check_guidance_for_export(guidance: Guidance, export_guidance: str) -> None:
-    """SamgError unless the export (samg.json's `guidance`) can run this guidance rule."""
-    if (export_guidance == "scfg") != (guidance.rule == "scfg"):
+def check_guidance_for_export(guidance: Guidance, combine: Combine | None) -> None:
+    """SamgError unless the export's graph can run this guidance rule: a graph's combine op declares
+    the rules it runs (`combine.rules`); a raw graph (None) runs every host-side rule."""
+    scfg_graph = combine is not None and "scfg" in combine.rules
+    if scfg_graph != (guidance.rule == "scfg"):  # S-CFG needs the attention maps, inside the graph only
         raise SamgError(
             "S-CFG needs an export made with `samg export --guidance scfg` and `--guidance scfg` here: "
-            f"this export is {export_guidance!r} and the guidance asked is {guidance.rule!r}"
+            f"this export is {export_mode(combine)!r} and the guidance asked is {guidance.rule!r}"
         )
-    if export_guidance == "fused" and guidance.rule not in FUSED_RULES:
+    if combine is not None and guidance.rule not in combine.rules:
+        *others, last = combine.rules
         raise SamgError(
-            f"guidance {guidance.rule!r} cannot run on a fused export (it combines in the graph): "
-            "re-export with --guidance raw, or use --guidance samg, cfg or interval"
+            f"guidance {guidance.rule!r} cannot run on a {export_mode(combine)} export (it combines in the graph): "
+            f"re-export with --guidance raw, or use --guidance {', '.join(others)} or {last}"
         )
-    if export_guidance not in ("fused", "raw", "scfg"):
-        raise SamgError(f"unknown export guidance {export_guidance!r} in samg.json: re-export the model")
 
 
 def _x0_from(prediction_type: str, out: np.ndarray, x: np.ndarray, sigma: float) -> np.ndarray:
@@ -85,17 +84,18 @@ def _x0_from(prediction_type: str, out: np.ndarray, x: np.ndarray, sigma: float)
 
 
 def host_rule_params(rule, options: dict[str, Any], w_min: float, w_max: float,
-                     combine: dict[str, Any]) -> dict[str, Any]:
+                     defaults: GuidanceCombineAttrs | None) -> dict[str, Any]:
     """A host-side rule's keyword parameters: the step's scales by parameter name, the export's
-    combine attributes (tau, sharpness, smooth, channel_axis) unless the options set them."""
+    GuidanceCombine attributes (tau, sharpness, smooth, channel_axis) unless the options set them."""
     params = dict(options)
+    attributes = defaults.attributes() if defaults is not None else {}
     for name in rule.params:
         if name == "w_min":
             params[name] = w_min
         elif name in ("w_max", "scale", "lam"):
             params[name] = w_max
-        elif name in ("tau", "sharpness", "smooth", "channel_axis") and name in combine:
-            params.setdefault(name, combine[name])
+        elif name in attributes:
+            params.setdefault(name, attributes[name])
     return params
 
 
@@ -107,20 +107,23 @@ def _model_input_scale(prediction_type: str, sigma: float) -> float:
 class Denoiser:
     """`denoise(x, sigma) -> x0` over a runner; callable, one instance per generation (APG keeps state)."""
 
-    def __init__(self, runner: Runner, *, prediction_type: str, export_guidance: str, schedule: Schedule,
-                 conditioning: dict[str, np.ndarray], guidance: Guidance, combine: dict[str, Any] | None = None,
+    def __init__(self, runner: Runner, *, prediction_type: str, schedule: Schedule,
+                 conditioning: dict[str, np.ndarray], guidance: Guidance, combine: Combine | None = None,
+                 host_rule_attrs: GuidanceCombineAttrs | None = None,
                  scale_schedule: Callable[[int, float], tuple[float, float]] | None = None):
+        """combine: the graph's combine op (samg.contract.Export.combine; None: a raw graph returning
+        both predictions). host_rule_attrs: the defaults host-side rules take (Export.host_rule_attrs)."""
         if prediction_type not in PREDICTION_TYPES:
             raise SamgError(f"unknown prediction_type {prediction_type!r} in samg.json: re-export the model")
         guidance.validate()
-        check_guidance_for_export(guidance, export_guidance)
+        check_guidance_for_export(guidance, combine)
         self.runner = runner
         self.prediction_type = prediction_type
-        self.fused = export_guidance in ("fused", "scfg")  # scfg graphs take (w, w) and output guided
+        self.fused = combine is not None  # the graph takes guidance_scales and outputs guided (scfg: (w, w))
         self.schedule = schedule
         self.conditioning = conditioning
         self.guidance = guidance
-        self.combine = dict(combine or {})
+        self.host_rule_attrs = host_rule_attrs
         # per-step (w_min, w_max): a guidance-weight schedule may override the constant scales
         self.scale_schedule = scale_schedule
         self.renoise_x0: np.ndarray | None = None
@@ -169,7 +172,7 @@ class Denoiser:
         from samg.guidance import get_rule
 
         rule, pt = get_rule(self.guidance.rule), self.prediction_type
-        params = host_rule_params(rule, self.guidance.options, w_min, w_max, self.combine)
+        params = host_rule_params(rule, self.guidance.options, w_min, w_max, self.host_rule_attrs)
         if rule.needs_state and self._apg_state is None:
             self._apg_state = rule.new_state()
         if rule.space == "x0":  # APG: combine denoised predictions

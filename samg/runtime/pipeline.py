@@ -13,8 +13,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from samg.contract import read_export
-from samg.engines.base import Runner, open_runner
+from samg.contract import Export, FlowScheduler, TokenizerEntry, read_export
+from samg.runners.base import Runner, open_runner
 from samg.errors import SamgError, require
 from samg.rng import SEED_LIMIT
 from samg.runtime import samplers, schedules
@@ -108,41 +108,53 @@ class Tokenizer:
         return np.array([e.ids for e in self.tokenizer.encode_batch(prompts)], dtype=np.int64)
 
 
-def _load_tokenizer(export_dir: Path, entry: dict[str, Any]) -> Tokenizer:
+def _load_tokenizer(export_dir: Path, entry: TokenizerEntry) -> Tokenizer:
     tokenizers = require("tokenizers", "to tokenize prompts")
-    path = export_dir / entry["file"]
+    path = export_dir / entry.file
     if not path.is_file():
         raise SamgError(f"tokenizer file missing: {path}: re-export the model")
     tok = tokenizers.Tokenizer.from_file(str(path))
-    max_len = int(entry["max_length"])
-    tok.enable_truncation(max_length=max_len)  # room for special tokens is kept by the library
-    tok.enable_padding(length=max_len, pad_id=int(entry.get("pad_id", 0)))
-    return Tokenizer(tok, entry.get("input", "input_ids"))
+    vocab = tok.get_vocab_size(with_added_tokens=True)
+    if not 0 <= (entry.pad_id or 0) < vocab:  # the tokenizers library overflows on ids past 2**32
+        raise SamgError(f"pad_id {entry.pad_id} for {entry.file} is not a token of its vocabulary (ids 0..{vocab - 1}): "
+                        "re-export the model with `samg export`")
+    tok.enable_truncation(max_length=entry.max_length)  # room for special tokens is kept by the library
+    tok.enable_padding(length=entry.max_length, pad_id=entry.pad_id or 0)
+    return Tokenizer(tok, entry.input_name)
+
+
+def _check_text_encoder_names(export: Export, runner: Runner) -> None:
+    """The tokenizers feed inputs, and the manifest reads outputs, that the loaded graph declares."""
+    te = export.text_encoder
+    for i, entry in enumerate(te.tokenizers):
+        if entry.input_name not in runner.input_names:
+            raise SamgError(f"text_encoder.tokenizers[{i}].input {entry.input_name!r} is not an input of {te.file} "
+                            f"(it has {', '.join(runner.input_names)}): re-export the model with `samg export`")
+    for name in te.outputs:
+        if name not in runner.output_names:
+            raise SamgError(f"text_encoder.outputs names {name!r}, not an output of {te.file} (it has "
+                            f"{', '.join(runner.output_names)}): re-export the model with `samg export`")
 
 
 class Pipeline:
-    def __init__(self, export_dir: Path, manifest: dict[str, Any], runners: dict[str, Runner],
-                 tokenizers: list[Tokenizer]):
+    def __init__(self, export_dir: Path, export: Export, runners: dict[str, Runner], tokenizers: list[Tokenizer]):
         self.export_dir = export_dir
-        self.manifest = manifest
+        self.export = export
         self.runners = runners
         self.tokenizers = tokenizers
-        self.latent = manifest["latent"]
-        self.prediction_type = manifest["prediction_type"]
+        self.latent = export.latent
+        self.prediction_type = export.prediction_type
 
     @classmethod
     def load(cls, export_dir: str | Path, backend: str = "onnxruntime", device: str = "cpu",
              **runner_opts) -> "Pipeline":
         export_dir = Path(export_dir)
-        manifest = read_export(export_dir)  # validated, paths confined, files checked against their hashes
-        files = {
-            "text_encoder": manifest["text_encoder"]["file"],
-            "denoiser": manifest["denoiser"]["file"],
-            "vae": manifest["vae"]["file"],
-        }
-        runners = {role: open_runner(export_dir / f, backend, device, **runner_opts) for role, f in files.items()}
-        toks = [_load_tokenizer(export_dir, e) for e in manifest["text_encoder"]["tokenizers"]]
-        return cls(export_dir, manifest, runners, toks)
+        export = read_export(export_dir)  # validated, paths confined, files checked against their hashes
+        graphs = {"text_encoder": export.text_encoder, "denoiser": export.denoiser, "vae": export.vae}
+        runners = {role: open_runner(export_dir / g.file, backend, device, **runner_opts) for role, g in graphs.items()}
+        toks = [_load_tokenizer(export_dir, e) for e in export.text_encoder.tokenizers]
+        _check_text_encoder_names(export, runners["text_encoder"])
+        return cls(export_dir, export, runners, toks)
 
     # -- stages ---------------------------------------------------------------------------------
     def encode(self, prompts: list[str]) -> dict[str, np.ndarray]:
@@ -151,7 +163,7 @@ class Pipeline:
             check_prompt("a prompt", text)
         feeds = {t.input_name: t(prompts) for t in self.tokenizers}
         outs = self.runners["text_encoder"].run(feeds)
-        return {name: np.asarray(outs[name], np.float32) for name in self.manifest["text_encoder"]["outputs"]}
+        return {name: np.asarray(outs[name], np.float32) for name in self.export.text_encoder.outputs}
 
     def conditioning(self, prompt: str, negative_prompt: str, batch: int) -> dict[str, np.ndarray]:
         """[2B, ...] per conditioning input: B copies of the negative, then B of the positive."""
@@ -169,47 +181,46 @@ class Pipeline:
                             "prompt per prompt")
         n = len(prompts)
         enc = self.encode([*negative_prompts, *prompts])
-        if self.manifest["text_encoder"].get("force_zeros_for_empty_prompt", False):
+        if self.export.text_encoder.force_zeros_for_empty_prompt:
             zero = np.array([not neg for neg in negative_prompts] + [False] * n)
             enc = {name: np.where(zero.reshape(-1, *[1] * (v.ndim - 1)), np.float32(0), v) for name, v in enc.items()}
         return enc
 
     def latent_shape(self, batch: int, height: int, width: int, frames: int | None) -> tuple[int, ...]:
         lat = self.latent
-        f, ch = int(lat["spatial_factor"]), int(lat["channels"])
+        f, ch = lat.spatial_factor, lat.channels
         h, w = height // f, width // f
-        layout = lat["layout"]
+        layout = lat.layout
         if layout == "BCHW":
             return (batch, ch, h, w)
-        lf = (int(frames) - 1) // int(lat.get("temporal_factor", 1)) + 1
+        lf = (int(frames) - 1) // lat.temporal_factor + 1
         return (batch, ch, lf, h, w) if layout == "BCFHW" else (batch, lf, ch, h, w)
 
     def validate_size(self, height: int | None, width: int | None, frames: int | None) -> tuple[int, int, int | None]:
         lat = self.latent
-        height = check_count("--height", lat["height"] if height is None else height, 1, MAX_IMAGE_SIDE, lat["height"])
-        width = check_count("--width", lat["width"] if width is None else width, 1, MAX_IMAGE_SIDE, lat["width"])
-        f = int(lat.get("size_multiple") or lat["spatial_factor"])  # the denoiser may need more than the VAE factor
-        if height % f or width % f:
-            raise SamgError(f"height and width must be positive multiples of {f}, got {height}x{width}: e.g. --height {max(f, height // f * f)}")
-        if not lat.get("dynamic_resolution", False) and (height, width) != (lat["height"], lat["width"]):
-            raise SamgError(f"this export has a static size {lat['height']}x{lat['width']}: drop --height/--width or re-export at {height}x{width}")
-        video = lat["layout"] != "BCHW"
-        if video:
-            tf = int(lat.get("temporal_factor", 1))
-            frames = check_count("--frames", int(lat.get("frames") or 0) if frames is None else frames, 1, MAX_FRAMES,
-                                 tf * 4 + 1)
+        height = check_count("--height", lat.height if height is None else height, 1, MAX_IMAGE_SIDE, lat.height)
+        width = check_count("--width", lat.width if width is None else width, 1, MAX_IMAGE_SIDE, lat.width)
+        f = lat.pixel_multiple
+        for flag, value in (("--height", height), ("--width", width)):
+            if value % f:
+                raise SamgError(f"{flag} must be a multiple of {f}, got {value}: e.g. {flag} {max(f, value // f * f)}")
+        if not lat.dynamic_resolution and (height, width) != (lat.height, lat.width):
+            raise SamgError(f"this export has a static size {lat.height}x{lat.width}: drop --height/--width or re-export at {height}x{width}")
+        if lat.is_video:
+            tf = lat.temporal_factor
+            example = lat.frames or tf * 4 + 1  # a static export takes only its own count
+            frames = check_count("--frames", (lat.frames or 0) if frames is None else frames, 1, MAX_FRAMES, example)
             if (frames - 1) % tf:
-                raise SamgError(f"frames must be 1 + a multiple of {tf}, got {frames}: e.g. --frames {tf * 4 + 1}")
-            if lat.get("frames") and not lat.get("dynamic_frames", False) and frames != int(lat["frames"]):
-                raise SamgError(f"this export has a static frame count {lat['frames']}: pass --frames {lat['frames']}")
+                raise SamgError(f"--frames must be 1 + a multiple of {tf}, got {frames}: e.g. --frames {example}")
+            if lat.frames and not lat.dynamic_frames and frames != lat.frames:
+                raise SamgError(f"this export has a static frame count {lat.frames}: pass --frames {lat.frames}")
         elif frames is not None:
             raise SamgError("--frames applies to video models only: drop it for this image model")
         return height, width, frames
 
     def max_steps(self) -> int:
         """The model's num_train_timesteps: diffusers refuses more steps (they would repeat timesteps)."""
-        # validated when samg.json is read; absent means diffusers' default, as schedules.py reads it
-        return int(self.manifest["scheduler"].get("num_train_timesteps", 1000))
+        return schedules.num_train_timesteps(self.export.scheduler)
 
     def check_latent_budget(self, shape: tuple[int, ...]) -> None:
         """SamgError naming the flag to lower when `shape` holds more than MAX_LATENT_ELEMENTS."""
@@ -226,11 +237,11 @@ class Pipeline:
     def make_schedule(self, guidance: Guidance, sampler: str, steps: int, karras: bool) -> schedules.Schedule:
         """The sampler's schedule for this model, or a SamgError when the sampler, --karras or the
         rule do not fit the model."""
-        if karras and self.manifest["scheduler"].get("kind") == "flow":  # flow schedules have no Karras form
+        if karras and isinstance(self.export.scheduler, FlowScheduler):  # flow schedules have no Karras form
             raise SamgError("--karras does not apply to a flow-matching model: drop --karras")
         if guidance.rule == "cfgpp" and sampler not in samplers.DETERMINISTIC_FIRST_ORDER:
             raise SamgError(f"cfgpp re-noises along the unconditional prediction, which {sampler} cannot: use --sampler euler or ddim")
-        return schedules.make_schedule(self.manifest["scheduler"], sampler, steps, karras=karras)
+        return schedules.make_schedule(self.export.scheduler, sampler, steps, karras=karras)
 
     def sample(self, conditioning: dict[str, np.ndarray], noise: np.ndarray, *, guidance: Guidance,
                sampler: str, steps: int, karras: bool = False, rng: np.random.Generator | None = None,
@@ -240,8 +251,8 @@ class Pipeline:
         sample_fn = samplers.get_sampler(sampler)
         denoise = Denoiser(
             self.runners["denoiser"], prediction_type=self.prediction_type,
-            export_guidance=self.manifest["guidance"], schedule=schedule, conditioning=conditioning,
-            guidance=guidance, combine=self.manifest.get("combine"), scale_schedule=scale_schedule,
+            combine=self.export.combine, host_rule_attrs=self.export.host_rule_attrs, schedule=schedule,
+            conditioning=conditioning, guidance=guidance, scale_schedule=scale_schedule,
         )
         x = noise.astype(np.float32) * np.float32(schedule.init_noise_sigma)
         finite_sigmas = schedule.sigmas[np.isfinite(schedule.sigmas)]
@@ -271,9 +282,9 @@ class Pipeline:
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """uint8 images [N, H, W, 3] (video: [N, F, H, W, 3]) from model-space latents."""
-        vae = self.manifest["vae"]
-        z = latents / np.float32(vae["scaling_factor"]) + np.float32(vae.get("shift_factor", 0.0) or 0.0)
-        layout, mode = self.latent["layout"], vae.get("frames", "none")
+        vae = self.export.vae
+        z = latents / np.float32(vae.scaling_factor) + np.float32(vae.shift_factor or 0.0)
+        layout, mode = self.latent.layout, vae.frame_mode
         runner = self.runners["vae"]
         if layout == "BCHW":
             images = runner.run({"latents": z})["images"]  # [N, 3, H, W]
@@ -302,7 +313,7 @@ class Pipeline:
              height: int | None = None, width: int | None = None, frames: int | None = None,
              num_images: int = 1, output: str = "uint8", schedule: str = "constant") -> Request:
         """Every argument of a call (see __call__) checked against this export, before anything is
-        allocated or computed: a SamgError names the flag and the limit. Reads only the manifest, so
+        allocated or computed: a SamgError names the flag and the limit. Reads only the export, so
         a CLI can check a request before loading the models."""
         check_prompt("--prompt", prompt, required=True)
         negative_prompt = check_prompt("--negative-prompt", negative_prompt or "")
@@ -314,7 +325,7 @@ class Pipeline:
         lo, hi = resolve_scales(guidance, scale, w_min, w_max)
         g = Guidance(guidance, lo, hi, dict(guidance_options or {}))
         g.validate()
-        check_guidance_for_export(g, self.manifest["guidance"])
+        check_guidance_for_export(g, self.export.combine)
         scale_schedule = None
         if schedule != "constant":
             from samg.guidance import get_schedule, scheduled

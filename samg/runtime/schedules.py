@@ -15,11 +15,27 @@ noise), so `init_noise_sigma` is 1 and the samplers/denoiser treat `sigma == inf
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
 
 import numpy as np
 
+from samg.contract import DiscreteScheduler, FlowScheduler, SchedulerRecipe
 from samg.errors import SamgError
+
+# diffusers' defaults for recipe keys an export leaves out (DDPMScheduler's; CogVideoXDDIMScheduler's
+# betas for its shifted recipe; FlowMatchEulerDiscreteScheduler's shift)
+DEFAULT_TRAIN_TIMESTEPS = 1000
+DEFAULT_BETAS = (0.0001, 0.02, "linear")
+DEFAULT_SHIFTED_BETAS = (0.00085, 0.012, "scaled_linear")
+DEFAULT_FLOW_SHIFT = 1.0
+
+
+def _or(value, default):
+    return default if value is None else value
+
+
+def num_train_timesteps(recipe: SchedulerRecipe) -> int:
+    """The model's training timesteps (diffusers refuses more sampling steps)."""
+    return int(_or(recipe.num_train_timesteps, DEFAULT_TRAIN_TIMESTEPS))
 
 
 @dataclass(frozen=True)
@@ -71,43 +87,66 @@ def rescale_zero_terminal_snr(b: np.ndarray) -> np.ndarray:
     return 1.0 - alphas
 
 
-def shifted_alphas_cumprod(cfg: Mapping[str, Any]) -> np.ndarray:
+def shifted_alphas_cumprod(cfg: DiscreteScheduler) -> np.ndarray:
     """CogVideoXDDIMScheduler's alpha_bar: cumprod of 1 - betas, shifted by `snr_shift_scale` as SD3,
     `alpha_bar / (s + (1 - s) * alpha_bar)`, then (if asked) rescaled to zero terminal SNR, which
     ends exactly at 0. Its scaled_linear betas are float64 (other diffusers schedulers: float32)."""
-    n = int(cfg.get("num_train_timesteps", 1000))
-    start, end = float(cfg.get("beta_start", 0.00085)), float(cfg.get("beta_end", 0.012))
-    kind = str(cfg.get("beta_schedule", "scaled_linear"))
+    n = num_train_timesteps(cfg)
+    start, end = float(_or(cfg.beta_start, DEFAULT_SHIFTED_BETAS[0])), float(_or(cfg.beta_end, DEFAULT_SHIFTED_BETAS[1]))
+    kind = _or(cfg.beta_schedule, DEFAULT_SHIFTED_BETAS[2])
     if kind == "scaled_linear":
         b = np.linspace(start**0.5, end**0.5, n, dtype=np.float64) ** 2
     else:
         b = betas(n, start, end, kind).astype(np.float32)
-    shift = float(cfg["snr_shift_scale"])
+    shift = float(cfg.snr_shift_scale)
     if not (np.isfinite(shift) and shift > 0):
         raise SamgError(f"snr_shift_scale {shift} in samg.json must be a positive number: re-export the model")
     ac = np.cumprod(1.0 - b, dtype=b.dtype)
     ac = (ac / (shift + (1 - shift) * ac)).astype(b.dtype)
-    if bool(cfg.get("rescale_betas_zero_snr", False)):  # diffusers' version on alphas_cumprod, no clamp
+    if cfg.rescale_betas_zero_snr:  # diffusers' version on alphas_cumprod, no clamp
         sqrt_ab = np.sqrt(ac)
         first, last = sqrt_ab[0], sqrt_ab[-1]
         ac = (((sqrt_ab - last) * (first / (first - last))) ** 2).astype(b.dtype)
     return ac
 
 
-def alphas_cumprod(cfg: Mapping[str, Any]) -> np.ndarray:
-    if "snr_shift_scale" in cfg:  # CogVideoXDDIMScheduler's recipe (see the manifest's scheduler.class)
-        return shifted_alphas_cumprod(cfg)
+def check_train_schedule(cfg: DiscreteScheduler, ac: np.ndarray) -> None:
+    """SamgError naming the scheduler fields when their alpha_bar is not a diffusion schedule: every
+    training step must add noise (alpha_bar below 1), and every step but a zero-SNR rescaled last
+    one must keep signal (alpha_bar above 0). Checked before sampling, so nothing non-finite follows."""
+    shifted = cfg.snr_shift_scale is not None
+    defaults = DEFAULT_SHIFTED_BETAS if shifted else DEFAULT_BETAS
+    start, end, kind = (_or(value, default) for value, default in zip(
+        (cfg.beta_start, cfg.beta_end, cfg.beta_schedule), defaults))
+    fields = f"samg.json's scheduler (beta_start {start:g}, beta_end {end:g}, {kind})"
+    if not (ac < 1).all():
+        raise SamgError(f"{fields} gives a training step without noise (a beta of 0, so sigma 0): beta_start and "
+                        "beta_end must be above 0: re-export the model")
+    kept = ac[:-1] if cfg.rescale_betas_zero_snr else ac
+    if not (kept > 0).all():
+        raise SamgError(f"{fields} leaves no signal before the last training step (alpha_bar reaches 0, an infinite "
+                        f"sigma): these are not training betas (e.g. beta_start {defaults[0]:g}, beta_end "
+                        f"{defaults[1]:g}): re-export the model")
+
+
+def alphas_cumprod(cfg: DiscreteScheduler) -> np.ndarray:
+    if cfg.snr_shift_scale is not None:  # CogVideoXDDIMScheduler's recipe (see the recipe's scheduler_class)
+        ac = shifted_alphas_cumprod(cfg)
+        check_train_schedule(cfg, ac)
+        return ac
     b = betas(
-        int(cfg.get("num_train_timesteps", 1000)),
-        float(cfg.get("beta_start", 0.0001)),
-        float(cfg.get("beta_end", 0.02)),
-        str(cfg.get("beta_schedule", "linear")),
+        num_train_timesteps(cfg),
+        float(_or(cfg.beta_start, DEFAULT_BETAS[0])),
+        float(_or(cfg.beta_end, DEFAULT_BETAS[1])),
+        _or(cfg.beta_schedule, DEFAULT_BETAS[2]),
     )
-    zero_snr = bool(cfg.get("rescale_betas_zero_snr", False))
+    zero_snr = bool(cfg.rescale_betas_zero_snr)
     if zero_snr:
-        b = rescale_zero_terminal_snr(b)
+        check_train_schedule(cfg, np.cumprod((1.0 - b).astype(np.float32), dtype=np.float32))
+        b = rescale_zero_terminal_snr(b)  # divides by first - last, which the check above keeps nonzero
     # float32 like diffusers (its betas are float32 tensors): small sigmas depend on this rounding
     ac = np.cumprod((1.0 - b).astype(np.float32), dtype=np.float32)
+    check_train_schedule(cfg, ac)
     if zero_snr:
         ac[-1] = 2.0**-24  # as diffusers: near zero so that the first sigma is finite
     return ac
@@ -162,12 +201,12 @@ def spaced_timesteps(spacing: str, steps: int, num_train: int, steps_offset: int
     raise SamgError(f"unknown timestep_spacing {spacing!r} in samg.json: use leading, trailing or linspace")
 
 
-def euler_schedule(cfg: Mapping[str, Any], steps: int, *, karras: bool = False) -> Schedule:
+def euler_schedule(cfg: DiscreteScheduler, steps: int, *, karras: bool = False) -> Schedule:
     """EulerDiscreteScheduler (also Euler ancestral): interpolated sigmas, final sigma 0."""
     ac = alphas_cumprod(cfg)
     num_train = len(ac)
-    spacing = str(cfg.get("timestep_spacing", "leading"))
-    ts = spaced_timesteps(spacing, steps, num_train, int(cfg.get("steps_offset", 0)))
+    spacing = _or(cfg.timestep_spacing, "leading")
+    ts = spaced_timesteps(spacing, steps, num_train, int(cfg.steps_offset or 0))
     full = train_sigmas(ac)
     sig = np.interp(ts, np.arange(num_train), full)
     if karras:
@@ -181,12 +220,12 @@ def euler_schedule(cfg: Mapping[str, Any], steps: int, *, karras: bool = False) 
     return Schedule(sig, ts.astype(np.float64), init_noise_scale(max_sigma, init), "discrete")
 
 
-def ddim_schedule(cfg: Mapping[str, Any], steps: int) -> Schedule:
+def ddim_schedule(cfg: DiscreteScheduler, steps: int) -> Schedule:
     """DDIMScheduler with eta 0: it is exactly Euler on these sigmas (sigma at integer timesteps)."""
     ac = alphas_cumprod(cfg)
     num_train = len(ac)
-    spacing = str(cfg.get("timestep_spacing", "leading"))
-    ts = spaced_timesteps(spacing, steps, num_train, int(cfg.get("steps_offset", 0)))
+    spacing = _or(cfg.timestep_spacing, "leading")
+    ts = spaced_timesteps(spacing, steps, num_train, int(cfg.steps_offset or 0))
     if spacing == "linspace":
         ts = ts.round()
     ts = ts.astype(np.int64)
@@ -194,7 +233,7 @@ def ddim_schedule(cfg: Mapping[str, Any], steps: int) -> Schedule:
         raise SamgError(f"DDIM at {steps} steps reaches timestep {ts.max()}, past this model's {num_train} training "
                         "timesteps: use fewer steps (e.g. 50) or --sampler euler")
     prev = ts - num_train // steps  # DDIM's own "previous timestep" rule, even for trailing spacing
-    final_ac = 1.0 if bool(cfg.get("set_alpha_to_one", True)) else float(ac[0])  # diffusers default: True
+    final_ac = 1.0 if _or(cfg.set_alpha_to_one, True) else float(ac[0])  # diffusers default: True
     ac_at = np.where(prev >= 0, ac[np.clip(prev, 0, None)], final_ac)
     sig_now = train_sigmas(ac[ts])
     sig_next = train_sigmas(ac_at)
@@ -207,17 +246,17 @@ def ddim_schedule(cfg: Mapping[str, Any], steps: int) -> Schedule:
     return Schedule(sig, ts.astype(np.float64), init_noise_scale(sig[0], np.sqrt(1 + sig[0] ** 2)), "discrete")
 
 
-def dpm_schedule(cfg: Mapping[str, Any], steps: int, *, karras: bool = False) -> Schedule:
+def dpm_schedule(cfg: DiscreteScheduler, steps: int, *, karras: bool = False) -> Schedule:
     """DPMSolverMultistepScheduler's timesteps/sigmas (its own spacing rules, final sigma 0)."""
     ac = alphas_cumprod(cfg)
     num_train = len(ac)
-    spacing = str(cfg.get("timestep_spacing", "linspace"))
+    spacing = _or(cfg.timestep_spacing, "linspace")
     last = num_train  # lambda_min_clipped = -inf (diffusers default) clips nothing
     if spacing == "linspace":
         ts = np.linspace(0, last - 1, steps + 1).round()[::-1][:-1].astype(np.int64)
     elif spacing == "leading":
         ratio = last // (steps + 1)
-        ts = (np.arange(0, steps + 1) * ratio).round()[::-1][:-1].astype(np.int64) + int(cfg.get("steps_offset", 0))
+        ts = (np.arange(0, steps + 1) * ratio).round()[::-1][:-1].astype(np.int64) + int(cfg.steps_offset or 0)
     elif spacing == "trailing":
         ts = np.arange(last, 0, -num_train / steps).round().astype(np.int64) - 1
     else:
@@ -240,11 +279,11 @@ def shift_sigmas(s: np.ndarray, shift: float) -> np.ndarray:
     return shift * s / (1 + (shift - 1) * s)
 
 
-def flow_schedule(cfg: Mapping[str, Any], steps: int) -> Schedule:
+def flow_schedule(cfg: FlowScheduler, steps: int) -> Schedule:
     """FlowMatchEulerDiscreteScheduler (static shift). Like diffusers, the end points of the
     training schedule are already shifted and then the inference sigmas are shifted again."""
-    num_train = int(cfg.get("num_train_timesteps", 1000))
-    shift = float(cfg.get("shift", 1.0))
+    num_train = num_train_timesteps(cfg)
+    shift = float(_or(cfg.shift, DEFAULT_FLOW_SHIFT))
     sigma_max = float(shift_sigmas(np.array(1.0), shift))
     sigma_min = float(shift_sigmas(np.array(1.0 / num_train), shift))
     ts = np.linspace(sigma_max * num_train, sigma_min * num_train, steps)
@@ -252,18 +291,15 @@ def flow_schedule(cfg: Mapping[str, Any], steps: int) -> Schedule:
     return Schedule(np.concatenate([sig, [0.0]]), sig * num_train, 1.0, "flow")
 
 
-def make_schedule(cfg: Mapping[str, Any], sampler: str, steps: int, *, karras: bool = False) -> Schedule:
+def make_schedule(cfg: SchedulerRecipe, sampler: str, steps: int, *, karras: bool = False) -> Schedule:
     """The schedule diffusers' matching scheduler would use for `sampler` (see samplers.SAMPLERS)."""
     if steps < 1:
         raise SamgError(f"steps must be at least 1, got {steps}: pass --steps N with N >= 1")
-    kind = cfg.get("kind", "discrete")
-    if kind == "flow":
+    if isinstance(cfg, FlowScheduler):
         if sampler not in ("flow_euler", "euler"):
             raise SamgError(f"sampler {sampler!r} does not apply to a flow-matching model: use --sampler flow_euler")
         return flow_schedule(cfg, steps)
-    if kind != "discrete":
-        raise SamgError(f"unknown scheduler kind {kind!r} in samg.json: re-export the model")
-    if cfg.get("clip_sample", False):  # a pixel-space DDPM recipe; diverging silently would be worse
+    if cfg.clip_sample:  # a pixel-space DDPM recipe; diverging silently would be worse
         raise SamgError("the model's scheduler clips x0 (clip_sample=true in samg.json), which samg's samplers "
                         "do not do: set it false in samg.json if the model is a latent diffusion model")
     if sampler == "flow_euler":

@@ -18,13 +18,14 @@ from pathlib import Path
 from samg.bench import ratio_spread, resolution_note
 
 
-def _feeds(manifest: dict, batch: int, h: int, w: int, rng):
+def _feeds(export, batch: int, h: int, w: int, rng):
+    """Random feeds for the denoiser graph of `export` (samg.contract.Export) at latent size h x w."""
     import numpy as np
 
     feeds = {}
-    for name, info in manifest["denoiser"]["inputs"].items():
+    for name, info in export.denoiser.inputs.items():
         dims = {"B": batch, "2B": 2 * batch, "H": h, "W": w}
-        shape = [dims.get(d, d) for d in info["shape"]]
+        shape = [dims.get(d, d) for d in info.shape]
         feeds[name] = rng.standard_normal(shape).astype(np.float32)
     feeds["timestep"] = np.full((batch,), 500.0, np.float32)
     feeds["guidance_scales"] = np.full((batch, 2), 7.5, np.float32)
@@ -37,17 +38,17 @@ def measure(fused_dir: str, scfg_dir: str, sizes=(8, 16, 32), repeat: int = 20, 
 
     from samg.contract import read_export
 
-    sessions, manifests = {}, {}
+    sessions, exports = {}, {}
     for label, folder in (("fused", fused_dir), ("scfg", scfg_dir)):
-        manifests[label] = read_export(folder)
+        exports[label] = read_export(folder)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = 1  # the CPU is shared: one thread each, comparable numbers
-        sessions[label] = ort.InferenceSession(str(Path(folder) / manifests[label]["denoiser"]["file"]), opts,
+        sessions[label] = ort.InferenceSession(str(Path(folder) / exports[label].denoiser.file), opts,
                                                providers=["CPUExecutionProvider"])
     rows = []
     rng = np.random.default_rng(0)
     for size in sizes:
-        feeds = {k: _feeds(m, batch, size, size, rng) for k, m in manifests.items()}
+        feeds = {k: _feeds(e, batch, size, size, rng) for k, e in exports.items()}
         times = {k: [] for k in sessions}
         for k, s in sessions.items():  # warm-up
             s.run(None, feeds[k])
