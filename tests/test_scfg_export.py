@@ -102,7 +102,7 @@ def test_only_scfg_levels_lose_sdpa_and_transformers_are_refused():
     module = scfg_denoiser(Denoiser(unet, spec, fused=True, combine={}, extras={"spatial_factor": 8}))
     explicit = [n for n, p in unet.attn_processors.items() if isinstance(p, ProbsAttnProcessor)]
     assert explicit and all(not n.startswith(("down_blocks.0", "up_blocks.2")) for n in explicit)
-    assert module.manifest_combine()["op"] == "SemanticCombine"
+    assert module.combine_attrs().to_json()["op"] == "SemanticCombine"
 
     class FakeDenoiser:
         spec = get_spec("sd35-medium")

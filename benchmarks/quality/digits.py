@@ -167,7 +167,9 @@ def ensure_export(model_dir: Path, cache: Path, guidance: str, *, quiet: bool = 
             f"{model_dir} is not a diffusers pipeline folder: train it with scripts/train_digits.py or pass --model-path"
         )
     out = cache / model_fingerprint(model_dir) / f"{guidance}-smooth0"
-    if not (out / "samg.json").is_file():
+    from samg.contract import MANIFEST
+
+    if not (out / MANIFEST).is_file():
         from samg.export.exporter import ExportOptions, export
 
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -189,7 +191,8 @@ class MeasuringDenoiser(Denoiser):
 
         rule = get_rule(self.guidance.rule)
         if rule.scale_map is not None:
-            merged = rule.check_params(host_rule_params(rule, self.guidance.options, w_min, w_max, self.combine))
+            merged = rule.check_params(host_rule_params(rule, self.guidance.options, w_min, w_max,
+                                                        self.host_rule_attrs))
             if rule.needs_sigma:
                 merged["sigma"] = sigma
             w = np.asarray(rule.scale_map(u, c, **merged), np.float64)  # [B, 1, H, W]
@@ -222,16 +225,17 @@ def generate(pipe, rule: str, params: dict, labels: np.ndarray, noise: np.ndarra
     guidance.validate()
     prompts = [PROMPT.format(d=d) for d in range(NUM_DIGITS)]
     enc = pipe.encode([""] + prompts)  # row 0: the unconditional (empty) prompt
-    schedule = schedules.make_schedule(pipe.manifest["scheduler"], SAMPLER, steps)
+    schedule = schedules.make_schedule(pipe.export.scheduler, SAMPLER, steps)
     sample_fn = samplers.get_sampler(SAMPLER)
-    fused = pipe.manifest["guidance"] != "raw"  # fused and scfg graphs combine inside
+    fused = pipe.export.fused  # fused and scfg graphs combine inside
     images, scales = [], []
     for start in range(0, len(labels), batch):
         lab = labels[start : start + batch]
         cond = {k: np.concatenate([np.repeat(v[:1], len(lab), 0), v[1 + lab]]) for k, v in enc.items()}
         cls = Denoiser if fused else MeasuringDenoiser
-        denoise = cls(pipe.runners["denoiser"], prediction_type=pipe.prediction_type, export_guidance=pipe.manifest["guidance"],
-                      schedule=schedule, conditioning=cond, guidance=guidance, combine=pipe.manifest.get("combine"))
+        denoise = cls(pipe.runners["denoiser"], prediction_type=pipe.prediction_type, combine=pipe.export.combine,
+                      host_rule_attrs=pipe.export.host_rule_attrs, schedule=schedule, conditioning=cond,
+                      guidance=guidance)
         x = noise[start : start + batch].astype(np.float32) * np.float32(schedule.init_noise_sigma)
         x = sample_fn(denoise, x, schedule.sigmas, rng=np.random.default_rng(0))
         images.append(decode_unclipped(pipe, schedule.to_model_latents(x).astype(np.float32)))
@@ -276,10 +280,10 @@ def decode_unclipped(pipe, latents: np.ndarray) -> np.ndarray:
     """The VAE decoder's output [N, 3, H, W] before it is clipped to [-1, 1]."""
     from samg.engines.base import open_runner
 
-    vae = pipe.manifest["vae"]
+    vae = pipe.export.vae
     if not hasattr(pipe, "_unclipped_vae"):  # cached on the pipeline: one session per export
         pipe._unclipped_vae = open_runner(unclipped_vae(pipe.export_dir))
-    z = latents / np.float32(vae["scaling_factor"]) + np.float32(vae.get("shift_factor", 0.0) or 0.0)
+    z = latents / np.float32(vae.scaling_factor) + np.float32(vae.shift_factor or 0.0)
     out = np.asarray(pipe._unclipped_vae.run({"latents": z})["images"], np.float32)
     from samg.io import check_finite
 
@@ -363,12 +367,12 @@ def run(quick: bool, out_dir: Path, *, model_dir: Path = DEFAULT_MODEL, cache: P
     ref = reference_stats(classify)
     raw = Pipeline.load(ensure_export(model_dir, cache, "raw"))
     labels = np.repeat(np.arange(NUM_DIGITS), per_digit)
-    h, w = int(raw.latent["latent_height"]), int(raw.latent["latent_width"])
+    h, w = raw.latent.latent_height, raw.latent.latent_width
     seed_list = list(range(seed, seed + seeds))
     stem = "digits_quick" if quick else "digits"
     rows, checks = [], []
     for s in seed_list:
-        noise = np.random.default_rng(s).standard_normal((len(labels), int(raw.latent["channels"]), h, w),
+        noise = np.random.default_rng(s).standard_normal((len(labels), raw.latent.channels, h, w),
                                                          dtype=np.float32)
         raw_images = {}
         for rule, label, params in tqdm(settings, desc=f"digits sweep, seed {s}", file=sys.stderr,

@@ -164,11 +164,11 @@ def onnx_agreement(trace: MaskTrace, export_dir: Path) -> float:
     from samg.contract import read_export
     from samg.engines import open_runner
 
-    manifest = read_export(export_dir)
-    if manifest.get("guidance") != "scfg":
-        raise SamgError(f"{export_dir} is a {manifest.get('guidance')!r} export: pass an export made with "
+    export = read_export(export_dir)
+    if export.mode != "scfg":
+        raise SamgError(f"{export_dir} is a {export.mode!r} export: pass an export made with "
                         "`samg export --model digits --guidance scfg`")
-    runner = open_runner(Path(export_dir) / manifest["denoiser"]["file"], "onnxruntime", "cpu")
+    runner = open_runner(Path(export_dir) / export.denoiser.file, "onnxruntime", "cpu")
     worst = 0.0
     for view in trace.views:
         got = np.asarray(runner.run(view.onnx_inputs)["guided"], np.float32)
@@ -357,7 +357,7 @@ def scfg_rows(quick: bool, *, model_dir: Path = digits.DEFAULT_MODEL, cache: Pat
     labels = np.repeat(np.arange(digits.NUM_DIGITS), per_digit)
     lat = pipe.latent
     noise = np.random.default_rng(seed).standard_normal(
-        (len(labels), int(lat["channels"]), int(lat["latent_height"]), int(lat["latent_width"])), dtype=np.float32)
+        (len(labels), lat.channels, lat.latent_height, lat.latent_width), dtype=np.float32)
     rows = []
     for w in tqdm(scales, desc="scfg sweep", file=sys.stderr, disable=not progress):
         probe_runner = ScaleProbeRunner(probe)

@@ -147,14 +147,13 @@ def _module_class():
             return tie_aware_check(u.float(), c.float(), scales.float(), token_maps, fore_maps, got, want.float(),
                                    corrected=self.corrected).error
 
-        def manifest_combine(self) -> dict:
-            """The manifest's `combine` entry for this export."""
-            from samg.scfg.op import DOMAIN, OP_TYPE, OP_VERSION
+        def combine_attrs(self):
+            """The manifest's combine for this export (samg.contract.SemanticCombineAttrs)."""
+            from samg.contract import SemanticCombineAttrs
 
             factors = self.factors * 2 if len(self.factors) == 1 else self.factors
-            return {"domain": DOMAIN, "op": OP_TYPE, "version": OP_VERSION,
-                    "factor_fine": factors[0], "factor_coarse": factors[1], "corrected": int(self.corrected),
-                    "levels": list(self.factors), "scales": "guidance_scales[:, 0] is w; feed (w, w)"}
+            return SemanticCombineAttrs(factor_fine=factors[0], factor_coarse=factors[1], corrected=self.corrected,
+                                        levels=tuple(self.factors))
 
     return ScfgDenoiser
 
