@@ -11,23 +11,22 @@ ort = pytest.importorskip("onnxruntime")
 
 from samg.errors import SamgError
 from samg.scfg.op import DOMAIN, OP_TYPE, function_proto, make_standalone_model, semantic_combine
-from samg.scfg.export import tie_aware_check, undecided_locations
+from samg.scfg.compare import PROBE_FORE_MASK, PROBE_TOKEN_MASK, mask_probe, run_probe, tie_safe_check
 from samg.scfg.reference import scfg_combine, semantic_maps
 from scfg_hand_case import RATE_ROWS, hand_delta, hand_level, rate_map, uniform_coarse_level
 
-ATOL = RTOL = 1e-5  # float32 op body vs torch reference, where the masks are decided
+ATOL = RTOL = 1e-5  # float32 op body vs torch reference, given the same masks
 
 
-def assert_matches_reference(got, expected, u, c, scales, self_maps, cross_maps, latent_hw, factors, corrected=False):
-    """ORT vs the torch reference, tie-aware (samg.scfg.export): elementwise to ATOL/RTOL where the
-    reference's masks are decided, a valid S-CFG output (tie_aware_check) where a rounding tie may go
-    either way. Returns the fraction compared elementwise."""
+def assert_matches_reference(outputs, u, c, scales, self_maps, cross_maps, latent_hw, factors, corrected=False):
+    """ORT (`outputs` of the mask probe: guided and the graph's masks) vs the torch reference, tie-safe
+    (samg.scfg.compare): the graph's masks an arg-max of the reference's maps (the reference's where
+    decided), its output the reference combine given those masks. Returns the decided fraction."""
     token_maps, fore_maps = semantic_maps(self_maps, cross_maps, latent_hw, factors=factors, corrected=corrected)
-    decided = np.broadcast_to(~undecided_locations(token_maps, fore_maps, latent_hw, corrected=corrected)[:, None],
-                              got.shape)
-    np.testing.assert_allclose(got[decided], np.asarray(expected)[decided], rtol=RTOL, atol=ATOL)
-    assert tie_aware_check(u, c, scales, token_maps, fore_maps, got, expected, corrected=corrected).error < ATOL
-    return float(decided.mean())
+    result = tie_safe_check(u, c, scales, token_maps, fore_maps, outputs[PROBE_TOKEN_MASK], outputs[PROBE_FORE_MASK],
+                            outputs["guided"], corrected=corrected)
+    assert result.invalid_locations == 0 and result.error < ATOL, result
+    return result.decided_fraction
 
 
 def random_maps(batch, tokens, fine_hw, coarse_hw, layers=(2, 1), seed=0, peaky=4.0):
@@ -48,6 +47,12 @@ def run_ort(model, feeds):
     return sess.run(None, {k: v.numpy() for k, v in feeds.items()})[0]
 
 
+def run_probe_ort(model, feeds):
+    """The graph's outputs and its mask decisions (samg.scfg.compare.mask_probe), by name."""
+    sess = ort.InferenceSession(mask_probe(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    return run_probe(sess, {k: v.numpy() for k, v in feeds.items()})
+
+
 @pytest.mark.parametrize("corrected", [False, True])
 @pytest.mark.parametrize("latent_hw, factors", [((16, 16), (4, 8)), ((8, 12), (2, 4))])
 def test_function_body_matches_reference(corrected, latent_hw, factors):
@@ -64,10 +69,9 @@ def test_function_body_matches_reference(corrected, latent_hw, factors):
     model = make_standalone_model(factors=factors, corrected=corrected)
     feeds = dict(pred_uncond=u, pred_cond=c, scales=scales, self_fine=self_maps[0], cross_fine=cross_maps[0],
                  self_coarse=self_maps[1], cross_coarse=cross_maps[1])
-    got = run_ort(model, feeds)
-    decided = assert_matches_reference(got, expected.numpy(), u, c, scales, self_maps, cross_maps, latent_hw, factors,
-                                       corrected)
-    assert decided > 0.5  # random peaky maps: most locations are decided, so most of it is compared exactly
+    decided = assert_matches_reference(run_probe_ort(model, feeds), u, c, scales, self_maps, cross_maps, latent_hw,
+                                       factors, corrected)
+    assert decided > 0.5  # random peaky maps: at most locations the graph must take the reference's masks
     # the guidance really is spatially varying here, so the comparison is not trivially CFG
     rate = (expected - u) / (c - u) / scales[:, :1, None, None]
     assert rate.std() > 0.05
@@ -77,12 +81,10 @@ def test_scale_column_one_and_fp16_dtype_of_output():
     self_maps, cross_maps = random_maps(1, 5, (4, 4), (2, 2))
     u = torch.randn(1, 4, 16, 16)
     c = u + torch.randn(1, 4, 16, 16)
-    expected = scfg_combine(u, c, self_maps, cross_maps, 5.0, factors=(4, 8))
     model = make_standalone_model(factors=(4, 8))
     feeds = dict(pred_uncond=u, pred_cond=c, scales=torch.tensor([[5.0]]), self_fine=self_maps[0],
                  cross_fine=cross_maps[0], self_coarse=self_maps[1], cross_coarse=cross_maps[1])
-    assert_matches_reference(run_ort(model, feeds), expected.numpy(), u, c, 5.0, self_maps, cross_maps, (16, 16),
-                             (4, 8))
+    assert_matches_reference(run_probe_ort(model, feeds), u, c, 5.0, self_maps, cross_maps, (16, 16), (4, 8))
 
 
 def test_torch_export_emits_one_node_and_runs():
@@ -95,7 +97,6 @@ def test_torch_export_emits_one_node_and_runs():
     c = u + torch.randn(1, 4, 16, 16)
     scales = torch.tensor([[7.5, 7.5]])
     args = (u, c, scales, self_maps[0], cross_maps[0], self_maps[1], cross_maps[1])
-    eager = Combine()(*args)  # its value: test_eager_op_and_function_body_give_the_hand_computed_rate
     buf = io.BytesIO()
     torch.onnx.export(Combine(), args, buf, dynamo=False, opset_version=18,
                       input_names=["u", "c", "scales", "s0", "a0", "s1", "a1"], output_names=["guided"])
@@ -105,9 +106,9 @@ def test_torch_export_emits_one_node_and_runs():
     from samg.scfg.op import attach_function
 
     attach_function(model)
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    got = sess.run(None, dict(zip(["u", "c", "scales", "s0", "a0", "s1", "a1"], [a.numpy() for a in args])))[0]
-    assert_matches_reference(got, eager.numpy(), u, c, scales, self_maps, cross_maps, (16, 16), (4, 8))
+    sess = ort.InferenceSession(mask_probe(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    outputs = run_probe(sess, dict(zip(["u", "c", "scales", "s0", "a0", "s1", "a1"], [a.numpy() for a in args])))
+    assert_matches_reference(outputs, u, c, scales, self_maps, cross_maps, (16, 16), (4, 8))
 
 
 def test_bad_input_is_a_samg_error():

@@ -155,27 +155,39 @@ def trace_masks(pipe, prompts=MASK_PROMPTS, *, scale: float = 5.0, steps: int = 
     return MaskTrace(list(prompts), tokens, float(scale), tuple(factors), steps, views)
 
 
-def onnx_agreement(trace: MaskTrace, export_dir: Path) -> float:
-    """Largest error of the exported graph's guided prediction against the torch reference over the
-    traced steps, relative to max(1, max|torch|): tie-aware (`samg.scfg.export.tie_aware_check`:
-    exact where the reference's masks are decided, on the S-CFG line where they are tied)."""
-    from samg.scfg.export import tie_aware_check
-
+def graph_runs(trace: MaskTrace, export_dir: Path) -> list[dict]:
+    """The exported scfg graph (ONNX Runtime) on every traced step's inputs: its outputs by name, with
+    its own mask decisions (`samg.scfg.compare.probe_session`)."""
     from samg.contract import read_export
-    from samg.engines import open_runner
+    from samg.scfg.compare import probe_session, run_probe
 
-    export = read_export(export_dir)
-    if export.mode != "scfg":
-        raise SamgError(f"{export_dir} is a {export.mode!r} export: pass an export made with "
+    manifest = read_export(export_dir)
+    if manifest.mode != "scfg":
+        raise SamgError(f"{export_dir} is a {manifest.mode!r} export: pass an export made with "
                         "`samg export --model digits --guidance scfg`")
-    runner = open_runner(Path(export_dir) / export.denoiser.file, "onnxruntime", "cpu")
-    worst = 0.0
-    for view in trace.views:
-        got = np.asarray(runner.run(view.onnx_inputs)["guided"], np.float32)
-        check = tie_aware_check(view.pred_uncond, view.pred_cond, view.onnx_inputs["guidance_scales"],
-                                view.token_maps, view.fore_maps, got, view.guided)
-        worst = max(worst, check.error)
-    return worst
+    session = probe_session(Path(export_dir) / manifest.denoiser.file)
+    return [run_probe(session, view.onnx_inputs) for view in trace.views]
+
+
+def view_check(view: StepView, outputs: dict):
+    """`samg.scfg.compare.tie_safe_check` of a graph run (`outputs`: guided and the graph's masks) against
+    the torch reference of one traced step."""
+    from samg.scfg.compare import PROBE_FORE_MASK, PROBE_TOKEN_MASK, tie_safe_check
+
+    return tie_safe_check(view.pred_uncond, view.pred_cond, view.onnx_inputs["guidance_scales"], view.token_maps,
+                          view.fore_maps, outputs[PROBE_TOKEN_MASK], outputs[PROBE_FORE_MASK], outputs["guided"])
+
+
+def onnx_agreement(trace: MaskTrace, export_dir: Path):
+    """The exported graph against the torch reference over the traced steps, tie-safe
+    (`samg.scfg.compare.tie_safe_check`: its masks a valid arg-max of the reference's maps, its output
+    the reference combine given those masks). Returns the worst step's check (largest error, smallest
+    decided fraction, total invalid mask locations)."""
+    from samg.scfg.compare import TieSafeCheck
+
+    checks = [view_check(view, outputs) for view, outputs in zip(trace.views, graph_runs(trace, export_dir))]
+    return TieSafeCheck(max((c.error for c in checks), default=0.0), sum(c.invalid_locations for c in checks),
+                        min((c.decided_fraction for c in checks), default=1.0))
 
 
 def token_label(token: str, position: int) -> str:
@@ -253,8 +265,9 @@ def masks_main(a) -> int:
     trace = trace_masks(pipe, a.prompt or MASK_PROMPTS, scale=a.scale, steps=a.steps, show=a.show, seed=a.seed)
     note = ""
     if a.export:
-        err = onnx_agreement(trace, a.export)
-        note = f"exported S-CFG graph (ONNX Runtime) vs this torch reference, same inputs: max rel. difference {err:.1e}"
+        agreement = onnx_agreement(trace, a.export)
+        note = (f"exported S-CFG graph (ONNX Runtime) vs this torch reference, same inputs, given the graph's masks: "
+                f"max rel. difference {agreement.error:.1e} (masks decided at >= {agreement.decided_fraction:.0%})")
         print(note)
     plot_masks(trace, a.out, note=note)
     print(f"wrote {a.out} (levels {trace.factors}, {len(trace.views)} steps shown)")

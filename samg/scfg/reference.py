@@ -171,8 +171,16 @@ def scfg_combine(u, c, self_maps, cross_maps, scale, *, factors=None, corrected=
         raise SamgError(f"S-CFG: attention maps must have batch 2B = {2 * batch} (uncond first), "
                         f"got {self_maps[0].shape[0]}")
     token_mask, fore_mask = semantic_masks(self_maps, cross_maps, (height, width), factors=factors, corrected=corrected)
+    return combine_with_masks(u, c, token_mask, fore_mask, scale, return_rate=return_rate)
+
+
+def combine_with_masks(u, c, token_mask, fore_mask, scale, *, return_rate=False):
+    """`u + w * rate(p) * (c - u)` for given masks (`semantic_masks`' outputs, or another implementation's
+    decisions: `samg.scfg.compare` recomputes a graph's output from its own masks), dtype of `u`."""
+    check(tuple(u.shape) == tuple(c.shape) and u.ndim == 4,
+          f"S-CFG: pred_uncond and pred_cond must both be [B, C, H, W], got {tuple(u.shape)}, {tuple(c.shape)}")
     uf, cf = u.float(), c.float()
     delta = cf - uf
-    rate = scfg_rate(delta, token_mask, fore_mask, scale)
-    out = (uf + _scale_column(scale, batch, u.device) * rate * delta).to(u.dtype)
+    rate = scfg_rate(delta, token_mask.float(), fore_mask.float(), scale)
+    out = (uf + _scale_column(scale, u.shape[0], u.device) * rate * delta).to(u.dtype)
     return (out, rate) if return_rate else out
