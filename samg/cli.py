@@ -16,7 +16,7 @@ SUBCOMMANDS = {
     "export": ("samg.export.cli", "export a diffusion model to ONNX with the guidance combine fused in"),
     "generate": ("samg.runtime.cli", "generate images or video from an export folder"),
     "demo": ("samg.demo", "export the bundled samg-digits model and write a CFG vs SAMG grid"),
-    "build": ("samg.engines.cli", "build TensorRT engines from an export folder"),
+    "build": ("samg.build.cli", "build TensorRT engines from an export folder"),
     "bench": ("samg.bench", "side-by-side latency benchmarks (ratios measured in one run)"),
     "encode": ("samg.runtime.encode_cli", "encode prompts to conditioning tensors (.npy) for the C++ runtime"),
 }

@@ -13,16 +13,18 @@ from pathlib import Path
 
 import pytest
 
-from samg.engines.trt_loader import available_flavours
+from samg.build.loader import available_flavours
 from samg.errors import SamgError
 
 pytestmark = pytest.mark.tensorrt
 if not available_flavours():
     pytest.skip("TensorRT / TensorRT-RTX is not importable (pip install tensorrt-rtx-cu13)", allow_module_level=True)
 
-from samg.engines.tensorrt import BuildOptions, ShapeRequest, TensorRTRunner, build_export, verify_engine  # noqa: E402
-from samg.engines.trt_build import make_logger, parse_network, plugin_layer_count  # noqa: E402
-from samg.engines.trt_loader import link_library, load_trt  # noqa: E402
+from samg.build.engine import BuildOptions, build_export, verify_engine  # noqa: E402
+from samg.build.profiles import ShapeRequest  # noqa: E402
+from samg.runners.tensorrt import TensorRTRunner  # noqa: E402
+from samg.build.engine import parse_network, plugin_layer_count  # noqa: E402
+from samg.build.loader import link_library, load_trt, make_logger  # noqa: E402
 from trt_export_helpers import write_export  # noqa: E402
 
 
@@ -116,13 +118,13 @@ def test_precision_must_match_the_export_dtype(tmp_path):
         build_export(export, BuildOptions(precision="fp16", quiet=True))
 
 
-def test_plugin_refuses_bfloat16_but_builds_float16(tmp_path):
-    bf16 = write_export(tmp_path / "bf16", dtype="bfloat16")
-    with pytest.raises(SamgError, match="fp32 and fp16.*--combine function"):
-        build_export(bf16, BuildOptions(combine="plugin", quiet=True))
-    fp16 = write_export(tmp_path / "fp16", dtype="float16")
-    result = build_export(fp16, BuildOptions(combine="plugin", cache_dir=tmp_path / "c", quiet=True))[0]
-    assert result.status == "built" and result.record["precision"] == "fp16"
+def test_plugin_builds_float16_and_bfloat16(tmp_path):
+    # The plugin launches guidance_combine.cu's kernels, which have float, half and bfloat16 versions.
+    for dtype, precision in (("float16", "fp16"), ("bfloat16", "bf16")):
+        export = write_export(tmp_path / dtype, dtype=dtype)
+        result = build_export(export, BuildOptions(combine="plugin", cache_dir=tmp_path / "c", quiet=True))[0]
+        assert result.status == "built" and result.record["precision"] == precision
+        assert result.record["plugins"] == ["samg::GuidanceCombine"]
 
 
 def test_parse_failure_passes_the_parser_messages_through(tmp_path, trt):

@@ -11,14 +11,15 @@ import json
 
 import pytest
 
-from samg.engines.trt_loader import available_flavours
+from samg.build.loader import available_flavours
 
 pytestmark = pytest.mark.tensorrt
 if not available_flavours():
     pytest.skip("TensorRT / TensorRT-RTX is not importable (pip install tensorrt-rtx-cu13)", allow_module_level=True)
 
-from samg.engines.tensorrt import BuildOptions, ShapeRequest, build_export  # noqa: E402
-from samg.engines.trt_build import (  # noqa: E402
+from samg.build.engine import BuildOptions, build_export  # noqa: E402
+from samg.build.profiles import ShapeRequest  # noqa: E402
+from samg.build.engine import (  # noqa: E402
     _default_tokens,
     make_logger,
     network_io,
@@ -26,8 +27,8 @@ from samg.engines.trt_build import (  # noqa: E402
     parse_network,
     plugin_layer_count,
 )
-from samg.engines.trt_loader import load_trt  # noqa: E402
-from samg.engines.trt_profiles import input_profiles, symbol_ranges  # noqa: E402
+from samg.build.loader import load_trt  # noqa: E402
+from samg.build.profiles import input_profiles, symbol_ranges  # noqa: E402
 
 FAMILIES = ["sd15", "sd21", "sdxl", "sd35-medium", "cogvideox", "modelscope-t2v"]
 CONDITIONING = ("encoder_hidden_states", "text_embeds", "pooled_projections")
@@ -35,7 +36,7 @@ CONDITIONING = ("encoder_hidden_states", "text_embeds", "pooled_projections")
 
 @pytest.fixture(scope="module")
 def trt():
-    from samg.engines.plugin_trt import register_plugin
+    from samg.build.plugin import register_plugin
 
     module = load_trt()
     register_plugin(module)

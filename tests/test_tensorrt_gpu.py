@@ -8,8 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from samg.engines.trt_build import gpu_compute_capability
-from samg.engines.trt_loader import available_flavours
+from samg.build.record import gpu_compute_capability
+from samg.build.loader import available_flavours
 
 pytestmark = [pytest.mark.gpu, pytest.mark.tensorrt]
 if not available_flavours():
@@ -20,7 +20,9 @@ pytest.importorskip("cupy", reason="CuPy runs TensorRT engines and the plugin ke
 
 from trt_export_helpers import write_export  # noqa: E402
 
-from samg.engines.tensorrt import BuildOptions, ShapeRequest, TensorRTRunner, build_export  # noqa: E402
+from samg.build.engine import BuildOptions, build_export  # noqa: E402
+from samg.build.profiles import ShapeRequest  # noqa: E402
+from samg.runners.tensorrt import TensorRTRunner  # noqa: E402
 from samg.guidance import samg_v1  # noqa: E402
 from samg_expectation import (  # noqa: E402
     CFG_RTOL,

@@ -10,11 +10,12 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from samg.engines.trt_loader import available_flavours
+from samg.build.loader import available_flavours
 from samg.errors import SamgError
 
 pytestmark = pytest.mark.tensorrt
@@ -23,9 +24,10 @@ if not available_flavours():
 
 PARSE_SCRIPT = textwrap.dedent(
     """
-    from samg.engines.trt_loader import load_trt
-    from samg.engines.trt_build import make_logger, plugin_layer_count
-    from samg.engines.plugin_trt import register_plugin
+    from samg.build.loader import load_trt
+    from samg.build.engine import plugin_layer_count
+    from samg.build.loader import make_logger
+    from samg.build.plugin import register_plugin
     from samg.op.function import make_standalone_model
     trt = load_trt()
     register_plugin(trt)
@@ -52,8 +54,8 @@ def plugin_parse_is_safe():
 
 @pytest.fixture(scope="module")
 def trt(plugin_parse_is_safe):
-    from samg.engines.plugin_trt import register_plugin
-    from samg.engines.trt_loader import load_trt
+    from samg.build.plugin import register_plugin
+    from samg.build.loader import load_trt
 
     module = load_trt()
     register_plugin(module)
@@ -67,7 +69,7 @@ def test_plugin_node_parses_without_abort_and_function_body_wins(plugin_parse_is
 
 
 def parse(trt, model):
-    from samg.engines.trt_build import make_logger
+    from samg.build.loader import make_logger
 
     logger = make_logger(trt)
     builder = trt.Builder(logger)
@@ -115,7 +117,7 @@ def test_creator_reads_fields_and_serializes_them_back(trt):
 
 
 def test_bad_fields_are_refused(trt):
-    from samg.engines.plugin_trt import fields_from_collection
+    from samg.build.plugin import fields_from_collection
 
     for name, value in (("smooth", 5), ("channel_axis", 3)):
         bad = trt.PluginFieldCollection([trt.PluginField(name, np.array([value], np.int32), trt.PluginFieldType.INT32)])
@@ -133,7 +135,7 @@ def desc(trt, dtype, dims=(2, 4, 8, 8), fmt=None):
 
 
 def test_output_types_and_format_combinations(trt):
-    from samg.engines.plugin_trt import plugin_classes
+    from samg.build.plugin import plugin_classes
 
     plugin_class, _ = plugin_classes(trt)
     plugin = plugin_class()
@@ -153,25 +155,83 @@ def test_output_types_and_format_combinations(trt):
 
 
 def test_workspace_and_layout_split():
-    from samg.engines.plugin_trt import split_dims, workspace_bytes
+    from samg.build.plugin import split_dims, workspace_bytes
 
     assert split_dims((2, 4, 8, 8), 1) == (2, 1, 4, 64)
     assert split_dims((2, 4, 3, 8, 8), 1) == (2, 1, 4, 192)  # [B, C, F, H, W]
     assert split_dims((2, 3, 4, 8, 8), 2) == (2, 3, 4, 64)  # [B, F, C, H, W]
-    # two [B, P] float32 planes + B sums, each rounded up to 256 bytes
+    # two [B, P] float32 planes + B sums and peaks, each rounded up to 256 bytes
     assert workspace_bytes((2, 4, 8, 8), 1) == 2 * 512 + 256
     with pytest.raises(SamgError):
         split_dims((2, 4, 8, 8), 2)
 
 
+def _nvrtc():
+    """libnvrtc (pip install nvidia-cuda-nvrtc, or a CUDA toolkit), or None."""
+    import ctypes
+    import ctypes.util
+    import glob
+    import site
+
+    names = [ctypes.util.find_library("nvrtc")]
+    for folder in site.getsitepackages() + ["/usr/local/cuda/lib64"]:
+        names += sorted(glob.glob(f"{folder}/nvidia/cu*/lib/libnvrtc.so*")) + sorted(glob.glob(f"{folder}/libnvrtc.so*"))
+    for name in filter(None, names):
+        try:
+            # libnvrtc dlopens its builtins library by name: load the one beside it first
+            for builtins in sorted(Path(name).parent.glob("libnvrtc-builtins.so*")) if "/" in name else ():
+                ctypes.CDLL(str(builtins), mode=ctypes.RTLD_GLOBAL)
+            return ctypes.CDLL(name)
+        except OSError:
+            continue
+    return None
+
+
+def test_plugin_kernels_compile_with_nvrtc_as_cupy_compiles_them():
+    """What CupyLauncher hands to cupy.RawModule: guidance_combine.cu's text, its options and name
+    expressions, compiled by NVRTC itself; every kernel it launches is in the PTX."""
+    import ctypes
+
+    from samg.build.plugin import KERNEL_NAMES, KERNEL_SOURCE, compile_options, cuda_include_dir
+
+    nvrtc = _nvrtc()
+    if nvrtc is None:
+        pytest.skip("libnvrtc not found (pip install nvidia-cuda-nvrtc)")
+    assert KERNEL_SOURCE.resolve() == (Path(__file__).parents[1] / "plugins" / "cuda" / "guidance_combine.cu").resolve()
+    program = ctypes.c_void_p()
+    assert nvrtc.nvrtcCreateProgram(ctypes.byref(program), KERNEL_SOURCE.read_bytes(), b"guidance_combine.cu",
+                                    0, None, None) == 0
+    for name in KERNEL_NAMES:
+        assert nvrtc.nvrtcAddNameExpression(program, name.encode()) == 0
+    options = [o.encode() for o in (*compile_options(cuda_include_dir()), "--gpu-architecture=compute_80")]
+    status = nvrtc.nvrtcCompileProgram(program, len(options), (ctypes.c_char_p * len(options))(*options))
+    size = ctypes.c_size_t()
+    nvrtc.nvrtcGetProgramLogSize(program, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    nvrtc.nvrtcGetProgramLog(program, log)
+    assert status == 0, log.value.decode()[-3000:]
+    nvrtc.nvrtcGetPTXSize(program, ctypes.byref(size))
+    ptx = ctypes.create_string_buffer(size.value)
+    assert nvrtc.nvrtcGetPTX(program, ptx) == 0
+    text = ptx.value.decode()
+    for name in KERNEL_NAMES:
+        lowered = ctypes.c_char_p()
+        assert nvrtc.nvrtcGetLoweredName(program, name.encode(), ctypes.byref(lowered)) == 0, name
+        assert f".entry {lowered.value.decode()}(" in text, name
+    assert len(KERNEL_NAMES) == 13  # peak, energy, combine (smooth or not) per element type + membership
+    nvrtc.nvrtcDestroyProgram(ctypes.byref(program))
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc (CUDA toolkit) is not installed")
 def test_cuda_kernel_source_compiles(tmp_path):
-    from samg.engines.trt_kernels import KERNEL_NAMES, KERNEL_SOURCE
+    from samg.build.plugin import KERNEL_SOURCE
 
-    source = tmp_path / "guidance_combine_trt.cu"
-    source.write_text(KERNEL_SOURCE)
+    # The plugin's source is plugins/cuda/guidance_combine.cu itself; nvcc compiles its kernels too.
     ptx = tmp_path / "k.ptx"
-    subprocess.run(["nvcc", "-ptx", "-arch=compute_75", str(source), "-o", str(ptx)], check=True, timeout=120)
+    subprocess.run(["nvcc", "-ptx", "-std=c++17", "-arch=compute_75", str(KERNEL_SOURCE.resolve()), "-o", str(ptx)],
+                   check=True, timeout=120)
     text = ptx.read_text()
-    for name in KERNEL_NAMES:
-        assert f".entry {name}(" in text
+    for name in ("peak_kernel", "energy_kernel", "membership_kernel", "combine_kernel"):
+        assert name in text
+    for element in ("f", "6__half", "13__nv_bfloat16"):  # mangled template arguments
+        assert f"peak_kernelI{element}" in text

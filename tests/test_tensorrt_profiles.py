@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from samg.engines.trt_profiles import ShapeRequest, input_profiles, parse_shape_spec, symbol_ranges
+from samg.build.profiles import ShapeRequest, input_profiles, parse_shape_spec, symbol_ranges
 from samg.errors import SamgError
 
 

@@ -278,7 +278,7 @@ def unclipped_vae(export_dir: Path) -> Path:
 
 def decode_unclipped(pipe, latents: np.ndarray) -> np.ndarray:
     """The VAE decoder's output [N, 3, H, W] before it is clipped to [-1, 1]."""
-    from samg.engines.base import open_runner
+    from samg.runners.base import open_runner
 
     vae = pipe.export.vae
     if not hasattr(pipe, "_unclipped_vae"):  # cached on the pipeline: one session per export

@@ -321,7 +321,7 @@ class ScaleProbeRunner:
     """Runner over the probe graph: returns `guided` and records the applied scale of every call."""
 
     def __init__(self, probe_onnx: Path, threads: int | None = None):
-        from samg.engines import open_runner
+        from samg.runners import open_runner
 
         self.inner = open_runner(probe_onnx, "onnxruntime", "cpu", **({"threads": threads} if threads else {}))
         self.input_names = self.inner.input_names

@@ -3,19 +3,29 @@
 // Grid: blockIdx.y is the sample, blockIdx.x/threadIdx.x stride over the sample's locations, so a
 // block's partial energy sum belongs to one sample (one atomicAdd per block). Consecutive threads
 // handle consecutive inner positions: every channel's load is coalesced.
+//
+// NVRTC (the TensorRT plugin compiles this file through CuPy: samg/build/plugin.py) builds the
+// kernels only: no host headers or launch code, and a named namespace so that the plugin can look
+// the kernels up by name. nvcc builds everything, the kernels in an anonymous namespace.
+#ifdef __CUDACC_RTC__
+typedef long int int64_t;  // glibc's definition on LP64: NVRTC has no <stdint.h>
+#define SAMG_KERNEL_NAMESPACE samg_combine_kernels
+#else
 #include "guidance_combine.h"
+
+#include <cuda_runtime.h>
+#define SAMG_KERNEL_NAMESPACE
+#endif
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <cuda_runtime.h>
 
-namespace {
+namespace SAMG_KERNEL_NAMESPACE {
 
 constexpr int kThreads = 256;
 constexpr double kEpsilon = 1e-12;
 constexpr float kSideWeight = 0.21194155761708547f;   // e^-1 / (1 + 2 e^-1)
 constexpr float kCenterWeight = 0.5761168847658291f;  // 1 / (1 + 2 e^-1)
-constexpr size_t kAlign = 256;
 
 __device__ __forceinline__ float load(float v) { return v; }
 __device__ __forceinline__ float load(__half v) { return __half2float(v); }
@@ -160,6 +170,9 @@ __global__ void combine_kernel(const T* __restrict__ u, const T* __restrict__ c,
   }
 }
 
+#ifndef __CUDACC_RTC__
+constexpr size_t kAlign = 256;
+
 size_t align_up(size_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
 
 struct Workspace {
@@ -212,8 +225,11 @@ const char* launch(const void* u_raw, const void* c_raw, const float* scales, vo
   return status == cudaSuccess ? nullptr : cudaGetErrorString(status);
 }
 
-}  // namespace
+#endif  // !__CUDACC_RTC__
 
+}  // namespace SAMG_KERNEL_NAMESPACE
+
+#ifndef __CUDACC_RTC__
 extern "C" size_t samg_guidance_combine_cuda_workspace_size(const int64_t* dims, int rank,
                                                            const samg_combine_params* params) {
   samg_combine_layout layout;
@@ -240,3 +256,4 @@ extern "C" const char* samg_guidance_combine_cuda(const void* u, const void* c, 
   }
   return "unsupported dtype (float32, float16 or bfloat16)";
 }
+#endif  // !__CUDACC_RTC__

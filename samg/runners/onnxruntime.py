@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 
 from samg.errors import SamgError, require
+from samg.runners.base import GraphRunner, InputDecl
 
-# ONNX tensor type string -> numpy dtype, for casting feeds to what the graph declares.
+# ONNX tensor type string -> numpy dtype of the graph's declared inputs.
 _ORT_TYPES = {
     "tensor(float)": np.float32,
     "tensor(float16)": np.float16,
@@ -19,7 +20,7 @@ _ORT_TYPES = {
 }
 
 
-class OrtRunner:
+class OrtRunner(GraphRunner):
     def __init__(self, path: Path, device: str = "cpu", *, custom_op_library: str | None = None,
                  threads: int | None = None, providers: list | None = None):
         ort = require("onnxruntime", "to run exported models")
@@ -57,20 +58,16 @@ class OrtRunner:
         # failures reach the caller as exceptions (and SamgError for running out of memory): no log lines too
         self._run_options = ort.RunOptions()
         self._run_options.log_severity_level = 4
-        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.inputs = {
+            i.name: InputDecl(np.dtype(_ORT_TYPES.get(i.type, np.float32)), tuple(i.shape))
+            for i in self.session.get_inputs()
+        }
         self.output_names = [o.name for o in self.session.get_outputs()]
-        self._input_dtypes = {i.name: _ORT_TYPES.get(i.type) for i in self.session.get_inputs()}
         self._ort = ort
 
-    def _cast(self, name: str, value):
-        dtype = self._input_dtypes.get(name)
-        if isinstance(value, np.ndarray) and dtype is not None and value.dtype != dtype:
-            return value.astype(dtype)
-        return value
-
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:
-            return self._run(feeds)
+            return self._session_run(feeds)
         except Exception as exc:  # ORT's own exception types; only running out of memory is the user's to fix
             if not isinstance(exc, MemoryError) and "Failed to allocate memory" not in str(exc):
                 raise
@@ -78,8 +75,7 @@ class OrtRunner:
             raise SamgError(f"out of memory running {self.path.name} on {shapes}: "
                             "lower --height/--width, --frames or --num-images") from None
 
-    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        feeds = {k: self._cast(k, v) for k, v in feeds.items()}
+    def _session_run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.device != "cuda":
             outs = self.session.run(self.output_names, feeds, self._run_options)
             return dict(zip(self.output_names, outs))

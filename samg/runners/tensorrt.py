@@ -1,13 +1,13 @@
-"""TensorRT / TensorRT-RTX: engine building (`samg build`) and a Runner over built engines.
+"""A Runner over TensorRT / TensorRT-RTX engines built by `samg build` (samg.build).
 
-Building runs anywhere TensorRT-RTX imports (ahead of time, also on a CPU-only machine); the
-runner needs an NVIDIA GPU and CuPy (device memory, streams, CUDA graphs, and the
-GuidanceCombine plugin's kernels).
+Needs an NVIDIA GPU and CuPy (device memory, streams, CUDA graphs, and the GuidanceCombine
+plugin's kernels). Importing this module imports neither TensorRT nor the builder.
 
-    from samg.engines.tensorrt import BuildOptions, build_export, TensorRTRunner
-    build_export("out/sdxl", BuildOptions(combine="plugin"))
     runner = TensorRTRunner("out/sdxl/engines/denoiser.engine", device="cuda")
     outputs = runner.run({"latents": ..., "timestep": ..., ...})
+
+The engine is deserialized by polygraphy; running stays ours (polygraphy's TrtRunner has no CUDA
+graph replay and does not hand back CuPy arrays).
 """
 
 from __future__ import annotations
@@ -17,24 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from samg.engines.trt_build import (  # noqa: F401  (the public build API lives here)
-    COMBINE_PATHS,
-    COMPONENTS,
-    PLUGIN_ID,
-    PRECISIONS,
-    BuildOptions,
-    BuildResult,
-    build_export,
-    make_logger,
-    read_record,
-    verify_engine,
-)
-from samg.engines.trt_loader import load_trt
-from samg.engines.trt_profiles import ShapeRequest, parse_shape_spec  # noqa: F401
 from samg.errors import SamgError, check, require
+from samg.runners.base import GraphRunner, InputDecl
 
 
-class TensorRTRunner:
+class TensorRTRunner(GraphRunner):
     """Runs one engine built by `samg build`: numpy in/out via `run`, CuPy arrays via `run_device`.
 
     The engine's build record is checked first (hash, TensorRT flavour/version, GPU), the
@@ -48,43 +35,42 @@ class TensorRTRunner:
         if path.suffix == ".onnx":
             path = path.parent / "engines" / f"{path.stem}.engine"
             check(path.is_file(), f"no engine for {path.stem}: run `samg build {path.parent.parent}` first")
+        from samg.build.loader import load_trt, make_logger, polygraphy_trt
+        from samg.build.record import read_record, verify_engine
+
         self.trt = trt = load_trt(read_record(path)["trt"]["flavour"])
         record = verify_engine(path, trt)
         self.cp = cp = require("cupy", "to run TensorRT engines; CUDA 12 hosts: pip install cupy-cuda12x")
         if record.get("plugins"):
-            from samg.engines.plugin_trt import register_plugin
+            from samg.build.plugin import register_plugin
 
             register_plugin(trt)
         cp.cuda.Device(device_id).use()
         self.record = record
         self.path = path
         self.logger = make_logger(trt)
-        self.runtime = trt.Runtime(self.logger)
-        self.engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
-        if self.engine is None:
-            raise SamgError(
-                f"TensorRT could not load {path} (rebuild it with `samg build`):\n{self.logger.report()}"
-            )
+        polygraphy = polygraphy_trt(trt)
+        from polygraphy.exception import PolygraphyException
+
+        try:
+            self.engine = polygraphy.engine_from_bytes(path.read_bytes(), runtime=trt.Runtime(self.logger))
+        except PolygraphyException:
+            raise SamgError(f"TensorRT could not load {path} (rebuild it with `samg build`):\n{self.logger.report()}") from None
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         is_input = {n: self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}
-        self.input_names = [n for n in names if is_input[n]]
-        self.output_names = [n for n in names if not is_input[n]]
         self.dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
+        # -1 marks a dim the engine's profile leaves free
+        self.inputs = {
+            n: InputDecl(self.dtypes[n], tuple(d if d >= 0 else None for d in self.engine.get_tensor_shape(n)))
+            for n in names if is_input[n]
+        }
+        self.output_names = [n for n in names if not is_input[n]]
         self.stream = cp.cuda.Stream(non_blocking=True)
         self.cuda_graph = cuda_graph
         self._graphs: dict[tuple, tuple[Any, dict, dict]] = {}
 
     # -- execution -----------------------------------------------------------------------------
-    def _check_names(self, feeds: dict) -> None:
-        missing = [n for n in self.input_names if n not in feeds]
-        extra = [n for n in feeds if n not in self.input_names]
-        if missing or extra:
-            raise SamgError(
-                f"{self.path.name}: the engine expects inputs {self.input_names}, got {sorted(feeds)} "
-                f"(missing {missing}, unexpected {extra}): rebuild the engine from the current export"
-            )
-
     def _bind(self, inputs: dict) -> dict:
         """Set shapes and addresses for `inputs` (CuPy arrays); allocate and bind outputs."""
         cp = self.cp
@@ -109,8 +95,10 @@ class TensorRTRunner:
 
     def run_device(self, feeds: dict) -> dict:
         """CuPy (or numpy) arrays in, CuPy arrays out; stays on the GPU."""
+        return self._device_run(self.checked_feeds(feeds))
+
+    def _device_run(self, feeds: dict) -> dict:
         cp = self.cp
-        self._check_names(feeds)
         with self.stream:
             inputs = {n: cp.ascontiguousarray(cp.asarray(feeds[n], dtype=self.dtypes[n])) for n in self.input_names}
             if not self.cuda_graph:
@@ -139,6 +127,6 @@ class TensorRTRunner:
         self.stream.synchronize()
         return {n: a.copy() for n, a in outputs.items()}
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        outputs = self.run_device(feeds)
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outputs = self._device_run(feeds)
         return {name: self.cp.asnumpy(array) for name, array in outputs.items()}

@@ -53,14 +53,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from samg.engines.trt_loader import reexec_with_library_path, resolve_flavour
+    from samg.build.loader import reexec_with_library_path, resolve_flavour
 
     flavour = resolve_flavour(args.trt)
     # The RTX wheel's library link may only be usable via LD_LIBRARY_PATH set before start.
     reexec_with_library_path(flavour, ["build", *_argv_of(args)])
 
-    from samg.engines.trt_build import BuildOptions, build_export
-    from samg.engines.trt_profiles import ShapeRequest, parse_shape_spec
+    from samg.build.engine import BuildOptions, build_export
+    from samg.build.profiles import ShapeRequest, parse_shape_spec
 
     components = tuple(c.strip() for c in args.components.split(",") if c.strip())
     options = BuildOptions(

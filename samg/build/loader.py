@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-from samg.errors import SamgError
+from samg.errors import SamgError, require
 
 FLAVOURS = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}
 # flavour -> (package holding the shared libraries, versioned file, name the library dlopens)
@@ -152,3 +152,62 @@ def load_trt(flavour: str | None = None) -> ModuleType:
 
 def flavour_of(trt: ModuleType) -> str:
     return "tensorrt-rtx" if trt.__name__ == "tensorrt_rtx" else "tensorrt"
+
+
+# Messages TensorRT-RTX logs as errors on a machine without a GPU although an ahead-of-time build
+# works; they are left out of failure reports so that the real cause stands out.
+_CPU_ONLY_NOISE = ("CUDA driver version is insufficient", "cudaError 35", "no CUDA-capable device")
+
+
+# --------------------------------------------------------------------------------------------
+# Logging: TensorRT's messages collected so failures show the builder's own words.
+
+
+def make_logger(trt: ModuleType, echo: bool = False):
+    """A trt.ILogger that keeps every warning/error (and echoes them to stderr when `echo`)."""
+
+    class CollectingLogger(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+            self.messages: list[tuple[str, str]] = []
+
+        def log(self, severity, msg):
+            if severity > trt.ILogger.Severity.WARNING:
+                return
+            level = "W" if severity == trt.ILogger.Severity.WARNING else "E"
+            self.messages.append((level, msg))
+            if echo:
+                print(f"  [TensorRT {level}] {msg}", file=sys.stderr)
+
+        def mark(self) -> int:
+            return len(self.messages)
+
+        def report(self, since: int = 0) -> str:
+            lines = [
+                f"  [{level}] {msg.strip()}"
+                for level, msg in self.messages[since:]
+                if not any(noise in msg for noise in _CPU_ONLY_NOISE)
+            ]
+            return "\n".join(lines[-20:]) if lines else "  (TensorRT logged no error)"
+
+    return CollectingLogger()
+
+
+def polygraphy_trt(trt: ModuleType) -> ModuleType:
+    """polygraphy.backend.trt driving `trt`'s flavour, its own log output silenced (samg reports).
+
+    Polygraphy picks tensorrt or tensorrt_rtx once, when polygraphy.backend.trt is first imported
+    (POLYGRAPHY_USE_TENSORRT_RTX), so the flag is set before that import.
+    """
+    config = require("polygraphy.config", "to build TensorRT engines (pip install polygraphy)")
+    rtx = flavour_of(trt) == "tensorrt-rtx"
+    if "polygraphy.backend.trt" not in sys.modules:
+        config.USE_TENSORRT_RTX = rtx
+    elif config.USE_TENSORRT_RTX != rtx:
+        raise SamgError(f"polygraphy was already set up for the other TensorRT flavour than {flavour_of(trt)} in this "
+                        "process: build with one flavour per process (--trt)")
+    from polygraphy.backend import trt as polygraphy_backend
+    from polygraphy.logger import G_LOGGER
+
+    G_LOGGER.module_severity = G_LOGGER.CRITICAL  # failures reach the user as SamgError with TensorRT's words
+    return polygraphy_backend

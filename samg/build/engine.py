@@ -12,7 +12,6 @@ dtypes; a requested precision that differs from the export's dtype is refused.
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import os
@@ -20,24 +19,28 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 
-from samg.engines.trt_loader import cache_root, flavour_of, load_trt
-from samg.engines.trt_profiles import ShapeRequest, input_profiles, symbol_ranges
+from samg.build.loader import cache_root, flavour_of, load_trt, make_logger, polygraphy_trt
+from samg.build.record import (  # noqa: F401  (ENGINE_FORMAT: what samg.export.folder recognises)
+    ENGINE_FORMAT,
+    ENGINE_FORMAT_VERSION,
+    gpu_compute_capability,
+    read_record,
+    record_path_of,
+    verify_engine,
+)
+from samg.build.profiles import ShapeRequest, input_profiles, symbol_ranges
 from samg.errors import SamgError, check, require
 from samg.io import atomic_write_bytes, atomic_write_json, sha256_file
 
-ENGINE_FORMAT = "samg-engine"
-ENGINE_FORMAT_VERSION = 1
 COMPONENTS = ("text_encoder", "denoiser", "vae_decoder")
 PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 COMBINE_PATHS = ("function", "plugin")
 PLUGIN_ID = "samg::GuidanceCombine"
-# Messages TensorRT-RTX logs as errors on a machine without a GPU although an ahead-of-time build
-# works; they are left out of failure reports so that the real cause stands out.
-_CPU_ONLY_NOISE = ("CUDA driver version is insufficient", "cudaError 35", "no CUDA-capable device")
 
 
 @dataclass
@@ -65,40 +68,6 @@ class BuildResult:
     @property
     def cache_hit(self) -> bool:
         return self.status != "built"
-
-
-# --------------------------------------------------------------------------------------------
-# Logging: TensorRT's messages collected so failures show the builder's own words.
-
-
-def make_logger(trt: ModuleType, echo: bool = False):
-    """A trt.ILogger that keeps every warning/error (and echoes them to stderr when `echo`)."""
-
-    class CollectingLogger(trt.ILogger):
-        def __init__(self):
-            trt.ILogger.__init__(self)
-            self.messages: list[tuple[str, str]] = []
-
-        def log(self, severity, msg):
-            if severity > trt.ILogger.Severity.WARNING:
-                return
-            level = "W" if severity == trt.ILogger.Severity.WARNING else "E"
-            self.messages.append((level, msg))
-            if echo:
-                print(f"  [TensorRT {level}] {msg}", file=sys.stderr)
-
-        def mark(self) -> int:
-            return len(self.messages)
-
-        def report(self, since: int = 0) -> str:
-            lines = [
-                f"  [{level}] {msg.strip()}"
-                for level, msg in self.messages[since:]
-                if not any(noise in msg for noise in _CPU_ONLY_NOISE)
-            ]
-            return "\n".join(lines[-20:]) if lines else "  (TensorRT logged no error)"
-
-    return CollectingLogger()
 
 
 def make_progress_monitor(trt: ModuleType, label: str):
@@ -137,10 +106,12 @@ def make_progress_monitor(trt: ModuleType, label: str):
 
 def load_manifest(export_dir: Path) -> dict:
     """The export's validated manifest (samg.contract.read_export), its files checked against their
-    hashes; text encoder and VAE may be absent (`samg build` builds the graphs there are)."""
+    hashes, as its JSON form (what the profile rules read); text encoder and VAE may be absent
+    (`samg build` builds the graphs there are)."""
     from samg.contract import read_export
 
-    return read_export(export_dir, complete=False)
+    export = read_export(export_dir, complete=False)
+    return export.to_json() if hasattr(export, "to_json") else export  # typed contract: its JSON form
 
 
 def component_files(manifest: dict, export_dir: Path) -> dict[str, Path]:
@@ -214,84 +185,8 @@ def compute_capability(trt: ModuleType) -> str:
     return gpu_compute_capability() or "unknown"
 
 
-def gpu_compute_capability() -> str | None:
-    """The first GPU's compute capability via the CUDA driver API, or None without one."""
-    try:
-        cuda = ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return None
-    device, major, minor = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
-    if cuda.cuInit(0) != 0 or cuda.cuDeviceGet(ctypes.byref(device), 0) != 0:
-        return None
-    # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75, _MINOR = 76
-    if cuda.cuDeviceGetAttribute(ctypes.byref(major), 75, device) != 0:
-        return None
-    if cuda.cuDeviceGetAttribute(ctypes.byref(minor), 76, device) != 0:
-        return None
-    return f"sm_{major.value}{minor.value}"
-
-
 def cache_key(fields: dict) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
-
-
-def read_record(engine_path: Path) -> dict:
-    """The JSON record beside an engine, checked for format; SamgError if missing or broken."""
-    record_path = record_path_of(engine_path)
-    check(engine_path.is_file(), f"{engine_path} does not exist: build it with `samg build EXPORT_DIR`")
-    check(
-        record_path.is_file(),
-        f"{engine_path} has no build record {record_path.name} beside it: rebuild it with `samg build`",
-    )
-    try:
-        record = json.loads(record_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise SamgError(f"{record_path} is not valid JSON ({exc}): rebuild with `samg build`") from None
-    check(
-        record.get("format") == ENGINE_FORMAT and record.get("format_version") == ENGINE_FORMAT_VERSION,
-        f"{record_path} is not a samg engine record of version {ENGINE_FORMAT_VERSION}: rebuild with `samg build`",
-    )
-    return record
-
-
-def record_path_of(engine_path: Path) -> Path:
-    return engine_path.with_name(engine_path.name + ".json")
-
-
-def verify_engine(engine_path: str | os.PathLike, trt: ModuleType | None = None) -> dict:
-    """Check an engine file against its record (and the installed TensorRT); return the record.
-
-    Refuses, with a SamgError naming the fix: a missing/unreadable record, a truncated or altered
-    engine (size/hash), an engine of the other TensorRT flavour or another version, or one built
-    for another GPU.
-    """
-    engine_path = Path(engine_path)
-    record = read_record(engine_path)
-    size = engine_path.stat().st_size
-    check(
-        size == record.get("engine_bytes"),
-        f"{engine_path} is {size} bytes but was built as {record.get('engine_bytes')}: the file is truncated "
-        "or replaced; rebuild with `samg build`",
-    )
-    check(
-        sha256_file(engine_path) == record.get("engine_sha256"),
-        f"{engine_path} does not match its build record (hash differs): the file is corrupt; rebuild with `samg build`",
-    )
-    if trt is not None:
-        flavour, version = flavour_of(trt), trt.__version__
-        check(
-            record["trt"]["flavour"] == flavour and record["trt"]["version"] == version,
-            f"{engine_path} was built with {record['trt']['flavour']} {record['trt']['version']} but this is "
-            f"{flavour} {version}: rebuild with `samg build --trt {flavour}`",
-        )
-        wanted = record.get("compute_capability", "any")
-        if wanted not in ("any", "unknown"):
-            here = gpu_compute_capability()
-            check(
-                here in (None, wanted),
-                f"{engine_path} was built for {wanted} but this GPU is {here}: rebuild on this machine",
-            )
-    return record
 
 
 # --------------------------------------------------------------------------------------------
@@ -304,7 +199,7 @@ def parse_network(trt: ModuleType, builder, logger, onnx_path: Path, combine: st
 
     Returns (network, parser): the parser must outlive the network's use.
     """
-    from samg.engines.plugin_trt import register_plugin
+    from samg.build.plugin import register_plugin
 
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
@@ -390,33 +285,33 @@ def build_serialized(
     name: str,
     progress: bool = False,
 ) -> bytes:
-    """Build the engine; the timing cache is read before and written back after."""
-    config = builder.create_builder_config()
-    if progress:
-        config.progress_monitor = make_progress_monitor(trt, name)
-    profile = builder.create_optimization_profile()
+    """Build the engine with polygraphy (config, profile, timing cache read before and merged back after).
+
+    `builder` and `network` are ours so that TensorRT's messages land in `logger` for the report.
+    """
+    polygraphy = polygraphy_trt(trt)
+    from polygraphy.exception import PolygraphyException
+
+    profile = polygraphy.Profile()
     inputs, _ = network_io(network)
     for input_name in inputs:
         check(input_name in profiles, f"{name}: the network input {input_name!r} has no profile (internal mismatch)")
         shapes = profiles[input_name]
-        profile.set_shape(input_name, shapes["min"], shapes["opt"], shapes["max"])
-    config.add_optimization_profile(profile)
-    if timing_cache is not None:
-        cache_bytes = timing_cache.read_bytes() if timing_cache.is_file() else b""
-        cache = config.create_timing_cache(cache_bytes)
-        if cache is None:  # an unreadable timing cache file: start afresh rather than fail
-            cache = config.create_timing_cache(b"")
-        config.set_timing_cache(cache, ignore_mismatch=True)
+        profile.add(input_name, shapes["min"], shapes["opt"], shapes["max"])
+    cache = str(timing_cache) if timing_cache is not None else None  # a missing file starts an empty cache
+    if cache is not None:
+        timing_cache.parent.mkdir(parents=True, exist_ok=True)
+    config = polygraphy.CreateConfig(
+        profiles=[profile], load_timing_cache=cache,
+        progress_monitor=make_progress_monitor(trt, name) if progress else None,
+    )
     mark = logger.mark()
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise SamgError(f"TensorRT could not build the {name} engine:\n{logger.report(mark)}")
-    if timing_cache is not None:
-        try:
-            atomic_write_bytes(timing_cache, bytes(config.get_timing_cache().serialize()))
-        except OSError as exc:
-            print(f"samg build: warning: could not write the timing cache {timing_cache}: {exc}", file=sys.stderr)
-    return bytes(serialized)
+    try:
+        with warnings.catch_warnings():  # polygraphy always sets a timing cache, which TensorRT-RTX deprecates
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return bytes(polygraphy.engine_bytes_from_network((builder, network), config=config, save_timing_cache=cache))
+    except PolygraphyException:
+        raise SamgError(f"TensorRT could not build the {name} engine:\n{logger.report(mark)}") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -435,12 +330,7 @@ def build_export(export_dir: str | os.PathLike, options: BuildOptions | None = N
     export_dir = Path(export_dir)
     manifest = load_manifest(export_dir)
     check(options.combine in COMBINE_PATHS, f"--combine {options.combine!r}: use function or plugin")
-    precision = check_precision(manifest, options.precision)
-    if options.combine == "plugin":
-        check(
-            precision in ("fp32", "fp16"),
-            f"the GuidanceCombine plugin supports fp32 and fp16, not {precision}: use --combine function",
-        )
+    precision = check_precision(manifest, options.precision)  # the plugin's kernels take all three
     trt = load_trt(options.flavour)
     flavour, version = flavour_of(trt), trt.__version__
     files = component_files(manifest, export_dir)

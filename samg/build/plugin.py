@@ -6,7 +6,10 @@ plugin fields. An engine stores the plugin's name, namespace and fields but not 
 :func:`register_plugin` must run before parsing and again before deserializing.
 
 Build-time hooks (shapes, types, formats, workspace) need only TensorRT and numpy. `enqueue`
-launches the CUDA kernels of :mod:`samg.engines.trt_kernels` through CuPy on TensorRT's stream.
+launches the kernels of plugins/cuda/guidance_combine.cu (the one CUDA source of the op, shipped
+beside this module as guidance_combine.cu) compiled by NVRTC through CuPy, on TensorRT's stream.
+The plugin is Python (IPluginV3) because polygraphy only loads plugin libraries, and standard
+TensorRT's C++ headers are not available to build one.
 
 The plugin classes subclass the chosen TensorRT module's classes (`tensorrt` or `tensorrt_rtx`),
 so they are made per module by :func:`plugin_classes`.
@@ -15,6 +18,8 @@ so they are made per module by :func:`plugin_classes`.
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -26,16 +31,24 @@ PLUGIN_VERSION = "1"
 
 # Field name -> (default, python type). Defaults are the op's attribute defaults.
 FIELDS = {"tau": (1.0, float), "sharpness": (4.0, float), "smooth": (0, int), "channel_axis": (1, int)}
-EPSILON = 1e-12
-_EDGE = math.exp(-1.0)
-SMOOTH_EDGE = _EDGE / (1 + 2 * _EDGE)
-SMOOTH_CENTRE = 1.0 / (1 + 2 * _EDGE)
 
-_THREADS = 256
-_SUM_THREADS = 256
-# Blocks per sample for the max |c - u| pass: enough to fill a GPU at batch 1.
-_PEAK_BLOCKS_PER_SAMPLE = 1024
+# The kernels NVRTC compiles, by the C++ names the plugin launches them with.
+KERNEL_SOURCE = Path(__file__).with_name("guidance_combine.cu")
+KERNEL_NAMESPACE = "samg_combine_kernels"
+ELEMENT_TYPES = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16"}
+KERNEL_NAMES = tuple(
+    f"{KERNEL_NAMESPACE}::{name}"
+    for t in ELEMENT_TYPES.values()
+    for name in (f"peak_kernel<{t}>", f"energy_kernel<{t}>", f"combine_kernel<{t}, true>", f"combine_kernel<{t}, false>")
+) + (f"{KERNEL_NAMESPACE}::membership_kernel",)
+# Launch shape of the kernels (guidance_combine.cu's `launch`): 256 threads, at most 4096 blocks
+# per sample along x, the sample along y.
+THREADS = 256
+MAX_BLOCKS_PER_SAMPLE = 4096
+MAX_BATCH = 65535
 _ALIGN = 256
+# guidance_combine.cu's `Shape`, passed by value: six int64 fields.
+SHAPE_FIELDS = ("outer", "channels", "inner", "height", "width", "positions")
 
 # module name -> (plugin class, creator class, registered creator instance)
 _CLASSES: dict[str, tuple[type, type]] = {}
@@ -68,10 +81,11 @@ def split_dims(dims: tuple[int, ...], channel_axis: int) -> tuple[int, int, int,
 
 
 def workspace_bytes(dims: tuple[int, ...], channel_axis: int) -> int:
-    """Scratch for the energy/membership buffers (two `[B, P]` float32) and the per-sample sums."""
+    """Scratch for the energy and membership maps (two `[B, P]` float32), then the per-sample
+    energy sums (B double) and peaks (B float) in one aligned block."""
     batch, outer, _, inner = split_dims(dims, channel_axis)
     plane = _aligned(4 * batch * outer * inner)
-    return 2 * plane + _aligned(4 * batch)
+    return 2 * plane + _aligned(12 * batch)
 
 
 def _aligned(n: int) -> int:
@@ -83,7 +97,7 @@ def plugin_classes(trt: ModuleType) -> tuple[type, type]:
     if trt.__name__ in _CLASSES:
         return _CLASSES[trt.__name__]
     np = require("numpy")
-    supported_types = (trt.DataType.FLOAT, trt.DataType.HALF)
+    element_types = {trt.DataType.FLOAT: "float32", trt.DataType.HALF: "float16", trt.DataType.BF16: "bfloat16"}
 
     class GuidanceCombinePlugin(trt.IPluginV3, trt.IPluginV3OneCore, trt.IPluginV3OneBuild, trt.IPluginV3OneRuntime):
         def __init__(self, values: dict[str, float | int] | None = None):
@@ -118,7 +132,7 @@ def plugin_classes(trt: ModuleType) -> tuple[type, type]:
             if desc.format != trt.TensorFormat.LINEAR:
                 return False
             if pos == 0:
-                return desc.type in supported_types
+                return desc.type in element_types
             if pos == 2:  # scales [B, 2] are always float32
                 return desc.type == trt.DataType.FLOAT
             # pred_cond and guided share pred_uncond's type
@@ -164,8 +178,8 @@ def plugin_classes(trt: ModuleType) -> tuple[type, type]:
             if self._launcher is None:
                 self._launcher = CupyLauncher()
             dims = tuple(input_desc[0].dims)
-            half = input_desc[0].type == trt.DataType.HALF
-            self._launcher.launch(self.values, dims, half, inputs, outputs[0], workspace, stream)
+            element = element_types[input_desc[0].type]
+            self._launcher.launch(self.values, dims, element, inputs, outputs[0], workspace, stream)
             return 0
 
     class GuidanceCombineCreator(trt.IPluginCreatorV3One):
@@ -207,64 +221,73 @@ def register_plugin(trt: ModuleType) -> None:
     _REGISTERED[trt.__name__] = creator
 
 
+def cuda_include_dir() -> str:
+    """The CUDA toolkit's include folder (cuda_fp16.h, cuda_bf16.h) for NVRTC: $CUDA_PATH, CuPy's
+    CUDA path, or /usr/local/cuda."""
+    candidates = [os.environ.get("CUDA_PATH"), os.environ.get("CUDA_HOME")]
+    try:
+        import cupy
+
+        candidates.append(cupy.cuda.get_cuda_path())
+    except Exception:  # noqa: BLE001 - no CuPy, or CuPy without a toolkit: try the usual place
+        pass
+    candidates.append("/usr/local/cuda")
+    for root in filter(None, candidates):
+        if (Path(root) / "include" / "cuda_bf16.h").is_file():
+            return str(Path(root) / "include")
+    raise SamgError("cuda_bf16.h not found for compiling the GuidanceCombine kernels: install the CUDA toolkit "
+                    "headers and set CUDA_PATH to the toolkit folder")
+
+
+def compile_options(include_dir: str) -> tuple[str, ...]:
+    return ("--std=c++17", f"-I{include_dir}")
+
+
 class CupyLauncher:
-    """Launches the trt_kernels stages with CuPy on an external (TensorRT) stream."""
+    """Launches guidance_combine.cu's kernels with CuPy on an external (TensorRT) stream, in the
+    order of the file's own host `launch`."""
 
     def __init__(self):
         self.cp = require("cupy", "to run the GuidanceCombine TensorRT plugin; CUDA 12 hosts: pip install cupy-cuda12x")
-        from samg.engines.trt_kernels import KERNEL_NAMES, KERNEL_SOURCE
-
-        module = self.cp.RawModule(code=KERNEL_SOURCE, options=("--std=c++14",))
+        np = require("numpy")
+        module = self.cp.RawModule(code=KERNEL_SOURCE.read_text(), options=compile_options(cuda_include_dir()),
+                                   name_expressions=KERNEL_NAMES)
         self.kernels = {name: module.get_function(name) for name in KERNEL_NAMES}
+        self.shape_dtype = np.dtype([(f, np.int64) for f in SHAPE_FIELDS], align=True)
+        self.np = np
 
-    def _grid(self, total: int) -> tuple[int]:
-        return (max(1, min((total + _THREADS - 1) // _THREADS, 65535)),)
+    def kernel(self, name: str):
+        return self.kernels[f"{KERNEL_NAMESPACE}::{name}"]
 
-    def launch(self, values, dims, half, inputs, output, workspace, stream) -> None:
-        cp = self.cp
+    def launch(self, values, dims, element, inputs, output, workspace, stream) -> None:
+        cp, np = self.cp, self.np
         batch, outer, channels, inner = split_dims(dims, values["channel_axis"])
+        check(batch <= MAX_BATCH, f"GuidanceCombine batch {batch} is larger than {MAX_BATCH} (the kernels' grid)")
         positions = outer * inner
+        if batch == 0 or positions == 0 or channels == 0:
+            return
         plane = _aligned(4 * batch * positions)
-        energy, member, sums = int(workspace), int(workspace) + plane, int(workspace) + 2 * plane
+        base = int(workspace)
+        energy, member, sums = base, base + plane, base + 2 * plane
+        peaks = sums + 8 * batch
         # Raw device addresses travel as 64-bit scalars (the size of a pointer argument).
         ptr = cp.uint64
-        u_ptr, c_ptr, scales_ptr = (ptr(int(p)) for p in inputs[:3])
-        energy, member, sums = ptr(energy), ptr(member), ptr(sums)
-        i64 = cp.int64
-        shape_args = (i64(batch), i64(outer), i64(channels), i64(inner))
-        suffix = "f16" if half else "f32"
+        u, c, scales = (ptr(int(p)) for p in inputs[:3])
+        out = ptr(int(output))
+        shape = np.array([(outer, channels, inner, dims[-2], dims[-1], positions)], self.shape_dtype)[0]
+        tau, k = np.float32(values["tau"]), np.float32(values["sharpness"])
+        t = ELEMENT_TYPES[element]
+        grid = (max(1, min((positions + THREADS - 1) // THREADS, MAX_BLOCKS_PER_SAMPLE)), batch)
+        block = (THREADS,)
         with cp.cuda.ExternalStream(int(stream)):
-            k = self.kernels
-            # The member plane's first B floats hold each sample's max |c - u| until `membership`
-            # overwrites the plane (after `energy` and `normalizer`, their only readers).
-            peaks = member
-            cp.cuda.runtime.memsetAsync(int(peaks), 0, 4 * batch, int(stream))
-            per_sample = positions * channels
-            peak_blocks = max(1, min((per_sample + _SUM_THREADS - 1) // _SUM_THREADS, _PEAK_BLOCKS_PER_SAMPLE))
-            k[f"sample_peak_{suffix}"](
-                (peak_blocks, batch), (_SUM_THREADS,), (u_ptr, c_ptr, peaks, i64(per_sample)),
-                shared_mem=4 * _SUM_THREADS,
-            )
-            k[f"energy_{suffix}"](self._grid(batch * positions), (_THREADS,),
-                                  (u_ptr, c_ptr, peaks, energy, *shape_args))
-            k["normalizer"]((batch,), (_SUM_THREADS,), (energy, peaks, sums, i64(positions), cp.float32(EPSILON)),
-                            shared_mem=4 * _SUM_THREADS)
-            k["membership"](
-                self._grid(batch * positions),
-                (_THREADS,),
-                (energy, sums, member, i64(batch), i64(positions),
-                 cp.float32(values["tau"]), cp.float32(values["sharpness"])),
-            )
+            cp.cuda.runtime.memsetAsync(sums, 0, 12 * batch, int(stream))  # sums and peaks start at 0
+            self.kernel(f"peak_kernel<{t}>")(grid, block, (u, c, ptr(peaks), shape))
+            self.kernel(f"energy_kernel<{t}>")(grid, block, (u, c, ptr(peaks), ptr(energy), ptr(sums), shape))
+            map_ = energy
             if values["smooth"]:
-                height, width = dims[-2], dims[-1]
-                planes = batch * positions // (height * width)
-                grid = self._grid(batch * positions)
-                common = (i64(planes), i64(height), i64(width))
-                weights = (cp.float32(SMOOTH_EDGE), cp.float32(SMOOTH_CENTRE))
-                # member -> energy (reused as scratch) along W, then back along H
-                k["smooth_pass"](grid, (_THREADS,), (member, energy, *common, cp.int32(1), *weights))
-                k["smooth_pass"](grid, (_THREADS,), (energy, member, *common, cp.int32(0), *weights))
-            total = batch * positions * channels
-            k[f"combine_{suffix}"](
-                self._grid(total), (_THREADS,), (u_ptr, c_ptr, scales_ptr, member, ptr(int(output)), *shape_args)
+                self.kernel("membership_kernel")(grid, block, (ptr(energy), ptr(sums), ptr(peaks), ptr(member), shape, tau, k))
+                map_ = member
+            smooth = "true" if values["smooth"] else "false"
+            self.kernel(f"combine_kernel<{t}, {smooth}>")(
+                grid, block, (u, c, scales, out, ptr(map_), ptr(sums), ptr(peaks), shape, tau, k)
             )

@@ -1,0 +1,1 @@
+../../plugins/cuda/guidance_combine.cu
