@@ -329,6 +329,9 @@ def write_outputs(rows, out_dir: Path, stem: str = "analytic", **facts) -> None:
         report.interval_table(matched, [("mean_scale", "mean scale", 1.0), *diff_cols]),
         "\n## Against plain CFG at the same energy-weighted scale (CFG interpolated per seed)\n",
         report.interval_table(matched_w, [("energy_weighted_scale", "energy-weighted scale", 1.0), *diff_cols]),
+        "\n## Smoothing: `smooth=3` minus `smooth=0` at the same (w_min, w_max), each against CFG at its own "
+        "energy-weighted scale (MMD² column: difference of the two ratios to CFG, in points)\n",
+        report.interval_table(report.smoothing_contrasts(rows, KEY_METRICS, relative=("mmd2",)), diff_cols),
         "\n## Pareto front (means over seeds): alignment vs MMD²\n", report.markdown_table(front_a, front_cols),
         "\n## Pareto front (means over seeds): alignment vs distance off the thin manifold\n",
         report.markdown_table(front_b, front_cols),

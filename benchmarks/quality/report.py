@@ -279,6 +279,19 @@ def contrast(rows: Sequence[dict], metrics: Sequence[str], a: tuple[str, str], b
     return entry
 
 
+def smoothing_contrasts(rows: Sequence[dict], metrics: Sequence[str], *, relative: Sequence[str] = ()) -> list[dict]:
+    """SAMG `(a,b) smooth` minus SAMG `(a,b)`, each against CFG at its own energy-weighted scale (`contrast`)."""
+    settings = {(r["rule"], r["setting"]) for r in rows}
+    out = []
+    for rule, label in dict.fromkeys((r["rule"], r["setting"]) for r in rows):
+        plain = label[: -len(" smooth")]
+        if rule == "samg" and label.endswith(" smooth") and (rule, plain) in settings:
+            c = contrast(rows, metrics, (rule, label), (rule, plain), relative=relative)
+            if c is not None:
+                out.append(c)
+    return out
+
+
 def format_interval(iv: dict, digits: int = 3, scale: float = 1.0) -> str:
     """`+0.012 [−0.004, +0.028]`; bold when the interval excludes zero; the bare mean with one seed."""
     m = iv["mean"] * scale
