@@ -71,7 +71,7 @@ def fields_from_collection(collection) -> dict[str, float | int]:
 
 
 def split_dims(dims: tuple[int, ...], channel_axis: int) -> tuple[int, int, int, int]:
-    """View a prediction shape as `[B, O, C, I]` (see trt_kernels)."""
+    """View a prediction shape as `[B, O, C, I]` (guidance_combine.cu's samg_combine_layout)."""
     check(len(dims) in (4, 5), f"GuidanceCombine needs rank 4 or 5 predictions, got shape {tuple(dims)}")
     check(channel_axis < len(dims) - 2, f"GuidanceCombine channel_axis={channel_axis} does not fit shape {tuple(dims)}")
     batch, channels = dims[0], dims[channel_axis]
