@@ -126,16 +126,16 @@ def _diffusers_pipeline(export_dir: Path, export_info, sampler: str):
 def _step_callable(pipe, guidance, w_min, w_max, sampler, steps, noise):
     """One denoiser call (one sampling step's model work plus guidance) at the first sigma."""
     from samg.runtime import schedules
-    from samg.runtime.denoiser import Denoiser, Guidance
+    from samg.runtime.denoiser import Guidance, GuidedDenoiser
 
     schedule = schedules.make_schedule(pipe.export.scheduler, sampler, steps)
     cond = pipe.conditioning("a photo of a cat", "", noise.shape[0])
-    den = Denoiser(pipe.runners["denoiser"], prediction_type=pipe.prediction_type, combine=pipe.export.combine,
-                   host_rule_attrs=pipe.export.host_rule_attrs, schedule=schedule, conditioning=cond,
-                   guidance=Guidance(guidance, w_min, w_max))
+    den = GuidedDenoiser(pipe.runners["denoiser"], prediction_type=pipe.prediction_type, combine=pipe.export.combine,
+                         host_rule_attrs=pipe.export.host_rule_attrs, schedule=schedule, conditioning=cond,
+                         guidance=Guidance(guidance, w_min, w_max))
     x = noise * schedule.init_noise_sigma
     sigma = float(schedule.sigmas[0])
-    return lambda: den(x, sigma)
+    return lambda: den(x, sigma, 0)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -7,7 +7,7 @@ import pytest
 from samg.contract import DiscreteScheduler, FlowScheduler, GuidanceCombineAttrs
 from samg.errors import SamgError
 from samg.runtime import samplers, schedules
-from samg.runtime.denoiser import Denoiser, Guidance
+from samg.runtime.denoiser import Guidance, GuidedDenoiser
 
 S0 = 0.5
 MEANS = {"pred_uncond": 0.0, "pred_cond": 0.8}  # the two "conditions" are data means
@@ -45,23 +45,23 @@ def test_x0_conversion_and_cfg_in_x0_space(pt):
     cfg = FlowScheduler(shift=3.0) if pt == "flow" else SD
     sched = schedules.make_schedule(cfg, "flow_euler" if pt == "flow" else "euler", 5)
     w = 3.0
-    den = Denoiser(ExactGaussianRunner(pt, sched), prediction_type=pt, schedule=sched,
+    den = GuidedDenoiser(ExactGaussianRunner(pt, sched), prediction_type=pt, schedule=sched,
                    conditioning={"encoder_hidden_states": np.zeros((4, 1, 1), np.float32)},
                    guidance=Guidance("cfg", w, w))
     x = np.random.default_rng(0).standard_normal((2, 1, 2, 2)) * 3
-    for sigma in sched.sigmas[:-1]:
+    for step, sigma in enumerate(sched.sigmas[:-1]):
         sigma = float(sigma)
         x_model = x if pt == "flow" else x  # the sampler variable; exact x0 in that variable:
         var = ((1 - sigma) ** 2 * S0**2 + sigma**2) if pt == "flow" else (S0**2 + sigma**2)
         scale = (1 - sigma) if pt == "flow" else 1.0
         x0 = {k: mu + scale * S0**2 / var * (x_model - scale * mu) for k, mu in MEANS.items()}
         expected = x0["pred_uncond"] + w * (x0["pred_cond"] - x0["pred_uncond"])
-        np.testing.assert_allclose(den(x.astype(np.float32), sigma), expected, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(den(x.astype(np.float32), sigma, step).x0, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_sampling_with_weight_one_follows_the_exact_conditional_ode():
     sched = schedules.make_schedule(SD, "dpmpp_2m", 25, karras=True)
-    den = Denoiser(ExactGaussianRunner("epsilon", sched), prediction_type="epsilon",
+    den = GuidedDenoiser(ExactGaussianRunner("epsilon", sched), prediction_type="epsilon",
                    schedule=sched, conditioning={}, guidance=Guidance("cfg", 1.0, 1.0))
     z = np.random.default_rng(1).standard_normal((256, 1)).astype(np.float32)
     x_start = z * sched.init_noise_sigma
@@ -75,13 +75,13 @@ def test_fused_export_refuses_host_only_rules():
     sched = schedules.make_schedule(SD, "euler", 2)
     for rule in ("apg", "cfg-rescale", "cfgpp", "samg-bound"):
         with pytest.raises(SamgError, match="re-export with --guidance raw"):
-            Denoiser(None, prediction_type="epsilon", combine=FUSED, schedule=sched, conditioning={},
+            GuidedDenoiser(None, prediction_type="epsilon", combine=FUSED, schedule=sched, conditioning={},
                      guidance=Guidance(rule, 3.0, 3.0))
 
 
 def test_interval_feeds_unit_scales_outside_its_range():
     sched = schedules.make_schedule(SD, "euler", 10)
-    den = Denoiser(None, prediction_type="epsilon", combine=FUSED, schedule=sched, conditioning={},
+    den = GuidedDenoiser(None, prediction_type="epsilon", combine=FUSED, schedule=sched, conditioning={},
                    guidance=Guidance("interval", 6.0, 6.0, {"sigma_lo": 0.5, "sigma_hi": 3.0}))
     got = [den.scales_at(i, float(s)) for i, s in enumerate(sched.sigmas[:-1])]
     assert [g[0] for g in got] == [6.0 if 0.5 < s <= 3.0 else 1.0 for s in sched.sigmas[:-1]]
@@ -122,7 +122,7 @@ def test_non_finite_output_names_the_step(tmp_path):
     path = tmp_path / "denoiser.onnx"
     _nan_below_timestep_model(path, 500.0)
     sched = schedules.make_schedule(SD, "euler", 4)  # timesteps 751, 501, 251, 1: NaN from step 3
-    den = Denoiser(open_runner(path), prediction_type="epsilon", combine=FUSED, schedule=sched,
+    den = GuidedDenoiser(open_runner(path), prediction_type="epsilon", combine=FUSED, schedule=sched,
                    conditioning={"encoder_hidden_states": np.zeros((2, 3, 8), np.float32)},
                    guidance=Guidance("samg", 2.0, 6.0))
     x = np.ones((1, 4, 2, 2), np.float32)

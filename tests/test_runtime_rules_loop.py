@@ -13,7 +13,7 @@ import pytest
 
 from samg import contract
 from samg.runtime import samplers, schedules
-from samg.runtime.denoiser import Denoiser, Guidance
+from samg.runtime.denoiser import Guidance, GuidedDenoiser
 
 SD = contract.DiscreteScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                                 beta_schedule="scaled_linear", timestep_spacing="leading", steps_offset=1)
@@ -54,7 +54,7 @@ def _start(sched):
 
 def _run_runtime(sched, prediction_type, guidance):
     runner = ClosedFormRunner()
-    den = Denoiser(runner, prediction_type=prediction_type, schedule=sched,
+    den = GuidedDenoiser(runner, prediction_type=prediction_type, schedule=sched,
                    conditioning={"encoder_hidden_states": np.zeros((2 * SHAPE[0], 1, 1), np.float32)},
                    guidance=guidance)
     out = samplers.sample_euler(den, _start(sched), sched.sigmas)

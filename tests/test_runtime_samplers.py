@@ -6,13 +6,14 @@ import numpy as np
 import pytest
 
 from samg.errors import SamgError
+from samg.guidance.step import StepResult
 from samg.contract import FlowScheduler
 from samg.runtime import samplers, schedules
 
 MU, S0 = 0.7, 0.5
 
 
-def gaussian_denoise(x, sigma):
+def gaussian_denoise(x, sigma, step):
     return MU + S0**2 / (S0**2 + sigma**2) * (x - MU)
 
 
@@ -64,7 +65,7 @@ def test_euler_ancestral_is_reproducible_from_the_seed():
 
 def test_flow_euler_on_exact_flow_field():
     # flow: x = (1 - s) x0 + s n with x0 ~ N(MU, S0^2); the exact x0 denoiser is linear in x.
-    def denoise(x, s):
+    def denoise(x, s, step):
         var = (1 - s) ** 2 * S0**2 + s**2
         return MU + (1 - s) * S0**2 / var * (x - (1 - s) * MU)
 
@@ -75,25 +76,44 @@ def test_flow_euler_on_exact_flow_field():
 
 
 def test_non_finite_latents_name_the_step():
-    def bad(x, sigma):
-        return x * np.nan if sigma < 5 else gaussian_denoise(x, sigma)
+    def bad(x, sigma, step):
+        return x * np.nan if sigma < 5 else gaussian_denoise(x, sigma, step)
 
     with pytest.raises(SamgError, match=r"latents after step \d+/6"):
         samplers.sample_euler(bad, np.zeros((1, 2)), karras(6))
 
 
 def test_renoise_x0_changes_only_the_noise_direction():
-    # A denoiser exposing renoise_x0 (CFG++) : x_next = x0 + sigma_next * (x - renoise_x0) / sigma.
-    class Pp:
-        renoise_x0 = None
-
-        def __call__(self, x, sigma):
-            self.renoise_x0 = np.zeros_like(x)
-            return np.full_like(x, 2.0)
+    # A step result carrying renoise_x0 (CFG++): x_next = x0 + sigma_next * (x - renoise_x0) / sigma.
+    def pp(x, sigma, step):
+        return StepResult(np.full_like(x, 2.0), renoise_x0=np.zeros_like(x))
 
     x = np.ones((1, 1))
-    out = samplers.sample_euler(Pp(), x, np.array([1.0, 0.5]))
+    out = samplers.sample_euler(pp, x, np.array([1.0, 0.5]))
     np.testing.assert_allclose(out, 2.0 + 0.5 * (1.0 - 0.0) / 1.0)
+
+
+@pytest.mark.parametrize("name", ["euler_a", "dpmpp_2m"])
+def test_samplers_that_cannot_renoise_refuse_a_renoise_x0(name):
+    def pp(x, sigma, step):
+        return StepResult(np.full_like(x, 2.0), renoise_x0=np.zeros_like(x))
+
+    with pytest.raises(SamgError, match="cfgpp re-noises"):
+        samplers.get_sampler(name)(pp, np.ones((1, 1)), np.array([1.0, 0.5]), rng=np.random.default_rng(0))
+
+
+def test_samplers_pass_the_step_index():
+    seen = []
+
+    def denoise(x, sigma, step):
+        seen.append((step, sigma))
+        return gaussian_denoise(x, sigma, step)
+
+    sig = karras(5)
+    for name in ("euler", "euler_a", "dpmpp_2m"):
+        seen.clear()
+        samplers.get_sampler(name)(denoise, np.ones((1, 2)), sig, rng=np.random.default_rng(0))
+        assert seen == [(i, float(s)) for i, s in enumerate(sig[:-1])], name
 
 
 def test_unknown_sampler():
@@ -105,15 +125,16 @@ def test_unknown_sampler():
 # diffusers' DDIM step at alpha_bar = 0, written out here in VP form from the DDIM paper:
 #   x0 = sqrt(a) x_t - sqrt(1 - a) v = -v,  x_prev = sqrt(1 - a_prev) * x_t + sqrt(a_prev) * x0.
 def _first_step_at_zero_snr(sampler, a_prev, **kw):
-    from samg.runtime.denoiser import _model_input_scale, _x0_from
+    from samg.guidance.step import x0_from_prediction
+    from samg.runtime.denoiser import _model_input_scale
 
     x_t = np.random.default_rng(3).standard_normal((2, 3))
     v = np.random.default_rng(4).standard_normal((2, 3))
     seen = []
 
-    def denoise(x, sigma):
+    def denoise(x, sigma, step):
         seen.append(x * _model_input_scale("v_prediction", sigma))  # what the model would be fed
-        return _x0_from("v_prediction", v, x, sigma)
+        return x0_from_prediction("v_prediction", v, x, sigma)
 
     sigma_prev = np.sqrt((1 - a_prev) / a_prev)
     out = samplers.get_sampler(sampler)(denoise, x_t.copy(), np.array([np.inf, sigma_prev]), **kw)
@@ -139,7 +160,7 @@ def test_infinite_first_sigma_ancestral_adds_noise_only_and_stays_finite():
 
 
 def test_infinite_sigma_with_an_epsilon_model_is_refused():
-    from samg.runtime.denoiser import _x0_from
+    from samg.guidance.step import x0_from_prediction
 
     with pytest.raises(SamgError, match="v_prediction"):
-        _x0_from("epsilon", np.zeros(2), np.zeros(2), np.inf)
+        x0_from_prediction("epsilon", np.zeros(2), np.zeros(2), np.inf)

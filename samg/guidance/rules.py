@@ -14,6 +14,7 @@ import numpy as np
 
 from samg.errors import SamgError
 from samg.guidance._xp import check_pair, is_torch
+from samg.guidance.schedules import INTERVAL_SIGMA_HI, INTERVAL_SIGMA_LO, in_guidance_interval
 
 
 def _non_batch_axes(x) -> tuple[int, ...]:
@@ -102,12 +103,7 @@ def cfgpp_ddim_step(x, eps_u, eps_c, lam, sigma: float, sigma_next: float):
     return ops.cast(x0 + float(sigma_next) * ops.f32(uncond), x.dtype)
 
 
-def in_guidance_interval(sigma: float, sigma_lo: float, sigma_hi: float) -> bool:
-    """True when ``sigma_lo < sigma <= sigma_hi`` (the runtime may skip the uncond pass otherwise)."""
-    return bool(float(sigma_lo) < float(sigma) <= float(sigma_hi))
-
-
-def guidance_interval(u, c, scale, *, sigma, sigma_lo=0.28, sigma_hi=5.42):
+def guidance_interval(u, c, scale, *, sigma, sigma_lo=INTERVAL_SIGMA_LO, sigma_hi=INTERVAL_SIGMA_HI):
     """Guidance interval (Kynkäänniemi et al., NeurIPS 2024): CFG inside ``(sigma_lo, sigma_hi]``, else c.
 
     ``sigma`` is the k-diffusion noise level of the step (a float, or a vector [B]). Outside the
@@ -117,6 +113,4 @@ def guidance_interval(u, c, scale, *, sigma, sigma_lo=0.28, sigma_hi=5.42):
     ops = check_pair(u, c)
     if np.ndim(sigma) == 0 and not is_torch(sigma):
         return cfg(u, c, scale) if in_guidance_interval(sigma, sigma_lo, sigma_hi) else c
-    sig = ops.param(sigma, u)
-    inside = (sig > float(sigma_lo)) & (sig <= float(sigma_hi))
-    return ops.where(inside, cfg(u, c, scale), c)
+    return ops.where(in_guidance_interval(ops.param(sigma, u), sigma_lo, sigma_hi), cfg(u, c, scale), c)

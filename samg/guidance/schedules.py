@@ -19,7 +19,10 @@ from __future__ import annotations
 import math
 from typing import Callable
 
+import numpy as np
+
 from samg.errors import SamgError
+from samg.guidance._xp import is_torch
 
 # Default sigma range of the guidance interval (Kynkäänniemi et al. 2024, for SD-style sigmas):
 # guidance is on for INTERVAL_SIGMA_LO < sigma <= INTERVAL_SIGMA_HI.
@@ -49,6 +52,14 @@ def cosine(step: int, num_steps: int, sigma: float | None = None, *, reverse: bo
     return 1.0 + math.cos(math.pi * s) if reverse else 1.0 - math.cos(math.pi * s)
 
 
+def in_guidance_interval(sigma, sigma_lo: float, sigma_hi: float):
+    """``sigma_lo < sigma <= sigma_hi``: a bool for a float sigma, elementwise for an array or tensor
+    (the one test of the guidance interval: the interval rule, its scale map and this schedule)."""
+    if np.ndim(sigma) == 0 and not is_torch(sigma):
+        return bool(float(sigma_lo) < float(sigma) <= float(sigma_hi))
+    return (sigma > float(sigma_lo)) & (sigma <= float(sigma_hi))
+
+
 def interval(
     step: int, num_steps: int, sigma: float | None = None, *, sigma_lo: float = INTERVAL_SIGMA_LO,
     sigma_hi: float = INTERVAL_SIGMA_HI,
@@ -56,7 +67,7 @@ def interval(
     progress(step, num_steps)
     if sigma is None:
         raise SamgError("the interval schedule needs the step's sigma: pass sigma=")
-    return 1.0 if float(sigma_lo) < float(sigma) <= float(sigma_hi) else 0.0
+    return 1.0 if in_guidance_interval(sigma, sigma_lo, sigma_hi) else 0.0
 
 
 SCHEDULES: dict[str, Callable[..., float]] = {
@@ -79,9 +90,14 @@ def apply_gain(scale: float, gain: float) -> float:
     return 1.0 + (float(scale) - 1.0) * float(gain)
 
 
-def scheduled(name: str, scales, step: int, num_steps: int, sigma: float | None = None, **params):
-    """The scale (a float) or the (w_min, w_max) pair to use at this step under schedule `name`."""
-    gain = get_schedule(name)(step, num_steps, sigma, **params)
+def step_scales(scales, gain: float):
+    """A scale (a float) or a (w_min, w_max) pair under a step's gain: ``1 + (w − 1)·gain`` each.
+    The one place per-step gains meet the scales (schedules, and the interval rule's gate)."""
     if isinstance(scales, (tuple, list)):
         return tuple(apply_gain(w, gain) for w in scales)
     return apply_gain(scales, gain)
+
+
+def scheduled(name: str, scales, step: int, num_steps: int, sigma: float | None = None, **params):
+    """The scale (a float) or the (w_min, w_max) pair to use at this step under schedule `name`."""
+    return step_scales(scales, get_schedule(name)(step, num_steps, sigma, **params))

@@ -27,6 +27,12 @@ _E1 = math.exp(-1.0)
 #: 1-D smoothing weights [e^-1, 1, e^-1] / (1 + 2 e^-1) ≈ [0.2119, 0.5761, 0.2119] (sum to 1).
 SMOOTH_WEIGHTS = (_E1 / (1.0 + 2.0 * _E1), 1.0 / (1.0 + 2.0 * _E1), _E1 / (1.0 + 2.0 * _E1))
 
+# samg-v1's attribute defaults (the spec's); the op samg::GuidanceCombine and the export take them from here.
+DEFAULT_TAU = 1.0
+DEFAULT_SHARPNESS = 4.0
+DEFAULT_SMOOTH = 0
+DEFAULT_CHANNEL_AXIS = 1
+
 
 # --------------------------------------------------------------------------------------------
 # Building blocks
@@ -140,7 +146,8 @@ def _scales(ops, u, w_min, w_max):
 # samg-v1 (the default, the op samg::GuidanceCombine)
 
 
-def samg_scale_map(u, c, w_min, w_max, *, tau=1.0, sharpness=4.0, smooth=0, channel_axis=1):
+def samg_scale_map(u, c, w_min, w_max, *, tau=DEFAULT_TAU, sharpness=DEFAULT_SHARPNESS, smooth=DEFAULT_SMOOTH,
+                   channel_axis=DEFAULT_CHANNEL_AXIS):
     """The samg-v1 scale map w(p), float32, input rank with the channel axis of size 1.
 
     ``m = sigmoid(sharpness·(Ê − tau))`` (optionally smoothed), ``w = w_max − (w_max − w_min)·m``.
@@ -158,7 +165,8 @@ def _samg_map_from_energy(ops, u, energy, scale, w_min, w_max, tau, sharpness, s
     return hi - (hi - lo) * membership
 
 
-def samg_v1(u, c, w_min, w_max, *, tau=1.0, sharpness=4.0, smooth=0, channel_axis=1):
+def samg_v1(u, c, w_min, w_max, *, tau=DEFAULT_TAU, sharpness=DEFAULT_SHARPNESS, smooth=DEFAULT_SMOOTH,
+            channel_axis=DEFAULT_CHANNEL_AXIS):
     """SAMG v1: ``u + w(p)·Δ`` with w(p) from :func:`samg_scale_map`. Same dtype as ``u``.
 
     ``w_min``/``w_max``: floats or per-sample vectors [B]. ``w_min == w_max == w`` is CFG exactly.

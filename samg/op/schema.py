@@ -9,6 +9,16 @@ import math
 
 from samg.errors import SamgError, check, require
 
+# The attribute defaults, ε and the smoothing weights (applied along H then W) are the reference's.
+from samg.guidance.spatial import (  # noqa: F401 (re-exported: the op's contract constants)
+    DEFAULT_CHANNEL_AXIS,
+    DEFAULT_SHARPNESS,
+    DEFAULT_SMOOTH,
+    DEFAULT_TAU,
+    EPS as EPSILON,
+    SMOOTH_WEIGHTS,
+)
+
 DOMAIN = "samg"
 OP_TYPE = "GuidanceCombine"
 OP_VERSION = 1
@@ -16,11 +26,6 @@ OP_VERSION = 1
 INPUT_NAMES = ("pred_uncond", "pred_cond", "scales")
 OUTPUT_NAMES = ("guided",)
 
-# Attribute defaults (the spec's samg-v1 defaults).
-DEFAULT_TAU = 1.0
-DEFAULT_SHARPNESS = 4.0
-DEFAULT_SMOOTH = 0
-DEFAULT_CHANNEL_AXIS = 1
 
 SMOOTH_CHOICES = (0, 3)
 CHANNEL_AXIS_CHOICES = (1, 2)
@@ -28,10 +33,6 @@ RANKS = (4, 5)
 # ONNX type strings of the inputs `pred_uncond`/`pred_cond`/`guided`.
 TENSOR_TYPES = ("tensor(float)", "tensor(float16)", "tensor(bfloat16)")
 
-EPSILON = 1e-12
-# 1-D smoothing weights [e^-1, 1, e^-1] / (1 + 2 e^-1), applied along H then W.
-_EDGE = math.exp(-1.0)
-SMOOTH_WEIGHTS = (_EDGE / (1 + 2 * _EDGE), 1.0 / (1 + 2 * _EDGE), _EDGE / (1 + 2 * _EDGE))
 
 
 def validate_attributes(*, tau: float, sharpness: float, smooth: int, channel_axis: int) -> None:

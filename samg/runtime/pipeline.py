@@ -18,10 +18,10 @@ from samg.runners.base import Runner, open_runner
 from samg.errors import SamgError, require
 from samg.rng import SEED_LIMIT
 from samg.runtime import samplers, schedules
-from samg.runtime.denoiser import SPATIAL_RULES, Denoiser, Guidance, check_guidance_for_export
+from samg.guidance.registry import DEFAULT_GUIDANCE_SCALE, SPATIAL_RULES
+from samg.runtime.denoiser import Guidance, GuidedDenoiser, check_guidance_for_export
 
 DEFAULT_STEPS = 30
-DEFAULT_SCALE = 7.5
 # Bounds on one call, checked before anything is allocated (a typo such as --height 100000 must
 # not allocate gigabytes). Generous for every supported family: SDXL at 1024x1024 is 65 536 latent
 # elements per image, CogVideoX's 49 frames at 720x480 about 1.1 million. Steps are bounded by the
@@ -73,7 +73,7 @@ def resolve_scales(guidance: str, scale: float | None, w_min: float | None, w_ma
             raise SamgError("pass either --scale or --w-min/--w-max, not both")
         return check_scale("--w-min", w_min), check_scale("--w-max", w_max)
     # the user's own --scale is checked, not the pair derived from it (-5 would read "w-min above w-max")
-    w = DEFAULT_SCALE if scale is None else check_scale("--scale", scale)
+    w = DEFAULT_GUIDANCE_SCALE if scale is None else check_scale("--scale", scale)
     if guidance in SPATIAL_RULES:
         return min((1.0 + w) / 2.0, w), w
     return w, w
@@ -240,7 +240,7 @@ class Pipeline:
         if karras and isinstance(self.export.scheduler, FlowScheduler):  # flow schedules have no Karras form
             raise SamgError("--karras does not apply to a flow-matching model: drop --karras")
         if guidance.rule == "cfgpp" and sampler not in samplers.DETERMINISTIC_FIRST_ORDER:
-            raise SamgError(f"cfgpp re-noises along the unconditional prediction, which {sampler} cannot: use --sampler euler or ddim")
+            raise samplers.renoise_unsupported(sampler)
         return schedules.make_schedule(self.export.scheduler, sampler, steps, karras=karras)
 
     def sample(self, conditioning: dict[str, np.ndarray], noise: np.ndarray, *, guidance: Guidance,
@@ -249,7 +249,7 @@ class Pipeline:
         """Sample from standard normal `noise`; returns latents in the model's space (float32)."""
         schedule = self.make_schedule(guidance, sampler, steps, karras)
         sample_fn = samplers.get_sampler(sampler)
-        denoise = Denoiser(
+        denoise = GuidedDenoiser(
             self.runners["denoiser"], prediction_type=self.prediction_type,
             combine=self.export.combine, host_rule_attrs=self.export.host_rule_attrs, schedule=schedule,
             conditioning=conditioning, guidance=guidance, scale_schedule=scale_schedule,

@@ -1,25 +1,26 @@
 """Samplers, k-diffusion style: plain functions `sample_x(denoise, x, sigmas, *, callback, rng)`.
 
-`denoise(x, sigma) -> x0` works on the sampler variable (see schedules.py). A first sigma of inf
+`denoise(x, sigma, step)` works on the sampler variable (see schedules.py) and returns x0, or a
+`samg.guidance.StepResult` whose `renoise_x0` (CFG++: the unconditional x0) sets the noise direction
+the next state is re-noised along; the deterministic first-order samplers honour it, the others
+refuse it. `step` is the index of sigma in `sigmas`. A first sigma of inf
 (zero terminal SNR) is the limit the samplers take there: the variable holds x_VE / sigma = x_t, the
 noise direction (x - x0) / sigma is x itself, and every update is its sigma -> inf limit (as diffusers'
-DDIM at alpha_bar = 0). Each step checks the
-new latents for NaN/Inf and names the step. A denoiser may expose `renoise_x0` (set on each call,
-None when unused): the x0 whose noise direction re-noises the next state (CFG++ uses the
-unconditional x0 there); the deterministic samplers honour it.
+DDIM at alpha_bar = 0). Each step checks the new latents for NaN/Inf and names the step.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Union
 
 import numpy as np
 
 from samg.errors import SamgError
+from samg.guidance.step import StepResult
 from samg.io import check_finite
 
-Denoise = Callable[[np.ndarray, float], np.ndarray]
+Denoise = Callable[[np.ndarray, float, int], Union[np.ndarray, StepResult]]
 Callback = Callable[[int, np.ndarray, np.ndarray], None]
 
 
@@ -27,9 +28,25 @@ def _check(x: np.ndarray, i: int, n: int) -> None:
     check_finite("latents", x, f"after step {i + 1}/{n}")
 
 
-def _renoise_x0(denoise: Denoise, denoised: np.ndarray) -> np.ndarray:
-    other = getattr(denoise, "renoise_x0", None)
-    return denoised if other is None else other
+def _denoised(result) -> tuple[np.ndarray, np.ndarray]:
+    """(x0, the x0 whose noise direction re-noises the next state) of a denoise call."""
+    if isinstance(result, StepResult):
+        return result.x0, (result.x0 if result.renoise_x0 is None else result.renoise_x0)
+    return result, result
+
+
+def renoise_unsupported(sampler: str) -> SamgError:
+    """The error for a re-noising rule (CFG++) on a sampler outside DETERMINISTIC_FIRST_ORDER."""
+    return SamgError(f"cfgpp re-noises along the unconditional prediction, which {sampler} cannot: "
+                     "use --sampler euler or ddim")
+
+
+def _x0_only(result, sampler: str) -> np.ndarray:
+    """x0 of a denoise call, for samplers that cannot re-noise along another direction."""
+    x0, renoise = _denoised(result)
+    if renoise is not x0:
+        raise renoise_unsupported(sampler)
+    return x0
 
 
 def _noise_direction(x: np.ndarray, x0: np.ndarray, sigma: float) -> np.ndarray:
@@ -44,8 +61,8 @@ def sample_euler(denoise: Denoise, x: np.ndarray, sigmas: np.ndarray, *, callbac
     n = len(sigmas) - 1
     for i in range(n):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = denoise(x, sigma)
-        d = _noise_direction(x, _renoise_x0(denoise, denoised), sigma)
+        denoised, renoise_x0 = _denoised(denoise(x, sigma, i))
+        d = _noise_direction(x, renoise_x0, sigma)
         x = denoised + d * sigma_next  # == x + d*(sigma_next - sigma) when nothing re-noises differently
         _check(x, i, n)
         if callback is not None:
@@ -75,7 +92,7 @@ def sample_euler_ancestral(denoise: Denoise, x: np.ndarray, sigmas: np.ndarray, 
     n = len(sigmas) - 1
     for i in range(n):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = denoise(x, sigma)
+        denoised = _x0_only(denoise(x, sigma, i), "euler_a")
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
         if math.isinf(sigma):
             x = denoised + x * sigma_down  # the limit of the line below (x holds x_VE / sigma)
@@ -98,7 +115,7 @@ def sample_dpmpp_2m(denoise: Denoise, x: np.ndarray, sigmas: np.ndarray, *, call
     h_last = None
     for i in range(n):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = denoise(x, sigma)
+        denoised = _x0_only(denoise(x, sigma, i), "dpmpp_2m")
         if sigma_next == 0:
             x = denoised
         else:
