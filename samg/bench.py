@@ -20,17 +20,22 @@ from pathlib import Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from samg.guidance import DEFAULT_GUIDANCE_SCALE
+    from samg.runners.base import DEVICES
+    from samg.runtime.samplers import SAMPLERS
+
     p.add_argument("export_dir", metavar="DIR", help="fused export folder (written by samg export)")
     p.add_argument("--raw", default=None, help="raw export of the same model (default: exported to a temp folder)")
     p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--sampler", default="euler", choices=("euler", "ddim", "dpmpp_2m", "flow_euler"))
+    # deterministic samplers only: rows are compared on the same noise
+    p.add_argument("--sampler", default="euler", choices=[n for n in SAMPLERS if n != "euler_a"])
     p.add_argument("--reps", type=int, default=5, help="repetitions of each measurement (interleaved)")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--w-min", type=float, default=3.0)
-    p.add_argument("--w-max", type=float, default=7.5)
+    p.add_argument("--w-max", type=float, default=DEFAULT_GUIDANCE_SCALE)
     p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt"))
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--device", default="cpu", choices=DEVICES)
     p.add_argument("--no-diffusers", action="store_true", help="skip the diffusers end-to-end row")
 
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-MODEL_NAMES = ("sd15", "sd21", "sdxl", "sd35-medium", "cogvideox", "modelscope-t2v", "digits", "shapes")
-
 
 def _factors(text: str) -> tuple[int, ...]:
     try:
@@ -15,7 +13,13 @@ def _factors(text: str) -> tuple[int, ...]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, metavar="NAME", help=f"model family: {', '.join(MODEL_NAMES)}")
+    # choices and defaults come from their registries (numpy-only imports, no torch)
+    from samg.contract import GUIDANCE_KINDS
+    from samg.export.exporter import ExportOptions
+    from samg.models.specs import spec_names
+    from samg.op.schema import SMOOTH_CHOICES
+
+    parser.add_argument("--model", required=True, metavar="NAME", help=f"model family: {', '.join(spec_names())}")
     parser.add_argument("--model-path", metavar="DIR", help="local diffusers pipeline folder (save_pretrained)")
     parser.add_argument("--tiny", action="store_true", help="export a tiny random model of the family (for tests)")
     parser.add_argument("--out", required=True, metavar="DIR",
@@ -25,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="export into a folder that also holds files samg did not write: those files are kept "
                         "(never replaced or deleted; a name the export needs is refused), samg's own files replaced")
     parser.add_argument(
-        "--guidance", choices=("fused", "raw", "scfg"), default="fused",
+        "--guidance", choices=GUIDANCE_KINDS, default=ExportOptions.guidance,
         help="fused: one graph outputs the guided prediction; raw: outputs pred_uncond and pred_cond; "
         "scfg: the graph computes S-CFG from its attention maps (UNet models, see docs/scfg.md)",
     )
@@ -34,10 +38,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--height", type=int, help="pixel height to trace at (default: the model's own)")
     parser.add_argument("--width", type=int, help="pixel width to trace at (default: the model's own)")
     parser.add_argument("--frames", type=int, help="video frames (video models only)")
-    parser.add_argument("--tau", type=float, default=1.0, help="SAMG energy threshold (default 1.0)")
-    parser.add_argument("--sharpness", type=float, default=4.0, help="SAMG sigmoid sharpness (default 4.0)")
-    parser.add_argument("--smooth", type=int, choices=(0, 3), default=3,
-                        help="3 (default): smooth the SAMG scale map 3x3; 0: no smoothing")
+    parser.add_argument("--tau", type=float, default=ExportOptions.tau,
+                        help=f"SAMG energy threshold (default {ExportOptions.tau})")
+    parser.add_argument("--sharpness", type=float, default=ExportOptions.sharpness,
+                        help=f"SAMG sigmoid sharpness (default {ExportOptions.sharpness})")
+    parser.add_argument("--smooth", type=int, choices=SMOOTH_CHOICES, default=ExportOptions.smooth,
+                        help=f"3: smooth the SAMG scale map 3x3; 0: no smoothing (default {ExportOptions.smooth})")
     parser.add_argument("--scfg-levels", type=_factors, metavar="F[,F]",
                         help="S-CFG: UNet attention levels by downsampling factor, e.g. 4,8 (default: the two "
                         "coarsest with self- and cross-attention; SDXL at 1024 px: 4 keeps the op fast)")

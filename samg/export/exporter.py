@@ -18,6 +18,7 @@ from typing import Any
 
 from samg.contract import MAX_FRAMES, MAX_PIXELS
 from samg.errors import SamgError, check, require
+from samg.guidance.spatial import DEFAULT_SHARPNESS, DEFAULT_TAU
 from samg.models.specs import ModelSpec, get_spec
 
 DENOISER_FILE = "denoiser.onnx"
@@ -42,8 +43,8 @@ class ExportOptions:
     height: int | None = None
     width: int | None = None
     frames: int | None = None
-    tau: float = 1.0
-    sharpness: float = 4.0
+    tau: float = DEFAULT_TAU
+    sharpness: float = DEFAULT_SHARPNESS
     # samg-v1's default export smooths the scale map: at matched effective scale it came closest to
     # plain CFG's fidelity with less overshoot (benchmarks/quality/RESULTS.md). The op attribute's
     # own default stays 0 (the op contract); the export sets it explicitly.

@@ -6,8 +6,6 @@ import argparse
 import sys
 from pathlib import Path
 
-SAMPLER_NAMES = ("euler", "euler_a", "ddim", "dpmpp_2m", "flow_euler")
-BACKEND_NAMES = ("onnxruntime", "torch", "tensorrt", "null")
 MAX_FPS = 120  # video frame rate
 MAX_GIF_FPS = 50  # GIF stores delays in 1/100 s, and viewers slow delays under 2/100 s down to 1/10 s
 IMAGE_SUFFIXES = (".png",)
@@ -43,22 +41,31 @@ def check_fps(fps, suffix: str) -> int:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    # choices and defaults come from their registries (numpy-only imports, no torch)
+    from samg.contract import GuidanceCombineAttrs, SemanticCombineAttrs
+    from samg.guidance import DEFAULT_GUIDANCE_SCALE, MAX_GUIDANCE_SCALE, RULES, SCHEDULES
+    from samg.runners.base import BACKENDS, DEVICES
+    from samg.runtime.pipeline import DEFAULT_STEPS
+    from samg.runtime.samplers import SAMPLERS
+
+    in_graph = GuidanceCombineAttrs.rules  # what a fused graph runs; a raw export runs every registered rule
+    host_only = [name for name in RULES if name not in in_graph]
     p.add_argument("export_dir", metavar="DIR", help="export folder (written by samg export)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--guidance", default="samg",
-                   help="samg (default), cfg, interval (fused or raw exports); samg-quantile, samg-bound, "
-                        "samg-linear, cfg-rescale, apg, cfgpp, cfg-zero-star (raw exports only)")
+                   help=f"{', '.join(in_graph)} (fused or raw exports; default samg); {', '.join(host_only)} "
+                        f"(raw exports only); {', '.join(SemanticCombineAttrs.rules)} (scfg exports)")
     p.add_argument("--scale", type=float, default=None,
-                   help="guidance scale W in 0..100 (default 7.5); for samg alone it means w_min=(1+W)/2, w_max=W "
-                        "(w_min=W below 1)")
+                   help=f"guidance scale W in 0..{MAX_GUIDANCE_SCALE:g} (default {DEFAULT_GUIDANCE_SCALE:g}); for "
+                        "samg alone it means w_min=(1+W)/2, w_max=W (w_min=W below 1)")
     p.add_argument("--w-min", type=float, default=None, help="SAMG scale on high-energy detail")
     p.add_argument("--w-max", type=float, default=None, help="SAMG scale on flat regions")
-    p.add_argument("--schedule", choices=("constant", "linear", "cosine", "interval"), default="constant",
+    p.add_argument("--schedule", choices=tuple(SCHEDULES), default="constant",
                    help="per-step guidance weight: scales become 1 + (w-1)*gain(step); linear and cosine "
                         "rise over the run with the same mean as constant (default constant)")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--sampler", choices=SAMPLER_NAMES, default=None,
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    p.add_argument("--sampler", choices=tuple(SAMPLERS), default=None,
                    help="default: euler (flow_euler for flow-matching models)")
     p.add_argument("--karras", action="store_true", help="Karras sigmas (euler, euler_a, dpmpp_2m)")
     p.add_argument("--seed", type=int, default=0)
@@ -66,8 +73,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--frames", type=int, default=None, help="video models: number of frames")
     p.add_argument("--num-images", type=int, default=1)
-    p.add_argument("--backend", choices=BACKEND_NAMES, default="onnxruntime")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--backend", choices=tuple(BACKENDS), default="onnxruntime")
+    p.add_argument("--device", choices=DEVICES, default="cpu")
     p.add_argument("--fps", type=int, default=8, help="video output frame rate")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--out", required=True, help="output .png, or .gif/.mp4 for video")

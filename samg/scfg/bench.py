@@ -22,13 +22,15 @@ def _feeds(export, batch: int, h: int, w: int, rng):
     """Random feeds for the denoiser graph of `export` (samg.contract.Export) at latent size h x w."""
     import numpy as np
 
+    from samg.guidance import DEFAULT_GUIDANCE_SCALE
+
     feeds = {}
     for name, info in export.denoiser.inputs.items():
         dims = {"B": batch, "2B": 2 * batch, "H": h, "W": w}
         shape = [dims.get(d, d) for d in info.shape]
         feeds[name] = rng.standard_normal(shape).astype(np.float32)
     feeds["timestep"] = np.full((batch,), 500.0, np.float32)
-    feeds["guidance_scales"] = np.full((batch, 2), 7.5, np.float32)
+    feeds["guidance_scales"] = np.full((batch, 2), DEFAULT_GUIDANCE_SCALE, np.float32)
     return feeds
 
 
