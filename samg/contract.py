@@ -248,15 +248,14 @@ def _validate_latent(f: _Fields, latent: dict) -> dict:
 
 
 def _validate_combine(f: _Fields, combine: dict, guidance: str, layout: str) -> None:
-    schema, scfg_op = guidance_op, semantic_op
     p = "combine."
-    if combine.get("domain") != schema.DOMAIN:
-        raise f.fail(p + "domain", repr(schema.DOMAIN), combine.get("domain"))
-    want_op = scfg_op.OP_TYPE if guidance == "scfg" else schema.OP_TYPE
+    if combine.get("domain") != guidance_op.DOMAIN:
+        raise f.fail(p + "domain", repr(guidance_op.DOMAIN), combine.get("domain"))
+    want_op = semantic_op.OP_TYPE if guidance == "scfg" else guidance_op.OP_TYPE
     if combine.get("op") != want_op:
         raise f.fail(p + "op", f"{want_op!r} for a {guidance} export", combine.get("op"))
     version = f.integer(combine, "version", p)
-    want_version = scfg_op.OP_VERSION if guidance == "scfg" else schema.OP_VERSION
+    want_version = semantic_op.OP_VERSION if guidance == "scfg" else guidance_op.OP_VERSION
     if version != want_version:
         raise f.fail(p + "version", str(want_version), version)
     if guidance == "scfg":
@@ -265,13 +264,17 @@ def _validate_combine(f: _Fields, combine: dict, guidance: str, layout: str) -> 
         corrected = combine.get("corrected")
         if corrected not in (0, 1) or isinstance(corrected, float):
             raise f.fail(p + "corrected", "0 or 1", corrected)
+        levels = combine.get("levels")  # optional: the levels asked for (the torch backend rebuilds them)
+        if levels is not None and not (isinstance(levels, list) and levels and all(
+                isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= MAX_FACTOR * MAX_FACTOR for n in levels)):
+            raise f.fail(p + "levels", "a non-empty list of positive integers", levels)
         return
     f.number(combine, "tau", p)
     f.number(combine, "sharpness", p)
     smooth = f.integer(combine, "smooth", p, lo=0)
     axis = f.integer(combine, "channel_axis", p)
-    if smooth not in schema.SMOOTH_CHOICES:
-        raise f.fail(p + "smooth", " or ".join(map(str, schema.SMOOTH_CHOICES)), smooth)
+    if smooth not in guidance_op.SMOOTH_CHOICES:
+        raise f.fail(p + "smooth", " or ".join(map(str, guidance_op.SMOOTH_CHOICES)), smooth)
     want_axis = channel_axis_of(layout)
     if axis != want_axis:
         raise f.fail(p + "channel_axis", f"{want_axis} for layout {layout}", axis)

@@ -309,6 +309,21 @@ def test_torch_backend_runs_an_scfg_export_like_onnxruntime(tiny_export):
 # --- what each combine runs ----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("levels, message", [
+    ([], r"combine\.levels must be a non-empty list of positive integers"),
+    (["2"], r"combine\.levels must be a non-empty list of positive integers"),
+    ([0], r"combine\.levels must be a non-empty list of positive integers"),
+])
+def test_bad_scfg_combine_levels_are_one_line(tiny_export, tmp_path, levels, message):
+    scfg = tiny_export("sd15", "scfg", scfg_levels=(2,), scfg_corrected=True, validate=False)
+    export = tmp_path / "scfg"
+    shutil.copytree(scfg, export, ignore=shutil.ignore_patterns("source"))
+    _edit(export, _set("combine.levels", levels))
+    with pytest.raises(SamgError, match=message) as info:
+        read_export(export)
+    assert "\n" not in str(info.value)
+
+
 def test_each_combine_kind_declares_the_rules_it_runs():
     """The runtime checks a request against the export's combine: GuidanceCombine runs SAMG, CFG and
     interval in the graph; SemanticCombine only S-CFG; a raw graph (None) every host-side rule."""
