@@ -203,7 +203,8 @@ class Pipeline:
         f = lat.pixel_multiple
         for flag, value in (("--height", height), ("--width", width)):
             if value % f:
-                raise SamgError(f"{flag} must be a multiple of {f}, got {value}: e.g. {flag} {max(f, value // f * f)}")
+                raise SamgError(f"{flag} must be a multiple of {f}, got {value}: e.g. {flag} {max(f, value // f * f)} "
+                                f"(height and width must be multiples of {f} for this model)")
         if not lat.dynamic_resolution and (height, width) != (lat.height, lat.width):
             raise SamgError(f"this export has a static size {lat.height}x{lat.width}: drop --height/--width or re-export at {height}x{width}")
         if lat.is_video:
