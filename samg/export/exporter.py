@@ -18,7 +18,7 @@ from typing import Any
 
 from samg.contract import MAX_FRAMES, MAX_PIXELS
 from samg.errors import SamgError, check, require
-from samg.guidance.spatial import DEFAULT_SHARPNESS, DEFAULT_TAU
+from samg.op.schema import DEFAULT_SHARPNESS, DEFAULT_TAU
 from samg.models.specs import ModelSpec, get_spec
 
 DENOISER_FILE = "denoiser.onnx"

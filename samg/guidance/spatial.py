@@ -18,20 +18,18 @@ import math
 from samg.errors import SamgError
 from samg.guidance._xp import check_pair, ops_for
 
-#: ε of samg-v1 (docs/guidance-op.md, step 2): Ê = E / (mean E + EPS) on the energy E of Δ itself,
-#: so Δ = 0 gives Ê = 0 instead of 0/0. The implementations take the energy of Δ / s (s = the
-#: sample's max |Δ|) and add (EPS / s) / s instead: the same Ê, with nothing overflowing.
-EPS = 1e-12
-
-_E1 = math.exp(-1.0)
-#: 1-D smoothing weights [e^-1, 1, e^-1] / (1 + 2 e^-1) ≈ [0.2119, 0.5761, 0.2119] (sum to 1).
-SMOOTH_WEIGHTS = (_E1 / (1.0 + 2.0 * _E1), 1.0 / (1.0 + 2.0 * _E1), _E1 / (1.0 + 2.0 * _E1))
-
-# samg-v1's attribute defaults (the spec's); the op samg::GuidanceCombine and the export take them from here.
-DEFAULT_TAU = 1.0
-DEFAULT_SHARPNESS = 4.0
-DEFAULT_SMOOTH = 0
-DEFAULT_CHANNEL_AXIS = 1
+# samg-v1's constants, defined once with the op's contract (samg.op.schema): the attribute defaults,
+# the smoothing weights and ε. ε: Ê = E / (mean E + EPS) on the energy E of Δ itself (Δ = 0 gives
+# Ê = 0, not 0/0); the implementations take the energy of Δ / s (s = the sample's max |Δ|) and add
+# (EPS / s) / s instead: the same Ê, with nothing overflowing.
+from samg.op.schema import (  # noqa: F401 (re-exported)
+    DEFAULT_CHANNEL_AXIS,
+    DEFAULT_SHARPNESS,
+    DEFAULT_SMOOTH,
+    DEFAULT_TAU,
+    SMOOTH_WEIGHTS,
+)
+from samg.op.schema import EPSILON as EPS
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,9 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from samg.contract import PREDICTION_TYPES
 from samg.errors import SamgError
-
-PREDICTION_TYPES = ("epsilon", "v_prediction", "flow")
 
 
 def x0_from_prediction(prediction_type: str, prediction, x, sigma: float):

@@ -7,7 +7,7 @@ nodes (`ref_attr_name`), so one function serves every tau/sharpness/smooth/chann
 
 from __future__ import annotations
 
-from samg.errors import SamgError, check, require
+from samg.errors import check, require
 from samg.op.schema import (
     DEFAULT_CHANNEL_AXIS,
     DEFAULT_SHARPNESS,
@@ -17,17 +17,14 @@ from samg.op.schema import (
     EPSILON,
     INPUT_NAMES,
     OP_TYPE,
-    OP_VERSION,
     OUTPUT_NAMES,
     RANKS,
     SMOOTH_WEIGHTS,
-    register_schema,
+    GUIDANCE_COMBINE,
     validate_attributes,
 )
 
 MIN_OPSET = 13  # ReduceSum with `axes` as an input
-# What onnxruntime 1.31 reads (onnx 1.23 writes IR 14 by default).
-STANDALONE_IR_VERSION = 10
 
 _FLOAT = 1  # onnx.TensorProto.FLOAT
 _BOOL = 9  # onnx.TensorProto.BOOL
@@ -181,43 +178,14 @@ def function_proto(opset: int = 18):
     return onnx.parser.parse_function(text)
 
 
-def default_opset(model) -> int:
-    """The model's default-domain opset (a function body must be built for it)."""
-    for entry in model.opset_import:
-        if entry.domain in ("", "ai.onnx"):
-            return int(entry.version)
-    raise SamgError("the ONNX model has no default-domain opset import: re-export it with opset 17 or 18")
-
-
-def attach_function_body(model, body, *, domain: str, version: int) -> None:
-    """Add a model-local function `body` and its domain's opset import to `model` in place,
-    replacing an earlier body of the same op (so attaching twice is harmless)."""
-    strip_function_body(model, domain=body.domain, name=body.name)
-    model.functions.append(body)
-    if not any(entry.domain == domain for entry in model.opset_import):
-        entry = model.opset_import.add()
-        entry.domain = domain
-        entry.version = version
-    # Model-local functions need IR >= 8 (IR >= 9 for the attribute defaults in the body).
-    model.ir_version = max(model.ir_version, 9)
-
-
-def strip_function_body(model, *, domain: str, name: str) -> None:
-    """Remove the model-local function `domain::name` in place (runtimes then need a plugin/custom op)."""
-    keep = [f for f in model.functions if not (f.domain == domain and f.name == name)]
-    if len(keep) != len(model.functions):
-        del model.functions[:]
-        model.functions.extend(keep)
-
-
 def attach_function(model) -> None:
     """Add the GuidanceCombine body (built for the model's own opset) and the `samg` opset import."""
-    attach_function_body(model, function_proto(default_opset(model)), domain=DOMAIN, version=OP_VERSION)
+    GUIDANCE_COMBINE.attach_function(model)
 
 
 def strip_function(model) -> None:
     """Remove the GuidanceCombine body so runtimes use their plugin/custom op instead (in place)."""
-    strip_function_body(model, domain=DOMAIN, name=OP_TYPE)
+    GUIDANCE_COMBINE.strip_function(model)
 
 
 def make_standalone_model(
@@ -250,29 +218,12 @@ def make_standalone_model(
         "bfloat16": onnx.TensorProto.BFLOAT16,
     }
     check(dtype in elem_types, f"GuidanceCombine dtype must be one of {sorted(elem_types)}, got {dtype!r}")
-    register_schema()
     dims = ["B"] + [f"d{i}" for i in range(1, rank)]
     u_info = helper.make_tensor_value_info(INPUT_NAMES[0], elem_types[dtype], dims)
     c_info = helper.make_tensor_value_info(INPUT_NAMES[1], elem_types[dtype], dims)
     scales_info = helper.make_tensor_value_info(INPUT_NAMES[2], onnx.TensorProto.FLOAT, ["B", 2])
     out_info = helper.make_tensor_value_info(OUTPUT_NAMES[0], elem_types[dtype], dims)
-    node = helper.make_node(
-        OP_TYPE,
-        list(INPUT_NAMES),
-        list(OUTPUT_NAMES),
-        domain=DOMAIN,
-        name="guidance_combine",
-        tau=float(tau),
-        sharpness=float(sharpness),
-        smooth=int(smooth),
-        channel_axis=int(channel_axis),
-    )
-    graph = helper.make_graph([node], "guidance_combine", [u_info, c_info, scales_info], [out_info])
-    model = helper.make_model(
-        graph,
-        opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(DOMAIN, OP_VERSION)],
-    )
-    model.ir_version = STANDALONE_IR_VERSION
-    if with_function:
-        attach_function(model)
-    return model
+    return GUIDANCE_COMBINE.standalone_model(
+        [u_info, c_info, scales_info], [out_info], opset=opset, with_function=with_function,
+        node_name="guidance_combine", tau=float(tau), sharpness=float(sharpness), smooth=int(smooth),
+        channel_axis=int(channel_axis))

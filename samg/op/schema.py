@@ -7,31 +7,33 @@ from __future__ import annotations
 
 import math
 
-from samg.errors import SamgError, check, require
-
-# The attribute defaults, ε and the smoothing weights (applied along H then W) are the reference's.
-from samg.guidance.spatial import (  # noqa: F401 (re-exported: the op's contract constants)
-    DEFAULT_CHANNEL_AXIS,
-    DEFAULT_SHARPNESS,
-    DEFAULT_SMOOTH,
-    DEFAULT_TAU,
-    EPS as EPSILON,
-    SMOOTH_WEIGHTS,
-)
+from samg.errors import check, require
+from samg.op.skeleton import TENSOR_TYPES, OpSpec
 
 DOMAIN = "samg"
 OP_TYPE = "GuidanceCombine"
 OP_VERSION = 1
 
-INPUT_NAMES = ("pred_uncond", "pred_cond", "scales")
-OUTPUT_NAMES = ("guided",)
+# samg-v1's attribute defaults (the spec's), defined here once: the reference rules (samg.guidance),
+# the export and the manifest take them from here (this module is numpy-free, as samg.contract needs).
+DEFAULT_TAU = 1.0
+DEFAULT_SHARPNESS = 4.0
+DEFAULT_SMOOTH = 0
+DEFAULT_CHANNEL_AXIS = 1
+
+#: ε of samg-v1 (docs/guidance-op.md, step 2): Ê = E / (mean E + EPSILON) on the energy E of Δ itself,
+#: so Δ = 0 gives Ê = 0 instead of 0/0.
+EPSILON = 1e-12
+#: 1-D smoothing weights [e^-1, 1, e^-1] / (1 + 2 e^-1) ≈ [0.2119, 0.5761, 0.2119] (sum to 1), applied
+#: along H then W (S-CFG's 3x3 Gaussian has the same weights).
+_EDGE = math.exp(-1.0)
+SMOOTH_WEIGHTS = (_EDGE / (1.0 + 2.0 * _EDGE), 1.0 / (1.0 + 2.0 * _EDGE), _EDGE / (1.0 + 2.0 * _EDGE))
+
 
 
 SMOOTH_CHOICES = (0, 3)
 CHANNEL_AXIS_CHOICES = (1, 2)
 RANKS = (4, 5)
-# ONNX type strings of the inputs `pred_uncond`/`pred_cond`/`guided`.
-TENSOR_TYPES = ("tensor(float)", "tensor(float16)", "tensor(bfloat16)")
 
 
 
@@ -100,50 +102,36 @@ def _infer_output_type(ctx) -> None:
         )
 
 
+def _function_body(opset: int):
+    from samg.op.function import function_proto
+
+    return function_proto(opset)
+
+
+GUIDANCE_COMBINE = OpSpec(
+    DOMAIN, OP_TYPE, OP_VERSION,
+    "SAMG guidance combine (samg-v1): out = u + w(p) (c - u), w from the per-location "
+    "delta energy. See docs/guidance-op.md.",
+    inputs=(
+        ("pred_uncond", "T", "unconditional prediction [B,C,*S]"),
+        ("pred_cond", "T", "conditional prediction [B,C,*S]"),
+        ("scales", "tensor(float)", "(w_min, w_max) per sample, [B,2]"),
+    ),
+    outputs=(("guided", "T", "guided prediction, shape and dtype of pred_uncond"),),
+    type_constraints=(("T", TENSOR_TYPES, "prediction dtype"),),
+    attributes=(
+        ("tau", DEFAULT_TAU, "energy threshold relative to the per-sample mean"),
+        ("sharpness", DEFAULT_SHARPNESS, "sigmoid slope k"),
+        ("smooth", DEFAULT_SMOOTH, "0: no smoothing; 3: 3x3 separable smoothing of m"),
+        ("channel_axis", DEFAULT_CHANNEL_AXIS, "1 for [B,C,...], 2 for [B,F,C,H,W]"),
+    ),
+    body=_function_body,
+    infer=_infer_output_type,
+)
+INPUT_NAMES = GUIDANCE_COMBINE.input_names
+OUTPUT_NAMES = GUIDANCE_COMBINE.output_names
+
+
 def register_schema() -> None:
     """Register the op schema with onnx.defs (idempotent), for the checker and dynamo exporter."""
-    onnx = require("onnx", "to describe the GuidanceCombine op")
-    defs = onnx.defs
-    if defs.has(OP_TYPE, OP_VERSION, DOMAIN):
-        return
-    OpSchema = defs.OpSchema
-    param = OpSchema.FormalParameter
-
-    def attr(name, default, description):
-        return OpSchema.Attribute(name, onnx.helper.make_attribute(name, default), description)
-
-    schema = OpSchema(
-        OP_TYPE,
-        DOMAIN,
-        OP_VERSION,
-        "SAMG guidance combine (samg-v1): out = u + w(p) (c - u), w from the per-location "
-        "delta energy. See docs/guidance-op.md.",
-        inputs=[
-            param("pred_uncond", "T", "unconditional prediction [B,C,*S]"),
-            param("pred_cond", "T", "conditional prediction [B,C,*S]"),
-            param("scales", "tensor(float)", "(w_min, w_max) per sample, [B,2]"),
-        ],
-        outputs=[param("guided", "T", "guided prediction, shape and dtype of pred_uncond")],
-        type_constraints=[("T", list(TENSOR_TYPES), "prediction dtype")],
-        attributes=[
-            attr("tau", DEFAULT_TAU, "energy threshold relative to the per-sample mean"),
-            attr("sharpness", DEFAULT_SHARPNESS, "sigmoid slope k"),
-            attr("smooth", DEFAULT_SMOOTH, "0: no smoothing; 3: 3x3 separable smoothing of m"),
-            attr("channel_axis", DEFAULT_CHANNEL_AXIS, "1 for [B,C,...], 2 for [B,F,C,H,W]"),
-        ],
-    )
-    schema.set_type_and_shape_inference_function(_infer_output_type)
-    register_once(schema)
-
-
-def register_once(schema) -> None:
-    """Register an op schema with onnx.defs unless one of that name, version and domain exists."""
-    defs = require("onnx", "to register op schemas").defs
-    name, version, domain = schema.name, schema.since_version, schema.domain
-    if defs.has(name, version, domain):
-        return
-    try:
-        defs.register_schema(schema)
-    except Exception as exc:  # a concurrent registration of the same schema is fine
-        if not defs.has(name, version, domain):
-            raise SamgError(f"could not register the {domain}::{name} schema with onnx: {exc}") from exc
+    GUIDANCE_COMBINE.register_schema()

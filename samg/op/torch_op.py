@@ -22,7 +22,7 @@ from samg.op.schema import (
     DEFAULT_SMOOTH,
     DEFAULT_TAU,
     DOMAIN,
-    OP_TYPE,
+    GUIDANCE_COMBINE,
     OP_VERSION,
     validate_attributes,
     validate_shapes,
@@ -51,33 +51,9 @@ def _quiet_tracer(torch):
         yield
 
 
-@functools.cache
 def _export_function():
-    """The autograd.Function used under the TorchScript exporter (built on first use: needs torch)."""
-    torch = require("torch", "to export GuidanceCombine")
-
-    class GuidanceCombineFunction(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, u, c, scales, tau, sharpness, smooth, channel_axis):
-            return _reference(u, c, scales, tau, sharpness, smooth, channel_axis)
-
-        @staticmethod
-        def symbolic(g, u, c, scales, tau, sharpness, smooth, channel_axis):
-            guided = g.op(
-                f"{DOMAIN}::{OP_TYPE}",
-                u,
-                c,
-                scales,
-                tau_f=float(tau),
-                sharpness_f=float(sharpness),
-                smooth_i=int(smooth),
-                channel_axis_i=int(channel_axis),
-            )
-            # Same dtype and shape as pred_uncond, so the exporter keeps full type information.
-            guided.setType(u.type())
-            return guided
-
-    return GuidanceCombineFunction
+    """The autograd.Function used under the TorchScript exporter: eager = the reference, traced = one node."""
+    return GUIDANCE_COMBINE.export_function(_reference)
 
 
 @functools.cache

@@ -7,27 +7,23 @@ Inputs (all float; internal math float32, output in the dtype of `pred_uncond`):
 Attributes: factor_fine (int), factor_coarse (int), corrected (int 0/1, default 0 = the official code).
 Output: guided `[B, C, H, W]` = `samg.scfg.reference.scfg_combine` (contract: docs/scfg.md).
 
-Modelled on `samg.op` (GuidanceCombine): schema registered with onnx.defs, a FunctionProto of standard
-ops written in the ONNX text syntax, `attach_function`, and a torch autograd.Function whose
-`symbolic` emits the node under the TorchScript exporter.
+Built like `samg.op` (GuidanceCombine) on the shared skeleton `samg.op.skeleton.OpSpec` (schema
+registration, function body attach/strip, standalone model, torch autograd.Function whose `symbolic`
+emits the node); what is its own is the FunctionProto of standard ops in the ONNX text syntax.
 """
 
 from __future__ import annotations
 
-import functools
 import warnings
 
 from samg.errors import check, require
+from samg.op.skeleton import TENSOR_TYPES, OpSpec
 from samg.scfg.reference import BLUR_1D, EPS, RATE_BUDGET, RATE_MAX, RATE_MIN
 
 DOMAIN = "samg"
 OP_TYPE = "SemanticCombine"
 OP_VERSION = 1
-INPUT_NAMES = ("pred_uncond", "pred_cond", "scales", "self_fine", "cross_fine", "self_coarse", "cross_coarse")
-OUTPUT_NAMES = ("guided",)
 MIN_OPSET = 18  # Reduce* with axes as inputs, Pad reflect, Resize with sizes
-STANDALONE_IR_VERSION = 10
-TENSOR_TYPES = ("tensor(float)", "tensor(float16)", "tensor(bfloat16)")
 _FLOAT, _BOOL = 1, 9
 _INT64_MAX = 2**63 - 1
 
@@ -219,60 +215,57 @@ def _infer(ctx) -> None:
     ctx.set_output_type(0, ctx.get_input_type(0))
 
 
+def _reference(u, c, scales, s0, a0, s1, a1, factor_fine, factor_coarse, corrected):
+    from samg.scfg.reference import scfg_combine
+
+    return scfg_combine(u, c, [s0, s1], [a0, a1], scales, factors=(factor_fine, factor_coarse), corrected=bool(corrected))
+
+
+SEMANTIC_COMBINE = OpSpec(
+    DOMAIN, OP_TYPE, OP_VERSION,
+    "S-CFG combine: out = u + w rate(p) (c - u), rate from semantic regions of the attention maps. "
+    "See docs/scfg.md.",
+    inputs=(
+        ("pred_uncond", "T", "unconditional prediction [B,C,H,W]"),
+        ("pred_cond", "T", "conditional prediction [B,C,H,W]"),
+        ("scales", "tensor(float)", "[B,K], column 0 is the guidance scale w"),
+        ("self_fine", "A", "self-attention probs of the fine level [2B,n0,N0,N0]"),
+        ("cross_fine", "A", "cross-attention probs of the fine level [2B,n0,N0,T]"),
+        ("self_coarse", "A", "self-attention probs of the coarse level [2B,n1,N1,N1]"),
+        ("cross_coarse", "A", "cross-attention probs of the coarse level [2B,n1,N1,T]"),
+    ),
+    outputs=(("guided", "T", "guided prediction, shape and dtype of pred_uncond"),),
+    type_constraints=(("T", TENSOR_TYPES, "prediction dtype"), ("A", TENSOR_TYPES, "map dtype")),
+    attributes=(
+        ("factor_fine", 4, "downsampling factor of the fine level relative to the latent"),
+        ("factor_coarse", 8, "downsampling factor of the coarse level relative to the latent"),
+        ("corrected", 0, "0: the official code's quirks; 1: true power average, cond foreground"),
+    ),
+    body=lambda opset: function_proto(opset),
+    infer=_infer,
+)
+INPUT_NAMES = SEMANTIC_COMBINE.input_names
+OUTPUT_NAMES = SEMANTIC_COMBINE.output_names
+
+
 def register_schema() -> None:
     """Register the op schema with onnx.defs (idempotent)."""
-    onnx = require("onnx", "to describe the SemanticCombine op")
-    defs = onnx.defs
-    if defs.has(OP_TYPE, OP_VERSION, DOMAIN):
-        return
-    OpSchema = defs.OpSchema
-    param = OpSchema.FormalParameter
-    attr = lambda name, default, doc: OpSchema.Attribute(name, onnx.helper.make_attribute(name, default), doc)  # noqa: E731
-    schema = OpSchema(
-        OP_TYPE, DOMAIN, OP_VERSION,
-        "S-CFG combine: out = u + w rate(p) (c - u), rate from semantic regions of the attention maps. "
-        "See docs/scfg.md.",
-        inputs=[
-            param("pred_uncond", "T", "unconditional prediction [B,C,H,W]"),
-            param("pred_cond", "T", "conditional prediction [B,C,H,W]"),
-            param("scales", "tensor(float)", "[B,K], column 0 is the guidance scale w"),
-            param("self_fine", "A", "self-attention probs of the fine level [2B,n0,N0,N0]"),
-            param("cross_fine", "A", "cross-attention probs of the fine level [2B,n0,N0,T]"),
-            param("self_coarse", "A", "self-attention probs of the coarse level [2B,n1,N1,N1]"),
-            param("cross_coarse", "A", "cross-attention probs of the coarse level [2B,n1,N1,T]"),
-        ],
-        outputs=[param("guided", "T", "guided prediction, shape and dtype of pred_uncond")],
-        type_constraints=[("T", list(TENSOR_TYPES), "prediction dtype"), ("A", list(TENSOR_TYPES), "map dtype")],
-        attributes=[
-            attr("factor_fine", 4, "downsampling factor of the fine level relative to the latent"),
-            attr("factor_coarse", 8, "downsampling factor of the coarse level relative to the latent"),
-            attr("corrected", 0, "0: the official code's quirks; 1: true power average, cond foreground"),
-        ],
-    )
-    schema.set_type_and_shape_inference_function(_infer)
-    from samg.op.schema import register_once
-
-    register_once(schema)
+    SEMANTIC_COMBINE.register_schema()
 
 
 def attach_function(model) -> None:
     """Add the SemanticCombine body and the `samg` opset import to `model` in place (idempotent)."""
-    from samg.op.function import attach_function_body, default_opset
-
-    attach_function_body(model, function_proto(default_opset(model)), domain=DOMAIN, version=OP_VERSION)
+    SEMANTIC_COMBINE.attach_function(model)
 
 
 def strip_function(model) -> None:
-    from samg.op.function import strip_function_body
-
-    strip_function_body(model, domain=DOMAIN, name=OP_TYPE)
+    SEMANTIC_COMBINE.strip_function(model)
 
 
 def make_standalone_model(*, factors=(4, 8), corrected: bool = False, opset: int = 18):
     """A model holding one SemanticCombine node (float32, dynamic dims), with its body attached."""
     onnx = require("onnx", "to build a SemanticCombine model")
     helper, F = onnx.helper, onnx.TensorProto.FLOAT
-    register_schema()
     shapes = {
         "pred_uncond": ["B", "C", "H", "W"], "pred_cond": ["B", "C", "H", "W"], "scales": ["B", "K"],
         "self_fine": ["B2", "n0", "N0", "N0"], "cross_fine": ["B2", "n0", "N0", "T"],
@@ -280,43 +273,16 @@ def make_standalone_model(*, factors=(4, 8), corrected: bool = False, opset: int
     }
     inputs = [helper.make_tensor_value_info(n, F, shapes[n]) for n in INPUT_NAMES]
     output = helper.make_tensor_value_info("guided", F, ["B", "C", "H", "W"])
-    node = helper.make_node(OP_TYPE, list(INPUT_NAMES), list(OUTPUT_NAMES), domain=DOMAIN,
-                            factor_fine=int(factors[0]), factor_coarse=int(factors[1]), corrected=int(corrected))
-    graph = helper.make_graph([node], "semantic_combine", inputs, [output])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(DOMAIN, OP_VERSION)])
-    model.ir_version = STANDALONE_IR_VERSION
-    attach_function(model)
-    return model
+    return SEMANTIC_COMBINE.standalone_model(inputs, [output], opset=opset, node_name="semantic_combine",
+                                             factor_fine=int(factors[0]), factor_coarse=int(factors[1]),
+                                             corrected=int(corrected))
 
 
-@functools.cache
 def _export_function():
-    """autograd.Function: eager = reference; under the TorchScript exporter = one SemanticCombine node."""
-    torch = require("torch", "to export SemanticCombine")
-    from samg.scfg.reference import scfg_combine
-
-    class SemanticCombineFunction(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, u, c, scales, s0, a0, s1, a1, factor_fine, factor_coarse, corrected):
-            # Under the exporter only the node matters (symbolic); recording the reference's many ops
-            # as the node's subgraph trips TorchScript's peephole pass, so compute it untraced.
-            state = torch._C._get_tracing_state()
-            torch._C._set_tracing_state(None)
-            try:
-                return scfg_combine(u, c, [s0, s1], [a0, a1], scales, factors=(factor_fine, factor_coarse),
-                                    corrected=bool(corrected))
-            finally:
-                torch._C._set_tracing_state(state)
-
-        @staticmethod
-        def symbolic(g, u, c, scales, s0, a0, s1, a1, factor_fine, factor_coarse, corrected):
-            guided = g.op(f"{DOMAIN}::{OP_TYPE}", u, c, scales, s0, a0, s1, a1,
-                          factor_fine_i=int(factor_fine), factor_coarse_i=int(factor_coarse),
-                          corrected_i=int(corrected))
-            guided.setType(u.type())
-            return guided
-
-    return SemanticCombineFunction
+    """autograd.Function: eager = reference; under the TorchScript exporter = one SemanticCombine node.
+    Its forward runs untraced: recording the reference's many ops as the node's subgraph trips
+    TorchScript's peephole pass."""
+    return SEMANTIC_COMBINE.export_function(_reference, untraced=True)
 
 
 def semantic_combine(u, c, scales, self_maps, cross_maps, *, factors, corrected: bool = False):

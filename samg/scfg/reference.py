@@ -22,6 +22,7 @@ import math
 from typing import Sequence
 
 from samg.errors import SamgError, check
+from samg.op.schema import SMOOTH_WEIGHTS
 
 RATE_MIN = 0.8
 RATE_MAX = 3.0
@@ -29,8 +30,8 @@ RATE_BUDGET = 15.0  # rate is also capped at RATE_BUDGET / w
 EPS = 1e-8  # the code's epsilon in every normalization that has one
 
 # 3x3 Gaussian of the code (sigma 0.5 with its exp(-(x/(2 sigma))^2) form): 1-D weights [e^-1, 1, e^-1]
-_E = math.exp(-1.0)
-BLUR_1D = (_E / (1 + 2 * _E), 1 / (1 + 2 * _E), _E / (1 + 2 * _E))
+# normalized, the same weights as samg-v1's smoothing
+BLUR_1D = SMOOTH_WEIGHTS
 
 
 def blur3x3(x):
