@@ -157,3 +157,84 @@ def test_guidance_scale_bound_is_0_to_100_inclusive():
         assert "\n" not in str(info.value)
     with pytest.raises(SamgError, match=r"^--w-max must be a finite number in 0\.\.100, got -2"):
         check_scale("--w-max", -2)
+
+
+# ---------------------------------------------------------------- the one dispatch (rule.apply)
+
+
+def _step(prediction_type="epsilon", sigma=2.0, step=3, seed=1):
+    from samg.guidance import StepInputs
+
+    u, c = _pair(seed=seed)
+    x = np.random.default_rng(seed + 10).standard_normal(u.shape).astype(np.float32) * 3
+    return StepInputs(u, c, x, sigma, step, prediction_type)
+
+
+def test_apply_linear_rule_returns_x0_of_the_guided_prediction():
+    s = _step()
+    result = get_rule("cfg").apply(s, None, scale=4.0)
+    # eps model, k-diffusion variable: x0 = x − σ·(u + w·Δ), written out here
+    want = s.x.astype(np.float64) - 2.0 * (s.pred_uncond + 4.0 * (s.pred_cond.astype(np.float64) - s.pred_uncond))
+    np.testing.assert_allclose(result.x0, want, rtol=1e-5, atol=1e-5)
+    assert result.renoise_x0 is None
+    # v-prediction: x0 = x/(1+σ²) − σ/√(1+σ²)·v
+    v = _step("v_prediction", sigma=0.5)
+    guided = v.pred_uncond + 4.0 * (v.pred_cond.astype(np.float64) - v.pred_uncond)
+    want_v = v.x / 1.25 - 0.5 / np.sqrt(1.25) * guided
+    np.testing.assert_allclose(get_rule("cfg").apply(v, None, scale=4.0).x0, want_v, rtol=1e-5, atol=1e-5)
+
+
+def test_apply_cfgpp_renoises_along_the_unconditional_x0():
+    s = _step()
+    result = get_rule("cfgpp").apply(s, None, lam=0.6)
+    x, u, c = (a.astype(np.float64) for a in (s.x, s.pred_uncond, s.pred_cond))
+    np.testing.assert_allclose(result.x0, x - 2.0 * (u + 0.6 * (c - u)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(result.renoise_x0, x - 2.0 * u, rtol=1e-5, atol=1e-5)
+
+
+def test_apply_apg_combines_in_x0_space_and_keeps_momentum_in_its_state():
+    from samg.guidance import apg
+
+    s = _step()
+    x0_u, x0_c = s.x - 2.0 * s.pred_uncond, s.x - 2.0 * s.pred_cond
+    rule = get_rule("apg")
+    state = rule.new_state()
+    options = dict(momentum=0.5, norm_threshold=0.0)  # no clip: a clip would hide the momentum's length
+    first = rule.apply(s, state, scale=3.0, **options)
+    np.testing.assert_allclose(first.x0, apg(x0_u, x0_c, 3.0, **options), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(state.running, x0_c - x0_u, rtol=1e-5, atol=1e-5)
+    second = rule.apply(s, state, scale=3.0, **options)  # running = D + 0.5·D
+    np.testing.assert_allclose(state.running, 1.5 * (x0_c - x0_u), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(second.x0, first.x0)
+
+
+def test_apply_passes_the_step_index_and_sigma():
+    s = _step(step=0)
+    zero = get_rule("cfg-zero-star").apply(s, None, scale=3.0)  # step < zero_init_steps: prediction 0
+    np.testing.assert_allclose(zero.x0, s.x, rtol=1e-6)
+    outside = get_rule("interval").apply(_step(sigma=50.0), None, scale=3.0)  # σ above the interval: c
+    far = _step(sigma=50.0)
+    np.testing.assert_allclose(outside.x0, far.x - 50.0 * far.pred_cond, rtol=1e-5, atol=1e-4)
+
+
+def test_gate_and_step_scales_compose_interval_and_schedule():
+    from samg.guidance import INTERVAL_SIGMA_HI, INTERVAL_SIGMA_LO, step_scales
+
+    rule = get_rule("interval")
+    assert rule.gate(1.0, scale=5.0) == 1.0 and rule.gate(INTERVAL_SIGMA_HI + 1, scale=5.0) == 0.0
+    assert rule.gate(INTERVAL_SIGMA_LO, scale=5.0) == 0.0  # (lo, hi]: lo itself is outside
+    assert rule.gate(0.1, scale=5.0, sigma_lo=0.05, sigma_hi=0.2) == 1.0
+    assert get_rule("samg").gate(1e9, w_min=2.0, w_max=6.0) == 1.0
+    # gain = schedule gain × gate: 1 + (w − 1)·g
+    assert step_scales((3.0, 9.0), 0.5 * 1.0) == (2.0, 5.0)
+    assert step_scales(5.0, 0.5 * 0.0) == 1.0
+
+
+def test_step_applied_scales_are_the_plain_and_energy_weighted_means_of_the_map():
+    s = _step()
+    mean, weighted = get_rule("samg").step_applied_scales(s, w_min=2.0, w_max=8.0)
+    w = np.asarray(get_rule("samg").scale_map(s.pred_uncond, s.pred_cond, 2.0, 8.0), np.float64)
+    energy = ((s.pred_cond.astype(np.float64) - s.pred_uncond) ** 2).sum(1, keepdims=True)
+    assert mean == pytest.approx(w.mean()) and weighted == pytest.approx((w * energy).sum() / energy.sum())
+    assert get_rule("cfg").step_applied_scales(s, scale=4.0) == pytest.approx((4.0, 4.0))
+    assert get_rule("apg").step_applied_scales(s, scale=4.0) is None

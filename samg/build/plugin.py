@@ -24,13 +24,14 @@ from types import ModuleType
 from typing import Any
 
 from samg.errors import SamgError, check, require
+from samg.op.schema import GUIDANCE_COMBINE
 
 PLUGIN_NAME = "GuidanceCombine"
 PLUGIN_NAMESPACE = "samg"
 PLUGIN_VERSION = "1"
 
 # Field name -> (default, python type). Defaults are the op's attribute defaults.
-FIELDS = {"tau": (1.0, float), "sharpness": (4.0, float), "smooth": (0, int), "channel_axis": (1, int)}
+FIELDS = {name: (default, type(default)) for name, default in GUIDANCE_COMBINE.defaults.items()}
 
 # The kernels NVRTC compiles, by the C++ names the plugin launches them with.
 KERNEL_SOURCE = Path(__file__).with_name("guidance_combine.cu")
