@@ -16,6 +16,7 @@ Standard library (and numpy-free) at import time; the format is described in doc
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -949,8 +950,27 @@ def write_export(folder: str | os.PathLike, export: Export, *, complete: bool = 
 
 ENGINE_FORMAT = "samg-engine"
 ENGINE_FORMAT_VERSION = 1
+ENGINE_COMPONENTS = ("text_encoder", "denoiser", "vae_decoder")  # engines/<component>.engine
 ENGINE_COMBINE_PATHS = ("function", "plugin", "none")  # how the denoiser engine runs GuidanceCombine
 _REBUILD = "rebuild it with `samg build`"
+# What an engine is built from: the fields its cache key hashes.
+ENGINE_BUILD_INPUTS = ("component", "onnx_sha256", "trt_flavour", "trt_version", "compute_capability", "precision",
+                       "combine", "profiles")
+
+
+def engine_key_fields(*, component: str, onnx_sha256, trt_flavour: str, trt_version: str, compute_capability: str,
+                      precision: str, combine: str, profiles: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The build inputs as the record writes them (and the cache key hashes them)."""
+    return {"format_version": ENGINE_FORMAT_VERSION, "component": component, "onnx_sha256": list(onnx_sha256),
+            "trt": {"flavour": trt_flavour, "version": trt_version}, "compute_capability": compute_capability,
+            "precision": precision, "combine": combine,
+            "profiles": {name: {k: list(v) for k, v in p.items()} for name, p in profiles.items()}}
+
+
+def engine_cache_key(**build_inputs: Any) -> str:
+    """The cache key of an engine built from `build_inputs` (ENGINE_BUILD_INPUTS): equal keys, same engine."""
+    fields = engine_key_fields(**build_inputs)
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
 
 
 @dataclass(frozen=True)
@@ -981,11 +1001,8 @@ class EngineRecord:
                        "engine_sha256", "build_seconds", "samg_version")
 
     def key_fields(self) -> dict[str, Any]:
-        """The build inputs the cache key is a hash of (samg.build)."""
-        return {"format_version": ENGINE_FORMAT_VERSION, "component": self.component,
-                "onnx_sha256": list(self.onnx_sha256), "trt": {"flavour": self.trt_flavour, "version": self.trt_version},
-                "compute_capability": self.compute_capability, "precision": self.precision, "combine": self.combine,
-                "profiles": {name: {k: list(v) for k, v in p.items()} for name, p in self.profiles.items()}}
+        """The build inputs the cache key is a hash of (engine_cache_key)."""
+        return engine_key_fields(**{name: getattr(self, name) for name in ENGINE_BUILD_INPUTS})
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> "EngineRecord":

@@ -20,11 +20,12 @@ pytestmark = pytest.mark.tensorrt
 if not available_flavours():
     pytest.skip("TensorRT / TensorRT-RTX is not importable (pip install tensorrt-rtx-cu13)", allow_module_level=True)
 
-from samg.build.engine import BuildOptions, build_export, verify_engine  # noqa: E402
+from samg.build.engine import BuildOptions, build_export  # noqa: E402
 from samg.build.profiles import ShapeRequest  # noqa: E402
 from samg.runners.tensorrt import TensorRTRunner  # noqa: E402
 from samg.build.engine import parse_network, plugin_layer_count  # noqa: E402
-from samg.build.loader import link_library, load_trt, make_logger  # noqa: E402
+from samg.build.loader import flavour_of, link_library, load_trt, make_logger  # noqa: E402
+from samg.contract import verify_engine  # noqa: E402
 from trt_export_helpers import write_export  # noqa: E402
 
 
@@ -51,7 +52,7 @@ def test_both_combine_paths_build_with_a_record(built):
     root, export, results = built
     for combine, result in results.items():
         assert result.status == "built"
-        assert result.engine_path.is_file() and result.engine_path.stat().st_size == result.record["engine_bytes"]
+        assert result.engine_path.is_file() and result.engine_path.stat().st_size == result.record.engine_bytes
         record = json.loads(result.engine_path.with_name("denoiser.engine.json").read_text())
         assert record["combine"] == combine
         assert record["plugins"] == (["samg::GuidanceCombine"] if combine == "plugin" else [])
@@ -59,10 +60,10 @@ def test_both_combine_paths_build_with_a_record(built):
         assert record["compute_capability"] == ("any" if record["trt"]["flavour"] == "tensorrt-rtx" else record["compute_capability"])
         assert record["inputs"] == ["pred_uncond", "pred_cond", "scales"] and record["outputs"] == ["guided"]
         assert record["profiles"]["pred_uncond"]["opt"] == [1, 4, 8, 8]
-    assert results["function"].record["key"] != results["plugin"].record["key"]
+    assert results["function"].record.key != results["plugin"].record.key
     # standard TensorRT keeps a timing cache beside the engine cache (TensorRT-RTX times nothing)
     timing = list((root / "cache").glob("timing-*.cache"))
-    assert bool(timing) == (results["function"].record["trt"]["flavour"] == "tensorrt")
+    assert bool(timing) == (results["function"].record.trt_flavour == "tensorrt")
 
 
 def test_plugin_path_network_has_exactly_one_plugin_layer(built, trt):
@@ -92,11 +93,11 @@ def test_cache_hits_on_rebuild_and_misses_when_onnx_or_flags_change(tmp_path):
     assert build().status == "up-to-date"
     (export / "engines" / "denoiser.engine").unlink()
     again = build()
-    assert again.status == "from-cache" and again.record["key"] == first.record["key"]
+    assert again.status == "from-cache" and again.record.key == first.record.key
     assert build(shapes=ShapeRequest(dynamic=True)).status == "built"  # a flag changed
     write_export(export, tau=0.5)  # the ONNX content changed
     changed = build()
-    assert changed.status == "built" and changed.record["onnx_sha256"] != first.record["onnx_sha256"]
+    assert changed.status == "built" and changed.record.onnx_sha256 != first.record.onnx_sha256
     assert build(use_cache=False).status == "built"
 
 
@@ -123,8 +124,8 @@ def test_plugin_builds_float16_and_bfloat16(tmp_path):
     for dtype, precision in (("float16", "fp16"), ("bfloat16", "bf16")):
         export = write_export(tmp_path / dtype, dtype=dtype)
         result = build_export(export, BuildOptions(combine="plugin", cache_dir=tmp_path / "c", quiet=True))[0]
-        assert result.status == "built" and result.record["precision"] == precision
-        assert result.record["plugins"] == ["samg::GuidanceCombine"]
+        assert result.status == "built" and result.record.precision == precision
+        assert result.record.plugins == ("samg::GuidanceCombine",)
 
 
 def test_parse_failure_passes_the_parser_messages_through(tmp_path, trt):
@@ -156,27 +157,32 @@ def corrupt_copy(built, tmp_path, name="denoiser.engine") -> Path:
     return engine
 
 
+def verify_installed(engine, trt):
+    """The checks the TensorRT runner makes against the installed TensorRT."""
+    return verify_engine(engine, trt_flavour=flavour_of(trt), trt_version=trt.__version__)
+
+
 def test_broken_or_mismatched_engine_files_are_refused(built, tmp_path, trt):
     engine = corrupt_copy(built, tmp_path)
-    assert verify_engine(engine, trt)["combine"] == "function"
+    assert verify_installed(engine, trt).combine == "function"
     record_path = engine.with_name("denoiser.engine.json")
 
     data = bytearray(engine.read_bytes())
     data[len(data) // 2] ^= 0xFF
     engine.write_bytes(bytes(data))
     with pytest.raises(SamgError, match="corrupt"):
-        verify_engine(engine, trt)
+        verify_installed(engine, trt)
 
     engine.write_bytes(bytes(data[: len(data) // 2]))
     with pytest.raises(SamgError, match="truncated"):
-        verify_engine(engine, trt)
+        verify_installed(engine, trt)
 
     engine = corrupt_copy(built, tmp_path)
     record = json.loads(record_path.read_text())
     record["trt"] = {"flavour": record["trt"]["flavour"], "version": "0.0.1"}  # no such release
     record_path.write_text(json.dumps(record))
     with pytest.raises(SamgError, match=r"was built with .* 0\.0\.1 .*rebuild"):
-        verify_engine(engine, trt)
+        verify_installed(engine, trt)
 
     record_path.write_text("{not json")
     with pytest.raises(SamgError, match="not valid JSON"):

@@ -7,8 +7,6 @@ acceptance case.
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from samg.build.loader import available_flavours
@@ -21,6 +19,7 @@ from samg.build.engine import BuildOptions, build_export  # noqa: E402
 from samg.build.profiles import ShapeRequest  # noqa: E402
 from samg.build.engine import (  # noqa: E402
     _default_tokens,
+    declared_inputs,
     make_logger,
     network_io,
     onnx_input_dims,
@@ -29,6 +28,7 @@ from samg.build.engine import (  # noqa: E402
 )
 from samg.build.loader import load_trt  # noqa: E402
 from samg.build.profiles import input_profiles, symbol_ranges  # noqa: E402
+from samg.contract import Export, engine_record_path, read_engine_record, read_export  # noqa: E402
 
 FAMILIES = ["sd15", "sd21", "sdxl", "sd35-medium", "cogvideox", "modelscope-t2v"]
 CONDITIONING = ("encoder_hidden_states", "text_embeds", "pooled_projections")
@@ -43,16 +43,16 @@ def trt():
     return module
 
 
-def latent_shape(manifest: dict, batch: int) -> list[int]:
-    latent = manifest["latent"]
+def latent_shape(export: Export, batch: int) -> list[int]:
+    latent = export.latent
     sizes = {
         "B": batch,
-        "C": latent["channels"],
-        "F": latent.get("latent_frames"),
-        "H": latent["height"] // latent["spatial_factor"],
-        "W": latent["width"] // latent["spatial_factor"],
+        "C": latent.channels,
+        "F": latent.latent_frames,
+        "H": latent.height // latent.spatial_factor,
+        "W": latent.width // latent.spatial_factor,
     }
-    return [sizes[axis] for axis in latent["layout"]]
+    return [sizes[axis] for axis in latent.layout]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -60,7 +60,7 @@ def test_both_combine_paths_parse_and_profiles_follow_the_manifest(tiny_export, 
     import onnx
 
     folder = tiny_export(family)
-    manifest = json.loads((folder / "samg.json").read_text())
+    export = read_export(folder)
     path = folder / "denoiser.onnx"
     for combine, expected in (("function", 0), ("plugin", 1)):
         logger = make_logger(trt)
@@ -70,10 +70,11 @@ def test_both_combine_paths_parse_and_profiles_follow_the_manifest(tiny_export, 
 
     model = onnx.load(str(path), load_external_data=False)
     request = ShapeRequest(dynamic=True, opt={"batch": 2}, max={"batch": 3})
-    ranges = symbol_ranges(manifest, request, _default_tokens(manifest, model))
-    profiles = input_profiles(manifest, "denoiser", onnx_input_dims(model), ranges)
+    ranges = symbol_ranges(export.latent, request, _default_tokens(export, model), vae_frames=export.vae.frame_mode)
+    profiles = input_profiles("denoiser", onnx_input_dims(model), ranges, declared=declared_inputs(export, "denoiser"),
+                              layout=export.latent.layout)
     assert sorted(profiles) == sorted(network_io(network)[0])
-    assert profiles["latents"]["opt"] == latent_shape(manifest, 2)
+    assert profiles["latents"]["opt"] == latent_shape(export, 2)
     for point in ("min", "opt", "max"):
         batch = profiles["latents"][point][0]
         assert profiles["timestep"][point] == [batch]
@@ -81,8 +82,8 @@ def test_both_combine_paths_parse_and_profiles_follow_the_manifest(tiny_export, 
         for name in CONDITIONING:
             if name in profiles:
                 assert profiles[name][point][0] == 2 * batch
-                declared = manifest["denoiser"]["inputs"][name]["shape"]
-                assert profiles[name][point][1:] == declared[1:]
+                declared = export.denoiser.inputs[name].shape
+                assert profiles[name][point][1:] == list(declared[1:])
 
 
 def test_sdxl_builds_with_both_combine_paths_and_rebuild_is_a_cache_hit(tiny_export, tmp_path):
@@ -93,15 +94,16 @@ def test_sdxl_builds_with_both_combine_paths_and_rebuild_is_a_cache_hit(tiny_exp
     assert [r.component for r in first] == ["text_encoder", "denoiser", "vae_decoder"]
     assert all(r.status == "built" for r in first)
     plugin = build_export(folder, BuildOptions(combine="plugin", components=("denoiser",), **options))[0]
-    assert plugin.status == "built" and plugin.record["plugins"] == ["samg::GuidanceCombine"]
+    assert plugin.status == "built" and plugin.record.plugins == ("samg::GuidanceCombine",)
     again = build_export(folder, BuildOptions(combine="plugin", **options))
     assert [r.status for r in again] == ["up-to-date"] * 3
     # switching back to the function path reuses the first denoiser from the engine cache
     back = build_export(folder, BuildOptions(combine="function", components=("denoiser",), **options))[0]
-    assert back.status == "from-cache" and back.record["key"] == first[1].record["key"]
-    record = json.loads((engines / "denoiser.engine.json").read_text())
-    assert record["profiles"]["encoder_hidden_states"]["opt"][0] == 2 * record["profiles"]["latents"]["opt"][0]
-    assert {"text_embeds", "guidance_scales"} <= set(record["inputs"])
+    assert back.status == "from-cache" and back.record.key == first[1].record.key
+    assert engine_record_path(engines / "denoiser.engine") == engines / "denoiser.engine.json"
+    record = read_engine_record(engines / "denoiser.engine")
+    assert record.profiles["encoder_hidden_states"]["opt"][0] == 2 * record.profiles["latents"]["opt"][0]
+    assert {"text_embeds", "guidance_scales"} <= set(record.inputs)
     assert not (folder / "engines").exists()  # the shared export folder stays untouched
 
 
@@ -120,5 +122,5 @@ def test_every_family_builds_both_combine_paths(tiny_export, tmp_path, family):
         )
         results = {r.component: r for r in build_export(folder, options)}
         assert set(results) == set(components)
-        assert all(r.status == "built" and r.record["engine_bytes"] > 0 for r in results.values())
-        assert results["denoiser"].record["combine"] == combine
+        assert all(r.status == "built" and r.record.engine_bytes > 0 for r in results.values())
+        assert results["denoiser"].record.combine == combine

@@ -8,8 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from samg.build.record import gpu_compute_capability
-from samg.build.loader import available_flavours
+from samg.build.loader import available_flavours, gpu_compute_capability
 
 pytestmark = [pytest.mark.gpu, pytest.mark.tensorrt]
 if not available_flavours():

@@ -1,41 +1,40 @@
-"""Optimization profiles derived from the manifest (no TensorRT needed)."""
+"""Optimization profiles derived from the typed manifest's parts (no TensorRT needed)."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import pytest
 
 from samg.build.profiles import ShapeRequest, input_profiles, parse_shape_spec, symbol_ranges
+from samg.contract import Latent, TensorSpec
 from samg.errors import SamgError
 
 
-def sd_manifest(**latent):
-    base = {
-        "layout": "BCHW",
-        "channels": 4,
-        "spatial_factor": 8,
-        "temporal_factor": 1,
-        "height": 512,
-        "width": 768,
-        "frames": None,
-        "dynamic_resolution": True,
-    }
-    base.update(latent)
-    return {
-        "format": "samg-export",
-        "latent": base,
-        "vae": {"file": "vae_decoder.onnx", "frames": "none", "inputs": {"latents": {"shape": ["N", 4, "h", "w"]}}},
-        "text_encoder": {"file": "text_encoder.onnx", "tokenizers": [{"max_length": 77, "input": "input_ids"}]},
-        "denoiser": {
-            "file": "denoiser.onnx",
-            "inputs": {
-                "latents": {"shape": ["B", 4, "H", "W"]},
-                "timestep": {"shape": ["B"]},
-                "encoder_hidden_states": {"shape": ["2B", 77, 768]},
-                "text_embeds": {"shape": ["2B", 1280]},
-                "guidance_scales": {"shape": ["B", 2]},
-            },
-        },
-    }
+def sd_latent(**changes) -> Latent:
+    """An SDXL-like image latent at 512x768 pixels, dynamic resolution."""
+    latent = Latent(layout="BCHW", channels=4, spatial_factor=8, temporal_factor=1, height=512, width=768, frames=None,
+                    dynamic_resolution=True)
+    return replace(latent, **changes)
+
+
+def declared(**shapes) -> dict[str, TensorSpec]:
+    return {name: TensorSpec(tuple(shape), "float32") for name, shape in shapes.items()}
+
+
+# What the manifest declares for the denoiser's and the VAE's inputs.
+DENOISER_DECLARED = declared(
+    latents=["B", 4, "H", "W"],
+    timestep=["B"],
+    encoder_hidden_states=["2B", 77, 768],
+    text_embeds=["2B", 1280],
+    guidance_scales=["B", 2],
+)
+VAE_DECLARED = declared(latents=["N", 4, "h", "w"])
+
+
+def denoiser_profiles(onnx_inputs, ranges, declared=DENOISER_DECLARED, layout="BCHW"):
+    return input_profiles("denoiser", onnx_inputs, ranges, declared=declared, layout=layout)
 
 
 DENOISER_ONNX = {
@@ -56,9 +55,8 @@ def test_parse_shape_spec_reads_keys_and_rejects_garbage():
 
 
 def test_static_profile_is_the_manifest_size_with_conditioning_batch_doubled():
-    manifest = sd_manifest()
-    ranges = symbol_ranges(manifest, ShapeRequest(dynamic=False), default_tokens=77)
-    profiles = input_profiles(manifest, "denoiser", DENOISER_ONNX, ranges)
+    ranges = symbol_ranges(sd_latent(), ShapeRequest(dynamic=False), default_tokens=77)
+    profiles = denoiser_profiles(DENOISER_ONNX, ranges)
     assert profiles["latents"] == {"min": [1, 4, 64, 96], "opt": [1, 4, 64, 96], "max": [1, 4, 64, 96]}
     assert profiles["encoder_hidden_states"]["opt"] == [2, 77, 768]
     assert profiles["text_embeds"]["max"] == [2, 1280]
@@ -66,15 +64,14 @@ def test_static_profile_is_the_manifest_size_with_conditioning_batch_doubled():
 
 
 def test_dynamic_profile_ties_conditioning_batch_to_twice_the_latent_batch():
-    manifest = sd_manifest()
     request = ShapeRequest(
         dynamic=True,
         min={"batch": 1, "height": 256, "width": 256},
         opt={"batch": 2, "height": 512, "width": 512},
         max={"batch": 3, "height": 1024, "width": 768},
     )
-    ranges = symbol_ranges(manifest, request, default_tokens=77)
-    profiles = input_profiles(manifest, "denoiser", DENOISER_ONNX, ranges)
+    ranges = symbol_ranges(sd_latent(), request, default_tokens=77)
+    profiles = denoiser_profiles(DENOISER_ONNX, ranges)
     assert profiles["latents"] == {"min": [1, 4, 32, 32], "opt": [2, 4, 64, 64], "max": [3, 4, 128, 96]}
     for point in ("min", "opt", "max"):
         latent_batch = profiles["latents"][point][0]
@@ -84,8 +81,8 @@ def test_dynamic_profile_ties_conditioning_batch_to_twice_the_latent_batch():
 
 
 def test_dynamic_defaults_stay_on_the_size_multiple_and_include_the_optimum():
-    manifest = sd_manifest(height=64, width=64, size_multiple=16)
-    ranges = symbol_ranges(manifest, ShapeRequest(dynamic=True), default_tokens=77)
+    latent = sd_latent(height=64, width=64, size_multiple=16)
+    ranges = symbol_ranges(latent, ShapeRequest(dynamic=True), default_tokens=77)
     low, opt, high = ranges["H"]
     assert low <= opt <= high and opt == 8
     assert (low * 8) % 16 == 0 and high == 16
@@ -93,45 +90,43 @@ def test_dynamic_defaults_stay_on_the_size_multiple_and_include_the_optimum():
 
 
 def test_vae_and_text_encoder_symbols():
-    manifest = sd_manifest()
     request = ShapeRequest(dynamic=True, opt={"batch": 2}, max={"batch": 4})
-    ranges = symbol_ranges(manifest, request, default_tokens=77)
-    vae = input_profiles(manifest, "vae_decoder", {"latents": ["N", 4, "h", "w"]}, ranges)
+    ranges = symbol_ranges(sd_latent(), request, default_tokens=77)
+    vae = input_profiles("vae_decoder", {"latents": ["N", 4, "h", "w"]}, ranges, declared=VAE_DECLARED)
     assert vae["latents"]["opt"] == [2, 4, 64, 96] and vae["latents"]["max"][0] == 4
-    text = input_profiles(manifest, "text_encoder", {"input_ids": ["N", 77]}, ranges)
+    text = input_profiles("text_encoder", {"input_ids": ["N", 77]}, ranges)
     assert text["input_ids"] == {"min": [1, 77], "opt": [4, 77], "max": [8, 77]}
 
 
 def test_per_frame_video_vae_decodes_batch_times_frames():
-    manifest = sd_manifest(height=256, width=256, frames=16, layout="BCFHW", dynamic_resolution=False)
-    manifest["vae"] = {"frames": "per_frame"}
-    manifest["denoiser"]["inputs"]["latents"] = {"shape": ["B", 4, "F", "H", "W"]}
-    ranges = symbol_ranges(manifest, ShapeRequest(dynamic=False, opt={"batch": 2}), default_tokens=77)
+    latent = sd_latent(height=256, width=256, frames=16, layout="BCFHW", dynamic_resolution=False)
+    video_declared = {**DENOISER_DECLARED, **declared(latents=["B", 4, "F", "H", "W"])}
+    request = ShapeRequest(dynamic=False, opt={"batch": 2})
+    ranges = symbol_ranges(latent, request, default_tokens=77, vae_frames="per_frame")
     assert ranges["F"] == (16, 16, 16)
     assert ranges["NV"] == (32, 32, 32)
-    profiles = input_profiles(manifest, "denoiser", {"latents": ["B", 4, "F", "H", "W"]}, ranges)
+    profiles = denoiser_profiles({"latents": ["B", 4, "F", "H", "W"]}, ranges, video_declared, layout="BCFHW")
     assert profiles["latents"]["opt"] == [2, 4, 16, 32, 32]
 
 
 def test_fixed_onnx_dims_win_and_unknown_dynamic_dims_are_refused():
-    manifest = sd_manifest()
-    ranges = symbol_ranges(manifest, ShapeRequest(dynamic=True), default_tokens=77)
-    profiles = input_profiles(manifest, "denoiser", {"latents": ["B", 4, 64, 64]}, ranges)
+    ranges = symbol_ranges(sd_latent(), ShapeRequest(dynamic=True), default_tokens=77)
+    profiles = denoiser_profiles({"latents": ["B", 4, 64, 64]}, ranges)
     assert profiles["latents"]["max"][2:] == [64, 64]
     with pytest.raises(SamgError, match="does not say what it is"):
-        input_profiles(manifest, "denoiser", {"mystery": ["B", "q"]}, ranges)
+        denoiser_profiles({"mystery": ["B", "q"]}, ranges)
 
 
 def test_bad_ranges_are_refused_with_the_flag_named():
-    manifest = sd_manifest()
+    latent = sd_latent()
     with pytest.raises(SamgError, match="--min <= --opt <= --max"):
-        symbol_ranges(manifest, ShapeRequest(dynamic=True, min={"batch": 4}, opt={"batch": 2}), 77)
+        symbol_ranges(latent, ShapeRequest(dynamic=True, min={"batch": 4}, opt={"batch": 2}), 77)
     with pytest.raises(SamgError, match="need --dynamic"):
-        symbol_ranges(manifest, ShapeRequest(dynamic=False, max={"batch": 4}), 77)
+        symbol_ranges(latent, ShapeRequest(dynamic=False, max={"batch": 4}), 77)
     with pytest.raises(SamgError, match="not a multiple of 8"):
-        symbol_ranges(manifest, ShapeRequest(dynamic=False, opt={"height": 500}), 77)
+        symbol_ranges(latent, ShapeRequest(dynamic=False, opt={"height": 500}), 77)
     with pytest.raises(SamgError, match="not a multiple of 16"):
-        symbol_ranges(sd_manifest(size_multiple=16), ShapeRequest(dynamic=False, opt={"height": 520}), 77)
-    fixed = sd_manifest(dynamic_resolution=False)
+        symbol_ranges(sd_latent(size_multiple=16), ShapeRequest(dynamic=False, opt={"height": 520}), 77)
+    fixed = sd_latent(dynamic_resolution=False)
     with pytest.raises(SamgError, match="fixed at 512"):
         symbol_ranges(fixed, ShapeRequest(dynamic=True, max={"height": 1024}), 77)

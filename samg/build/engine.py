@@ -1,10 +1,11 @@
 """Building TensorRT / TensorRT-RTX engines from an export folder, with an engine cache.
 
 One engine per component (text_encoder, denoiser, vae_decoder), written to `DIR/engines/` as
-`<component>.engine` with a JSON record `<component>.engine.json` beside it. The record holds the
-cache key: ONNX content hash, TensorRT flavour and version, GPU compute capability ("any" for an
-ahead-of-time TensorRT-RTX build) and the build flags (precision, combine path, profiles). A
-rebuild with the same key reuses the engine in place or from the engine cache folder.
+`<component>.engine` with its record `<component>.engine.json` beside it (samg.contract's
+EngineRecord, written and verified there). The record holds the cache key: ONNX content hash,
+TensorRT flavour and version, GPU compute capability ("any" for an ahead-of-time TensorRT-RTX
+build) and the build flags (precision, combine path, profiles). A rebuild with the same key reuses
+the engine in place or from the engine cache folder.
 
 Networks are strongly typed (TensorRT-RTX has no other kind), so precision comes from the ONNX
 dtypes; a requested precision that differs from the export's dtype is refused.
@@ -13,7 +14,6 @@ dtypes; a requested precision that differs from the export's dtype is refused.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import sys
@@ -24,20 +24,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 
-from samg.build.loader import cache_root, flavour_of, load_trt, make_logger, polygraphy_trt
-from samg.build.record import (  # noqa: F401  (ENGINE_FORMAT: what samg.export.folder recognises)
-    ENGINE_FORMAT,
-    ENGINE_FORMAT_VERSION,
-    gpu_compute_capability,
-    read_record,
-    record_path_of,
-    verify_engine,
-)
+from samg.build.loader import cache_root, flavour_of, gpu_compute_capability, load_trt, make_logger, polygraphy_trt
 from samg.build.profiles import ShapeRequest, input_profiles, symbol_ranges
+from samg.contract import (
+    ENGINE_COMPONENTS as COMPONENTS,
+    ENGINES_DIR,
+    NO_RUNTIME,
+    EngineRecord,
+    Export,
+    engine_cache_key,
+    engine_record_path,
+    read_engine_record,
+    verify_engine,
+    write_engine_record,
+)
 from samg.errors import SamgError, check, require
-from samg.io import atomic_write_bytes, atomic_write_json, sha256_file
+from samg.io import atomic_write_bytes, sha256_file
 
-COMPONENTS = ("text_encoder", "denoiser", "vae_decoder")
 PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 COMBINE_PATHS = ("function", "plugin")
 PLUGIN_ID = "samg::GuidanceCombine"
@@ -50,7 +53,7 @@ class BuildOptions:
     precision: str | None = None  # None: the export's dtype
     shapes: ShapeRequest = field(default_factory=ShapeRequest)
     components: tuple[str, ...] = COMPONENTS
-    out_dir: Path | None = None  # default: DIR/engines
+    out_dir: Path | None = None  # default: DIR/engines (ENGINES_DIR)
     cache_dir: Path | None = None  # default: <samg cache>/engines
     timing_cache: Path | None = None  # default: <cache dir>/timing-<flavour>-<version>.cache
     use_cache: bool = True
@@ -61,7 +64,7 @@ class BuildOptions:
 class BuildResult:
     component: str
     engine_path: Path
-    record: dict
+    record: EngineRecord
     status: str  # "built" | "up-to-date" | "from-cache"
     seconds: float
 
@@ -104,25 +107,32 @@ def make_progress_monitor(trt: ModuleType, label: str):
 # Reading the export.
 
 
-def load_manifest(export_dir: Path) -> dict:
+def load_export(export_dir: Path) -> Export:
     """The export's validated manifest (samg.contract.read_export), its files checked against their
-    hashes, as its JSON form (what the profile rules read); text encoder and VAE may be absent
-    (`samg build` builds the graphs there are)."""
+    hashes; text encoder and VAE may be absent (`samg build` builds the graphs there are)."""
     from samg.contract import read_export
 
-    export = read_export(export_dir, complete=False)
-    return export.to_json() if hasattr(export, "to_json") else export  # typed contract: its JSON form
+    return read_export(export_dir, complete=False)
 
 
-def component_files(manifest: dict, export_dir: Path) -> dict[str, Path]:
+def component_graph(export: Export, component: str):
+    """The manifest's graph an engine component is built from (the VAE's is `vae`)."""
+    return {"text_encoder": export.text_encoder, "denoiser": export.denoiser, "vae_decoder": export.vae}[component]
+
+
+def component_files(export: Export, export_dir: Path) -> dict[str, Path]:
     """component -> ONNX file, for the components this export has as ONNX graphs."""
     files = {}
-    for component, section in (("text_encoder", "text_encoder"), ("denoiser", "denoiser"), ("vae_decoder", "vae")):
-        info = manifest.get(section) or {}
-        if not info.get("file") or info.get("runtime", "onnx") != "onnx":
-            continue
-        files[component] = export_dir / info["file"]
+    for component in COMPONENTS:
+        graph = component_graph(export, component)
+        if graph.file and graph.runtime != NO_RUNTIME:
+            files[component] = export_dir / graph.file
     return files
+
+
+def declared_inputs(export: Export, component: str):
+    """The input shapes the manifest declares for a component's graph (the text encoder declares none)."""
+    return getattr(component_graph(export, component), "inputs", None)
 
 
 def onnx_input_dims(model) -> dict[str, list[int | str | None]]:
@@ -157,11 +167,10 @@ def uses_combine(model) -> bool:
     return any(node.domain == DOMAIN and node.op_type == OP_TYPE for node in model.graph.node)
 
 
-def check_precision(manifest: dict, precision: str | None) -> str:
-    """The precision to build (fp32/fp16/bf16): the export's dtype; a different request is refused."""
-    dtype = manifest.get("dtype", "float32")
-    export_precision = {v: k for k, v in PRECISIONS.items()}.get(dtype)
-    check(export_precision is not None, f"samg.json dtype {dtype!r} is not one of {sorted(PRECISIONS.values())}")
+def check_precision(dtype: str, precision: str | None) -> str:
+    """The precision to build (fp32/fp16/bf16): the export's dtype (Export.dtype, one of
+    samg.contract.DTYPES, so it has one); a different request is refused."""
+    export_precision = {v: k for k, v in PRECISIONS.items()}[dtype]
     if precision is None:
         return export_precision
     check(precision in PRECISIONS, f"--precision {precision!r}: use one of {', '.join(PRECISIONS)}")
@@ -175,7 +184,7 @@ def check_precision(manifest: dict, precision: str | None) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Cache keys and records.
+# What an engine is built for (part of its cache key).
 
 
 def compute_capability(trt: ModuleType) -> str:
@@ -183,10 +192,6 @@ def compute_capability(trt: ModuleType) -> str:
     if flavour_of(trt) == "tensorrt-rtx":
         return "any"
     return gpu_compute_capability() or "unknown"
-
-
-def cache_key(fields: dict) -> str:
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
 
 
 # --------------------------------------------------------------------------------------------
@@ -328,18 +333,18 @@ def build_export(export_dir: str | os.PathLike, options: BuildOptions | None = N
     options = options or BuildOptions()
     onnx = require("onnx", "to read the exported models")
     export_dir = Path(export_dir)
-    manifest = load_manifest(export_dir)
+    export = load_export(export_dir)
     check(options.combine in COMBINE_PATHS, f"--combine {options.combine!r}: use function or plugin")
-    precision = check_precision(manifest, options.precision)  # the plugin's kernels take all three
+    precision = check_precision(export.dtype, options.precision)  # the plugin's kernels take all three
     trt = load_trt(options.flavour)
     flavour, version = flavour_of(trt), trt.__version__
-    files = component_files(manifest, export_dir)
+    files = component_files(export, export_dir)
     unknown = [c for c in options.components if c not in COMPONENTS]
     check(not unknown, f"unknown component(s) {unknown}: choose from {', '.join(COMPONENTS)}")
     wanted = [c for c in COMPONENTS if c in options.components and c in files]
     check(wanted, f"{export_dir} has none of the components {', '.join(options.components)} as ONNX files")
 
-    out_dir = options.out_dir or export_dir / "engines"
+    out_dir = options.out_dir or export_dir / ENGINES_DIR
     cache_dir = options.cache_dir or cache_root() / "engines"
     # TensorRT-RTX builds do no kernel timing (its timing-cache calls are no-ops).
     timing_cache = None
@@ -353,27 +358,23 @@ def build_export(export_dir: str | os.PathLike, options: BuildOptions | None = N
         check(path.is_file(), f"{path} is missing from the export: re-run `samg export`")
         models[component] = onnx.load(str(path), load_external_data=False)
 
-    default_tokens = _default_tokens(manifest, models.get("denoiser"))
-    ranges = symbol_ranges(manifest, options.shapes, default_tokens)
+    default_tokens = _default_tokens(export, models.get("denoiser"))
+    ranges = symbol_ranges(export.latent, options.shapes, default_tokens, vae_frames=export.vae.frame_mode)
     logger = make_logger(trt)
     capability = compute_capability(trt)
     results = []
     for component in wanted:
         path, model = files[component], models[component]
         combine = options.combine if component == "denoiser" and uses_combine(model) else "none"
-        profiles = input_profiles(manifest, component, onnx_input_dims(model), ranges)
+        profiles = input_profiles(component, onnx_input_dims(model), ranges,
+                                  declared=declared_inputs(export, component), layout=export.latent.layout)
         hashed = [path, *external_data_files(model, path)]
-        key_fields = {
-            "format_version": ENGINE_FORMAT_VERSION,
-            "component": component,
-            "onnx_sha256": [sha256_file(p) for p in hashed],
-            "trt": {"flavour": flavour, "version": version},
-            "compute_capability": capability,
-            "precision": precision,
-            "combine": combine,
-            "profiles": profiles,
-        }
-        key = cache_key(key_fields)
+        build_inputs = dict(
+            component=component, onnx_sha256=tuple(sha256_file(p) for p in hashed), trt_flavour=flavour,
+            trt_version=version, compute_capability=capability, precision=precision, combine=combine,
+            profiles={name: {k: tuple(v) for k, v in p.items()} for name, p in profiles.items()},
+        )
+        key = engine_cache_key(**build_inputs)
         engine_path = out_dir / f"{component}.engine"
         started = time.perf_counter()
         status = _reuse(engine_path, key, cache_dir) if options.use_cache else None
@@ -386,44 +387,35 @@ def build_export(export_dir: str | os.PathLike, options: BuildOptions | None = N
                 trt, builder, network, logger, profiles, timing_cache, component, progress=not options.quiet
             )
             inputs, outputs = network_io(network)
-            record = {
-                "format": ENGINE_FORMAT,
-                "format_version": ENGINE_FORMAT_VERSION,
-                "key": key,
-                **key_fields,
-                "onnx": path.name,
-                "inputs": inputs,
-                "outputs": outputs,
-                "plugins": [PLUGIN_ID] if combine == "plugin" else [],
-                "engine_bytes": len(engine),
-                "engine_sha256": "sha256:" + hashlib.sha256(engine).hexdigest(),
-                "build_seconds": round(time.perf_counter() - started, 3),
-                "samg_version": _samg_version(),
-            }
+            record = EngineRecord(
+                key=key, **build_inputs, onnx=path.name, inputs=tuple(inputs), outputs=tuple(outputs),
+                plugins=(PLUGIN_ID,) if combine == "plugin" else (), engine_bytes=len(engine),
+                engine_sha256="sha256:" + hashlib.sha256(engine).hexdigest(),
+                build_seconds=round(time.perf_counter() - started, 3), samg_version=_samg_version(),
+            )
             _write_engine(engine_path, engine, record)
             if options.use_cache:
                 _store_in_cache(cache_dir, key, engine_path)
             status = "built"
         seconds = time.perf_counter() - started
-        record = read_record(engine_path)
+        record = read_engine_record(engine_path)
         words = {"built": "built", "up-to-date": "cache hit (engine up to date)", "from-cache": "cache hit (copied from the engine cache)"}
         _say(options, f"{component}: {words[status]} in {seconds:.1f} s -> {engine_path}")
         results.append(BuildResult(component, engine_path, record, status, seconds))
     return results
 
 
-def _default_tokens(manifest: dict, denoiser_model) -> int | None:
+def _default_tokens(export: Export, denoiser_model) -> int | None:
     """Token length L of the denoiser's conditioning when the export leaves it symbolic."""
-    declared = ((manifest.get("denoiser") or {}).get("inputs") or {}).get("encoder_hidden_states", {})
-    shape = declared.get("shape") or []
+    declared = (export.denoiser.inputs or {}).get("encoder_hidden_states")
+    shape = declared.shape if declared is not None else ()
     if len(shape) >= 2 and isinstance(shape[1], int):
         return shape[1]
     if denoiser_model is not None:
         dims = onnx_input_dims(denoiser_model).get("encoder_hidden_states") or []
         if len(dims) >= 2 and isinstance(dims[1], int):
             return dims[1]
-    lengths = [t.get("max_length") for t in (manifest.get("text_encoder") or {}).get("tokenizers", [])]
-    lengths = [n for n in lengths if isinstance(n, int)]
+    lengths = [t.max_length for t in export.text_encoder.tokenizers]
     return max(lengths) if lengths else None
 
 
@@ -443,26 +435,23 @@ def _reuse(engine_path: Path, key: str, cache_dir: Path) -> str | None:
         return "up-to-date"
     cached = cache_dir / f"{key}.engine"
     if _valid_with_key(cached, key):
-        out_record = read_record(cached)
-        out_record = {**out_record}
-        _write_engine(engine_path, cached.read_bytes(), out_record)
+        _write_engine(engine_path, cached.read_bytes(), read_engine_record(cached))
         return "from-cache"
     return None
 
 
 def _valid_with_key(engine_path: Path, key: str) -> bool:
     try:
-        return verify_engine(engine_path).get("key") == key
+        return verify_engine(engine_path).key == key
     except SamgError:
         return False
 
 
-def _write_engine(engine_path: Path, engine: bytes, record: dict) -> None:
+def _write_engine(engine_path: Path, engine: bytes, record: EngineRecord) -> None:
     # The record goes last: an engine without a matching record is never taken as valid.
-    record_path = record_path_of(engine_path)
-    record_path.unlink(missing_ok=True)
+    engine_record_path(engine_path).unlink(missing_ok=True)
     atomic_write_bytes(engine_path, engine)
-    atomic_write_json(record_path, record)
+    write_engine_record(engine_path, record)
 
 
 def _store_in_cache(cache_dir: Path, key: str, engine_path: Path) -> None:
@@ -472,7 +461,7 @@ def _store_in_cache(cache_dir: Path, key: str, engine_path: Path) -> None:
         with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
             shutil.copyfile(engine_path, Path(tmp) / "e")
             os.replace(Path(tmp) / "e", cached)
-        atomic_write_json(record_path_of(cached), read_record(engine_path))
+        write_engine_record(cached, read_engine_record(engine_path))
     except OSError as exc:
         print(f"samg build: warning: could not store the engine in the cache {cache_dir}: {exc}", file=sys.stderr)
 

@@ -1,4 +1,5 @@
-"""Importing TensorRT or TensorRT-RTX, and the RTX wheel's missing-library-link defect.
+"""Importing TensorRT or TensorRT-RTX, the RTX wheel's missing-library-link defect, and the GPU's
+compute capability (what engines of standard TensorRT are built for).
 
 One code path serves both: the TensorRT-RTX Python API is the TensorRT API under the module name
 `tensorrt_rtx`. `load_trt()` picks the module (auto: `tensorrt` first, then `tensorrt_rtx`).
@@ -14,6 +15,7 @@ writable, and otherwise in a samg cache folder that must be on `LD_LIBRARY_PATH`
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import importlib.util
 import os
@@ -152,6 +154,23 @@ def load_trt(flavour: str | None = None) -> ModuleType:
 
 def flavour_of(trt: ModuleType) -> str:
     return "tensorrt-rtx" if trt.__name__ == "tensorrt_rtx" else "tensorrt"
+
+
+def gpu_compute_capability() -> str | None:
+    """The first GPU's compute capability ("sm_XY") via the CUDA driver API, or None without one."""
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    device, major, minor = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
+    if cuda.cuInit(0) != 0 or cuda.cuDeviceGet(ctypes.byref(device), 0) != 0:
+        return None
+    # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75, _MINOR = 76
+    if cuda.cuDeviceGetAttribute(ctypes.byref(major), 75, device) != 0:
+        return None
+    if cuda.cuDeviceGetAttribute(ctypes.byref(minor), 76, device) != 0:
+        return None
+    return f"sm_{major.value}{minor.value}"
 
 
 # Messages TensorRT-RTX logs as errors on a machine without a GPU although an ahead-of-time build

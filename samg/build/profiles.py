@@ -1,19 +1,22 @@
-"""Optimization profiles for TensorRT, derived from an export's manifest.
+"""Optimization profiles for TensorRT, derived from an export's typed manifest (samg.contract).
 
 The user speaks in pixels and prompts (`batch`, `height`, `width`, `frames`, `tokens`); the
 manifest (docs/architecture.md) says which symbolic dim of which input they drive:
 `B` latent batch, `2B` conditioning batch (always twice `B`), `H`/`W` latent size, `F` latent
 frames, `L` token length, `N` prompts (text encoder) or decoded latents (VAE).
 
-`symbol_ranges()` turns the user's choice into (min, opt, max) per symbol; `input_profiles()`
-maps every input dim of one component to a range: a fixed ONNX dim stays fixed, a symbolic one
-takes its symbol's range (from the manifest's declared shape, the dim's own name, or its position).
+`symbol_ranges()` turns the user's choice into (min, opt, max) per symbol from the export's latent
+layout; `input_profiles()` maps every input dim of one component to a range: a fixed ONNX dim stays
+fixed, a symbolic one takes its symbol's range (from the graph's declared input shape, the dim's own
+name, or its position).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping
 
+from samg.contract import Latent, TensorSpec
 from samg.errors import SamgError, check
 
 SHAPE_KEYS = ("batch", "height", "width", "frames", "tokens")
@@ -55,11 +58,11 @@ def _latent_frames(frames: int, temporal_factor: int) -> int:
     return (frames - 1) // temporal_factor + 1
 
 
-def symbol_ranges(manifest: dict, request: ShapeRequest, default_tokens: int | None = None) -> dict[str, Range]:
-    """(min, opt, max) for each symbol the manifest's components may use."""
-    latent = manifest.get("latent") or {}
-    factor = int(latent.get("spatial_factor", 8))
-    temporal = int(latent.get("temporal_factor", 1))
+def symbol_ranges(latent: Latent, request: ShapeRequest, default_tokens: int | None = None, *,
+                  vae_frames: str = "none") -> dict[str, Range]:
+    """(min, opt, max) for each symbol the export's components may use. `vae_frames` is the VAE's
+    frame mode (VaeDecoderGraph.frame_mode): a per-frame VAE decodes batch x frames latents."""
+    factor, temporal = latent.spatial_factor, latent.temporal_factor
     opt_user, min_user, max_user = request.opt or {}, request.min or {}, request.max or {}
     if not request.dynamic:
         check(not min_user and not max_user, "--min/--max need --dynamic (a --static build uses --opt only)")
@@ -87,24 +90,23 @@ def symbol_ranges(manifest: dict, request: ShapeRequest, default_tokens: int | N
         )
         return (low, opt, high)
 
-    step = int(latent.get("size_multiple") or factor * LATENT_STEP)
-    dynamic_resolution = bool(latent.get("dynamic_resolution", True))
+    step = latent.size_multiple or factor * LATENT_STEP
     batch = pick("batch", 1, lambda o: 1, lambda o: max(o, DEFAULT_MAX_BATCH), True)
     sizes = {}
     for key in ("height", "width"):
         sizes[key] = pick(
             key,
-            latent.get(key),
+            getattr(latent, key),
             lambda o: max(min(o, step), o // 2 // step * step),
             lambda o: 2 * o,
-            dynamic_resolution,
+            latent.dynamic_resolution,
         )
     frames = pick(
         "frames",
-        latent.get("frames"),
+        latent.frames,
         lambda o: o,
         lambda o: o,
-        bool(latent.get("dynamic_frames", False)),
+        bool(latent.dynamic_frames),
     )
     tokens = pick("tokens", default_tokens, lambda o: o, lambda o: o, True)
 
@@ -112,7 +114,7 @@ def symbol_ranges(manifest: dict, request: ShapeRequest, default_tokens: int | N
     for key, symbol in (("height", "H"), ("width", "W")):
         if sizes[key] is None:
             continue
-        multiple = int(latent.get("size_multiple") or factor)
+        multiple = latent.pixel_multiple
         for v in sizes[key]:
             check(v % multiple == 0, f"{key}={v} is not a multiple of {multiple} (this export's size step)")
         ranges[symbol] = tuple(v // factor for v in sizes[key])
@@ -123,33 +125,25 @@ def symbol_ranges(manifest: dict, request: ShapeRequest, default_tokens: int | N
     # Text encoder: one call encodes [negatives, positives], so 2B prompts at the optimum; a
     # dynamic engine also takes a single prompt.
     ranges["N"] = (1 if request.dynamic else 2 * batch[0], 2 * batch[1], 2 * batch[2])
-    per_frame = (manifest.get("vae") or {}).get("frames") == "per_frame" and "F" in ranges
+    per_frame = vae_frames == "per_frame" and "F" in ranges
     frame_counts = ranges["F"] if per_frame else (1, 1, 1)
     images = tuple(b * f for b, f in zip(batch, frame_counts))
     ranges["NV"] = (1, *images[1:]) if request.dynamic else images
     return ranges
 
 
-# Symbols a component's manifest section or ONNX dims use for the global ones above: the VAE's
+# Symbols a component's declared inputs or ONNX dims use for the global ones above: the VAE's
 # `N` counts decoded latents (images, or frames for a per-frame VAE), not prompts.
 _ALIASES = {"vae_decoder": {"N": "NV", "h": "H", "w": "W", "f": "F"}}
-_SECTIONS = {"vae_decoder": "vae"}
 
 
-def _declared_shapes(manifest: dict, component: str) -> dict[str, list]:
-    section = manifest.get(_SECTIONS.get(component, component)) or {}
-    return {name: list(info.get("shape") or []) for name, info in (section.get("inputs") or {}).items()}
-
-
-def _positional_symbols(component: str, name: str, rank: int, manifest: dict) -> list[str | None]:
+def _positional_symbols(component: str, name: str, rank: int, layout: str) -> list[str | None]:
     """Symbols by position for inputs whose shape the manifest does not declare."""
     if component == "text_encoder":
         return ["N", None][:rank] + [None] * max(0, rank - 2)
     if component == "vae_decoder":
         return {4: ["NV", None, "H", "W"], 5: ["NV", None, "F", "H", "W"]}.get(rank, [None] * rank)
-    latent = manifest.get("latent") or {}
     if name == "latents":
-        layout = latent.get("layout", "BCHW")
         return [{"B": "B", "C": None, "H": "H", "W": "W", "F": "F"}[ch] for ch in layout][:rank]
     if name in ("timestep", "guidance_scales"):
         return ["B"] + [None] * (rank - 1)
@@ -158,21 +152,24 @@ def _positional_symbols(component: str, name: str, rank: int, manifest: dict) ->
 
 
 def input_profiles(
-    manifest: dict,
     component: str,
     onnx_inputs: dict[str, list[int | str | None]],
     ranges: dict[str, Range],
+    *,
+    declared: Mapping[str, TensorSpec] | None = None,
+    layout: str = "BCHW",
 ) -> dict[str, dict[str, list[int]]]:
     """{input: {"min": [...], "opt": [...], "max": [...]}} for one component's ONNX inputs.
 
     `onnx_inputs` maps each input to its ONNX dims: an int for a fixed dim, the dim_param name
-    (or None) for a symbolic one.
+    (or None) for a symbolic one. `declared`: the input shapes the manifest declares for this graph
+    (DenoiserGraph.inputs, VaeDecoderGraph.inputs); `layout`: the latent layout (Latent.layout).
     """
-    declared = _declared_shapes(manifest, component)
+    declared = declared or {}
     profiles = {}
     for name, dims in onnx_inputs.items():
-        positional = _positional_symbols(component, name, len(dims), manifest)
-        manifest_dims = declared.get(name) or []
+        positional = _positional_symbols(component, name, len(dims), layout)
+        manifest_dims = list(declared[name].shape) if name in declared else []
         if len(manifest_dims) != len(dims):  # a declaration that does not fit the graph says nothing
             manifest_dims = []
         shape: list[Range] = []

@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from samg.contract import (ENGINES_DIR, FORMAT, MANIFEST, PARTIAL_MARKER, TINY_SOURCE_DIR, VERIFIED_STAMP,
-                           validate_manifest)
+from samg.contract import (ENGINE_COMPONENTS, ENGINE_FORMAT, ENGINES_DIR, FORMAT, MANIFEST, PARTIAL_MARKER,
+                           TINY_SOURCE_DIR, VERIFIED_STAMP, validate_manifest)
 from samg.errors import SamgError
 from samg.io import MERGE_ROLE, present_files, read_marker, sha256_file
 
@@ -38,10 +38,8 @@ def samg_engine_files(folder: Path, present: set[str]) -> set[str]:
     """The `samg build` engines in `folder`: for each component, `engines/<component>.engine.json`
     when it is a samg engine record, and the engine beside it when its size and hash match that
     record. Any other file under engines/ is not samg's."""
-    from samg.build.engine import COMPONENTS, ENGINE_FORMAT
-
     owned = set()
-    for component in COMPONENTS:
+    for component in ENGINE_COMPONENTS:
         engine = f"{ENGINES_DIR}/{component}.engine"
         record_name = engine + ".json"
         if record_name not in present or (folder / record_name).is_symlink():

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from samg.contract import ENGINES_DIR, read_engine_record, verify_engine
 from samg.errors import SamgError, check, require
 from samg.runners.base import GraphRunner, InputDecl
 
@@ -24,8 +25,9 @@ from samg.runners.base import GraphRunner, InputDecl
 class TensorRTRunner(GraphRunner):
     """Runs one engine built by `samg build`: numpy in/out via `run`, CuPy arrays via `run_device`.
 
-    The engine's build record is checked first (hash, TensorRT flavour/version, GPU), the
-    GuidanceCombine plugin is registered when the engine holds it, then the engine is deserialized.
+    The engine's build record is checked first (samg.contract.verify_engine: hash, TensorRT
+    flavour/version, GPU), the GuidanceCombine plugin is registered when the engine holds it, then
+    the engine is deserialized.
     `cuda_graph=True` captures one CUDA graph per input-shape signature and replays it.
     """
 
@@ -33,15 +35,15 @@ class TensorRTRunner(GraphRunner):
         check(device == "cuda", f"the TensorRT backend runs on the GPU only, not device={device!r}: use --device cuda")
         path = Path(path)
         if path.suffix == ".onnx":
-            path = path.parent / "engines" / f"{path.stem}.engine"
+            path = path.parent / ENGINES_DIR / f"{path.stem}.engine"
             check(path.is_file(), f"no engine for {path.stem}: run `samg build {path.parent.parent}` first")
-        from samg.build.loader import load_trt, make_logger, polygraphy_trt
-        from samg.build.record import read_record, verify_engine
+        from samg.build.loader import flavour_of, gpu_compute_capability, load_trt, make_logger, polygraphy_trt
 
-        self.trt = trt = load_trt(read_record(path)["trt"]["flavour"])
-        record = verify_engine(path, trt)
+        self.trt = trt = load_trt(read_engine_record(path).trt_flavour)
+        record = verify_engine(path, trt_flavour=flavour_of(trt), trt_version=trt.__version__,
+                               gpu_capability=gpu_compute_capability())
         self.cp = cp = require("cupy", "to run TensorRT engines; CUDA 12 hosts: pip install cupy-cuda12x")
-        if record.get("plugins"):
+        if record.plugins:
             from samg.build.plugin import register_plugin
 
             register_plugin(trt)
@@ -79,7 +81,7 @@ class TensorRTRunner(GraphRunner):
             if not self.context.set_input_shape(name, tuple(array.shape)):
                 raise SamgError(
                     f"{self.path.name}: input {name} shape {tuple(array.shape)} is outside the engine's profile "
-                    f"{self.record['profiles'].get(name)}: rebuild with `samg build --dynamic --min/--max ...`"
+                    f"{self.record.profiles.get(name)}: rebuild with `samg build --dynamic --min/--max ...`"
                 )
             self.context.set_tensor_address(name, array.data.ptr)
         outputs = {}
