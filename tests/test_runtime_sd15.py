@@ -131,7 +131,7 @@ def test_null_runner_runs_the_loop(exports):
 @pytest.mark.parametrize("kwargs,match", [
     (dict(prompt=""), "prompt is required"),
     (dict(steps=0), "steps"),
-    (dict(height=60), "multiples of 16"),
+    (dict(height=60), "--height must be a multiple of 16, got 60"),
     (dict(w_min=9.0, w_max=2.0), "above --w-max"),
     (dict(guidance="cfg", w_min=2.0, w_max=9.0), "takes one scale"),
     (dict(w_min=2.0), "both --w-min and --w-max"),
