@@ -11,7 +11,8 @@ components with diagonal covariance, so the noised densities, the exact denoiser
 The "model" is imperfect in the way that makes guidance useful: its covariances are inflated
 (`--inflate`), so its unguided samples are too spread and often read as the wrong class.
 
-Every rule from `samg.guidance` runs in the same Euler sampler and is scored against the TRUE
+Every rule from `samg.guidance` runs through its own dispatch (`GuidanceRule.apply`) in the runtime's
+Euler sampler over the runtime's Karras sigmas, and is scored against the TRUE
 conditional: alignment (exact Bayes classifier), NLL per dimension, distance off the thin
 manifold, MMD, precision/recall (k-NN), diversity, and the mean effective scale.
 
@@ -32,7 +33,7 @@ import numpy as np
 
 from benchmarks.quality import report
 from samg.errors import SamgError
-from samg.guidance import get_rule
+from samg.guidance import INTERVAL_SIGMA_HI, INTERVAL_SIGMA_LO, get_rule
 
 HERE = Path(__file__).resolve().parent
 
@@ -126,51 +127,51 @@ def sample_true(data: MixtureData, labels: np.ndarray, rng: np.random.Generator)
     return mean + np.sqrt(data.variances[labels, comp]) * rng.standard_normal(mean.shape)
 
 
-def karras_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 10.0, rho: float = 7.0) -> np.ndarray:
-    ramp = np.linspace(0, 1, n)
-    s = (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
-    return np.append(s, 0.0)
+SIGMA_MIN, SIGMA_MAX = 0.002, 10.0  # the Karras schedule's range for these unit-scale "images"
+
+
+def karras_sigmas(n: int) -> np.ndarray:
+    """The runtime's Karras sigmas (samg.runtime.schedules, rho 7) over [SIGMA_MIN, SIGMA_MAX], then 0."""
+    from samg.runtime.schedules import karras_sigmas as runtime_karras
+
+    return np.append(runtime_karras(SIGMA_MIN, SIGMA_MAX, n), 0.0)
 
 
 def sample_guided(model: MixtureData, labels: np.ndarray, rule_name: str, params: dict, *, steps: int, seed: int):
-    """Euler sampling with the guided exact-model denoiser.
+    """The runtime's Euler sampler (samg.runtime.samplers) with the exact model guided by the rule's
+    own dispatch (`GuidanceRule.apply`, as the runtime's denoiser calls it).
 
     Returns (x0 [B, D], mean effective scale, energy-weighted effective scale). The second weighs
     w(p) by the delta energy: the scale applied where guidance acts at all (where Δ = 0 the scale
     changes nothing, yet it counts in the plain mean).
     """
+    from samg.guidance import StepInputs
+    from samg.runtime.samplers import sample_euler
+
     rule = get_rule(rule_name)
+    rule.check_params(params)  # a bad setting is an error, not a diverged (NaN) row
     state = rule.new_state()
     rng = np.random.default_rng(seed)
     sigmas = karras_sigmas(steps)
     B, (C, H, W) = len(labels), model.shape
     x = rng.standard_normal((B, C * H * W)) * sigmas[0]
     scales = []
-    for i in range(steps):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        x0_u = denoise(model, x, sigma, None)
-        x0_c = denoise(model, x, sigma, labels)
-        img = lambda a: a.reshape(B, C, H, W).astype(np.float32)  # noqa: E731 - rules take images
-        # The model is eps-parametrized; linear rules give the same sample in any space.
-        if rule.space == "x0":
-            u, c = img(x0_u), img(x0_c)
-        else:
-            u, c = img((x - x0_u) / sigma), img((x - x0_c) / sigma)
-        out = rule(u, c, step=i, sigma=sigma, state=state, **params)
-        renoise = None
-        if rule.returns_uncond:  # CFG++: x0 from the guided eps, re-noise with the unconditional eps
-            out, renoise = out.guided, out.uncond
-        out = np.asarray(out, np.float64).reshape(B, -1)
-        x0 = out if rule.space == "x0" else x - sigma * out
-        if rule.scale_map is not None:
-            merged = rule.check_params(params) | ({"sigma": sigma} if rule.needs_sigma else {})
-            w = np.asarray(rule.scale_map(u, c, **merged), np.float64)
-            energy = ((c - u).astype(np.float64) ** 2).sum(1, keepdims=True)
-            scales.append((w.mean(), (w * energy).sum() / max(energy.sum(), 1e-30)))
-        if renoise is not None:
-            x = x0 + sigma_next * np.asarray(renoise, np.float64).reshape(B, -1)
-        else:
-            x = x0 + (x - x0) * (sigma_next / sigma)  # Euler step of the probability-flow ODE
+
+    def guided_denoise(x_images: np.ndarray, sigma: float, step: int):
+        flat = x_images.reshape(B, -1)
+        x0_u, x0_c = denoise(model, flat, sigma, None), denoise(model, flat, sigma, labels)
+        # The model is eps-parametrized (x = x0 + σ·eps): its two predictions, as images for the rules.
+        eps = lambda x0: ((flat - x0) / sigma).reshape(B, C, H, W).astype(np.float32)  # noqa: E731
+        inputs = StepInputs(eps(x0_u), eps(x0_c), x_images, sigma, step, "epsilon")
+        applied = rule.step_applied_scales(inputs, **params)
+        if applied is not None:
+            scales.append(applied)
+        return rule.apply(inputs, state, **params)
+
+    try:
+        x = sample_euler(guided_denoise, x.reshape(B, C, H, W), sigmas).reshape(B, -1)
+    except SamgError:  # the sampler stops on non-finite latents: the setting diverged, scored as NaN
+        x = np.full((B, C * H * W), np.nan)
     if scales:
         mean_scale, weighted = np.mean(scales, axis=0)
         return x, float(mean_scale), float(weighted)
@@ -254,7 +255,7 @@ def sweep(quick: bool) -> list[tuple[str, str, dict]]:
     for w in guided_scales:
         out.append(("apg", f"w={w}", {"scale": float(w), "norm_threshold": 2.5, "momentum": -0.5}))
         out.append(("cfg-rescale", f"w={w}", {"scale": float(w)}))
-        out.append(("interval", f"w={w}", {"scale": float(w), "sigma_lo": 0.28, "sigma_hi": 5.42}))
+        out.append(("interval", f"w={w}", {"scale": float(w), "sigma_lo": INTERVAL_SIGMA_LO, "sigma_hi": INTERVAL_SIGMA_HI}))
     for lam in ([0.2, 0.6, 1.0] if quick else [0.1, 0.2, 0.4, 0.6, 0.8, 1.0]):
         out.append(("cfgpp", f"lam={lam}", {"lam": float(lam)}))
     return out

@@ -35,7 +35,8 @@ import numpy as np
 
 from benchmarks.quality import report
 from samg.errors import SamgError
-from samg.runtime.denoiser import Denoiser, Guidance, host_rule_params
+from samg.guidance import INTERVAL_SIGMA_HI, INTERVAL_SIGMA_LO
+from samg.runtime.denoiser import Guidance, GuidedDenoiser
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -179,26 +180,17 @@ def ensure_export(model_dir: Path, cache: Path, guidance: str, *, quiet: bool = 
     return out
 
 
-class MeasuringDenoiser(Denoiser):
-    """A raw-export Denoiser that also records mean_p w(p) and its delta-energy-weighted mean per step."""
+class ScaleRecorder:
+    """`on_host_step` hook of the runtime's GuidedDenoiser (raw exports): records each step's mean_p w(p)
+    and its delta-energy-weighted mean, from the rule's own scale map (GuidanceRule.step_applied_scales)."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self):
         self.scales: list[tuple[float, float]] = []
 
-    def _host_combine(self, u, c, x, sigma, step, w_min, w_max):
-        from samg.guidance import get_rule
-
-        rule = get_rule(self.guidance.rule)
-        if rule.scale_map is not None:
-            merged = rule.check_params(host_rule_params(rule, self.guidance.options, w_min, w_max,
-                                                        self.host_rule_attrs))
-            if rule.needs_sigma:
-                merged["sigma"] = sigma
-            w = np.asarray(rule.scale_map(u, c, **merged), np.float64)  # [B, 1, H, W]
-            energy = ((c.astype(np.float64) - u) ** 2).sum(1, keepdims=True)
-            self.scales.append((float(w.mean()), float((w * energy).sum() / max(energy.sum(), 1e-30))))
-        return super()._host_combine(u, c, x, sigma, step, w_min, w_max)
+    def __call__(self, rule, inputs, params) -> None:
+        scales = rule.step_applied_scales(inputs, **params)
+        if scales is not None:
+            self.scales.append(scales)
 
 
 def make_guidance(rule: str, params: dict) -> Guidance:
@@ -227,20 +219,19 @@ def generate(pipe, rule: str, params: dict, labels: np.ndarray, noise: np.ndarra
     enc = pipe.encode([""] + prompts)  # row 0: the unconditional (empty) prompt
     schedule = schedules.make_schedule(pipe.export.scheduler, SAMPLER, steps)
     sample_fn = samplers.get_sampler(SAMPLER)
-    fused = pipe.export.fused  # fused and scfg graphs combine inside
     images, scales = [], []
     for start in range(0, len(labels), batch):
         lab = labels[start : start + batch]
         cond = {k: np.concatenate([np.repeat(v[:1], len(lab), 0), v[1 + lab]]) for k, v in enc.items()}
-        cls = Denoiser if fused else MeasuringDenoiser
-        denoise = cls(pipe.runners["denoiser"], prediction_type=pipe.prediction_type, combine=pipe.export.combine,
-                      host_rule_attrs=pipe.export.host_rule_attrs, schedule=schedule, conditioning=cond,
-                      guidance=guidance)
+        recorder = ScaleRecorder()
+        denoise = GuidedDenoiser(pipe.runners["denoiser"], prediction_type=pipe.prediction_type,
+                                 combine=pipe.export.combine, host_rule_attrs=pipe.export.host_rule_attrs,
+                                 schedule=schedule, conditioning=cond, guidance=guidance, on_host_step=recorder)
         x = noise[start : start + batch].astype(np.float32) * np.float32(schedule.init_noise_sigma)
         x = sample_fn(denoise, x, schedule.sigmas, rng=np.random.default_rng(0))
         images.append(decode_unclipped(pipe, schedule.to_model_latents(x).astype(np.float32)))
-        if not fused and denoise.scales:
-            scales.append((len(lab), np.mean(denoise.scales, axis=0)))
+        if recorder.scales:
+            scales.append((len(lab), np.mean(recorder.scales, axis=0)))
     out = np.concatenate(images)
     if scales:
         n = sum(k for k, _ in scales)
@@ -325,7 +316,7 @@ def sweep(quick: bool) -> list[tuple[str, str, dict]]:
     for w in guided_scales:
         out.append(("apg", f"w={w}", {"scale": float(w), **APG}))
         out.append(("cfg-rescale", f"w={w}", {"scale": float(w)}))
-        out.append(("interval", f"w={w}", {"scale": float(w), "sigma_lo": 0.28, "sigma_hi": 5.42}))
+        out.append(("interval", f"w={w}", {"scale": float(w), "sigma_lo": INTERVAL_SIGMA_LO, "sigma_hi": INTERVAL_SIGMA_HI}))
     for lam in lams:
         out.append(("cfgpp", f"lam={lam}", {"lam": float(lam)}))
     return out
@@ -426,19 +417,6 @@ DEFAULT_SEEDS = 3  # the least that gives a spread to every claimed difference (
 RELATIVE = ("fd", "overshoot")
 
 
-def smoothing_contrasts(rows) -> list[dict]:
-    """SAMG with smoothing minus the same (w_min, w_max) without, each against CFG at its own scale."""
-    settings = {(r["rule"], r["setting"]) for r in rows}
-    out = []
-    for rule, label in dict.fromkeys((r["rule"], r["setting"]) for r in rows):
-        if rule == "samg" and label.endswith(" smooth") and (rule, label[: -len(" smooth")]) in settings:
-            c = report.contrast(rows, DIFF_METRICS, (rule, label), (rule, label[: -len(" smooth")]),
-                                relative=RELATIVE)
-            if c is not None:
-                out.append(c)
-    return out
-
-
 def write_outputs(rows, checks, out_dir: Path, *, quick: bool, **facts) -> None:
     """CSV of every (setting, seed); markdown of means ± std and of differences from CFG with intervals."""
     from samg.io import atomic_write_bytes
@@ -475,7 +453,7 @@ def write_outputs(rows, checks, out_dir: Path, *, quick: bool, **facts) -> None:
         "\n## Against plain CFG at the same mean effective scale (CFG interpolated per seed)\n",
         report.interval_table(matched, mean_cols),
     ]
-    contrasts = smoothing_contrasts(rows)
+    contrasts = report.smoothing_contrasts(rows, DIFF_METRICS, relative=RELATIVE)
     if contrasts:
         text += ["\n## Smoothing: `smooth=3` minus `smooth=0` at the same (w_min, w_max), each against CFG at its own "
                  "energy-weighted scale\n", report.interval_table(contrasts, diff_cols[2:])]

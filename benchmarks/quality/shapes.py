@@ -14,7 +14,7 @@ alignment is scored exactly, by rule, per prompt kind and per attribute:
 - mean_scale / energy_weighted_scale: the applied scale map w(p), plain and delta-energy-weighted.
 
 Every rule but S-CFG runs on a raw export with the host-side reference rules (so w(p) is measured
-from the two predictions, `benchmarks.quality.digits.MeasuringDenoiser`); S-CFG runs its own exported
+from the two predictions, `benchmarks.quality.digits.ScaleRecorder`); S-CFG runs its own exported
 graph with the probe of `benchmarks.quality.scfg_digits`. Each setting runs on `--seeds` noise draws;
 differences from CFG at matched energy-weighted scale are paired within a seed, with a 95% interval.
 
@@ -118,47 +118,20 @@ def ensure_export(model_dir: Path, cache: Path, guidance: str, *, quiet: bool = 
     return out
 
 
-class ScaleRecorder:
-    """Wraps a raw export's denoiser runner: records mean_p w(p) and its delta-energy-weighted mean
-    for every call, with w(p) from the rule's own scale map on the graph's two predictions."""
-
-    def __init__(self, inner, rule: str, params: dict):
-        from samg.guidance import get_rule
-
-        self.inner, self.rule = inner, get_rule(rule)
-        self.params = self.rule.check_params(params) if self.rule.scale_map is not None else None
-        self.input_names, self.output_names = inner.input_names, inner.output_names
-        self.records: list[tuple[float, float]] = []
-
-    def run(self, feeds):
-        outs = self.inner.run(feeds)
-        if self.params is not None:
-            u, c = (np.asarray(outs[k], np.float64) for k in ("pred_uncond", "pred_cond"))
-            w = np.asarray(self.rule.scale_map(u, c, **self.params), np.float64)  # [B, 1, H, W]
-            energy = ((c - u) ** 2).sum(1, keepdims=True)
-            self.records.append((float(w.mean()), float((w * energy).sum() / max(float(energy.sum()), 1e-30))))
-        return outs
-
-
 def generate(pipe, rule: str, params: dict, prompts: list[str], noise: np.ndarray, steps: int):
     """Decoded images before clipping [N, 3, H, W], mean and energy-weighted applied scale.
 
-    Runs the pipeline's own sampler (`Pipeline.sample`); on a raw export the scale map is recorded by
-    ScaleRecorder; an S-CFG pipeline carries scfg_digits.ScaleProbeRunner (read by the caller)."""
+    Runs the pipeline's own sampler (`Pipeline.sample`); on a raw export each step's scale map is
+    recorded by digits.ScaleRecorder (the runtime's on_host_step hook); an S-CFG pipeline carries
+    scfg_digits.ScaleProbeRunner (read by the caller)."""
     guidance = digits.make_guidance(rule, params)
-    inner = pipe.runners["denoiser"]
-    recorder = None
-    if rule != "scfg":
-        recorder = pipe.runners["denoiser"] = ScaleRecorder(inner, rule, params)
-    try:
-        cond = pipe.conditioning_for(prompts, [""] * len(prompts))
-        latents = pipe.sample(cond, noise, guidance=guidance, sampler=SAMPLER, steps=steps,
-                              rng=np.random.default_rng(0))
-    finally:
-        pipe.runners["denoiser"] = inner
+    recorder = digits.ScaleRecorder()
+    cond = pipe.conditioning_for(prompts, [""] * len(prompts))
+    latents = pipe.sample(cond, noise, guidance=guidance, sampler=SAMPLER, steps=steps,
+                          rng=np.random.default_rng(0), on_host_step=recorder)
     images = digits.decode_unclipped(pipe, latents)
-    if recorder is not None and recorder.records:
-        mean_scale, weighted = np.mean(recorder.records, axis=0)
+    if recorder.scales:
+        mean_scale, weighted = np.mean(recorder.scales, axis=0)
         return images, float(mean_scale), float(weighted)
     return images, digits.nominal_scale(params), digits.nominal_scale(params)
 

@@ -246,14 +246,16 @@ class Pipeline:
 
     def sample(self, conditioning: dict[str, np.ndarray], noise: np.ndarray, *, guidance: Guidance,
                sampler: str, steps: int, karras: bool = False, rng: np.random.Generator | None = None,
-               progress: bool = False, scale_schedule: Callable | None = None) -> np.ndarray:
-        """Sample from standard normal `noise`; returns latents in the model's space (float32)."""
+               progress: bool = False, scale_schedule: Callable | None = None,
+               on_host_step: Callable | None = None) -> np.ndarray:
+        """Sample from standard normal `noise`; returns latents in the model's space (float32).
+        `on_host_step(rule, inputs, params)`: see GuidedDenoiser (benchmarks measure scale maps there)."""
         schedule = self.make_schedule(guidance, sampler, steps, karras)
         sample_fn = samplers.get_sampler(sampler)
         denoise = GuidedDenoiser(
             self.runners["denoiser"], prediction_type=self.prediction_type,
             combine=self.export.combine, host_rule_attrs=self.export.host_rule_attrs, schedule=schedule,
-            conditioning=conditioning, guidance=guidance, scale_schedule=scale_schedule,
+            conditioning=conditioning, guidance=guidance, scale_schedule=scale_schedule, on_host_step=on_host_step,
         )
         x = noise.astype(np.float32) * np.float32(schedule.init_noise_sigma)
         finite_sigmas = schedule.sigmas[np.isfinite(schedule.sigmas)]
