@@ -96,18 +96,18 @@ def shown_steps(steps: int, count: int) -> list[int]:
 
 def trace_masks(pipe, prompts=MASK_PROMPTS, *, scale: float = 5.0, steps: int = 20, show: int = 4,
                 seed: int = 0) -> MaskTrace:
-    """Sample `prompts` with the torch S-CFG reference (Euler, the model's scheduler) and record
-    masks, scale maps and x0 estimates at `show` steps."""
+    """Sample `prompts` with the torch S-CFG reference (the runtime's Euler sampler and sigmas for the
+    model's scheduler) and record masks, scale maps and x0 estimates at `show` steps."""
     import torch
-    from diffusers import EulerDiscreteScheduler
 
+    from samg.contract import scheduler_recipe
+    from samg.runtime import samplers, schedules
     from samg.scfg.capture import install_capture, scfg_unet_step
     from samg.scfg.reference import scfg_combine, semantic_maps, semantic_masks
 
     check(pipe.scheduler.config.get("prediction_type", "epsilon") == "epsilon",
           "the mask picture decodes x0 for epsilon-prediction models only")
-    scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
-    scheduler.set_timesteps(steps)
+    schedule = schedules.make_schedule(scheduler_recipe(dict(pipe.scheduler.config)), "euler", steps)
     unet, vae, tok = pipe.unet.eval(), pipe.vae.eval(), pipe.tokenizer
     store, factors = install_capture(unet)
     n = len(prompts)
@@ -116,26 +116,27 @@ def trace_masks(pipe, prompts=MASK_PROMPTS, *, scale: float = 5.0, steps: int = 
     tokens = [tok.convert_ids_to_tokens(row.tolist()) for row in ids[1:]]
     latent_hw = (unet.config.sample_size, unet.config.sample_size)
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, unet.config.in_channels, *latent_hw, generator=gen) * scheduler.init_noise_sigma
+    noise = torch.randn(n, unet.config.in_channels, *latent_hw, generator=gen)
     keep = set(shown_steps(steps, show))
     views = []
     with torch.no_grad():
         emb = pipe.text_encoder(ids)[0]
         cond = torch.cat([emb[:1].expand(n, -1, -1), emb[1:]])  # [2N, L, D], unconditional first
-        for i, t in enumerate(scheduler.timesteps):
-            model_in = scheduler.scale_model_input(x, t)
-            timestep = t.float().expand(n)
+
+        def denoise(x_np: np.ndarray, sigma: float, i: int) -> np.ndarray:
+            x = torch.from_numpy(np.asarray(x_np, np.float32))
+            model_in = x / float(np.sqrt(1.0 + sigma**2))  # the epsilon model's input (as GuidedDenoiser feeds it)
+            timestep = torch.full((n,), float(schedule.timestep_for(sigma)), dtype=torch.float32)
             guided, (u, c, self_maps, cross_maps) = scfg_unet_step(
                 unet, store, factors, model_in, timestep, cond, scale, return_parts=True)
+            x0 = x - sigma * guided
             if i in keep:
-                sigma = float(scheduler.sigmas[i])
                 token_maps, fore_maps = semantic_maps(self_maps, cross_maps, latent_hw, factors=factors)
                 _, fore = semantic_masks(self_maps, cross_maps, latent_hw, factors=factors)
                 _, rate = scfg_combine(u, c, self_maps, cross_maps, scale, factors=factors, return_rate=True)
                 cond_maps = token_maps[n:]
                 top2 = cond_maps.topk(min(2, cond_maps.shape[1]), dim=1).values
                 gap = (top2[:, 0] - top2[:, -1]) / top2[:, 0]
-                x0 = x - sigma * guided
                 image = vae.decode(x0 / vae.config.scaling_factor).sample.clamp(-1, 1)
                 views.append(StepView(
                     step=i, sigma=sigma,
@@ -145,13 +146,16 @@ def trace_masks(pipe, prompts=MASK_PROMPTS, *, scale: float = 5.0, steps: int = 
                     scale_map=scale * rate[:, 0].numpy(),
                     token_gap=gap.flatten(1).median(1).values.numpy(),
                     map_contrast=cond_maps.std(dim=(2, 3)).mean(1).numpy(),
-                    onnx_inputs={"latents": model_in.numpy(), "timestep": timestep.numpy().astype(np.float32),
+                    onnx_inputs={"latents": model_in.numpy(), "timestep": timestep.numpy(),
                                  "encoder_hidden_states": cond.numpy(),
                                  "guidance_scales": np.full((n, 2), scale, np.float32)},
                     guided=guided.numpy(), pred_uncond=u.numpy(), pred_cond=c.numpy(),
                     token_maps=token_maps.numpy(), fore_maps=fore_maps.numpy(),
                 ))
-            x = scheduler.step(guided, t, x).prev_sample
+            return x0.numpy()
+
+        x = noise.numpy() * np.float32(schedule.init_noise_sigma)
+        samplers.sample_euler(denoise, x, schedule.sigmas)
     return MaskTrace(list(prompts), tokens, float(scale), tuple(factors), steps, views)
 
 
