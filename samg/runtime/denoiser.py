@@ -22,7 +22,8 @@ import numpy as np
 
 from samg.contract import Combine, GuidanceCombineAttrs, export_mode
 from samg.errors import SamgError
-from samg.guidance.registry import DEFAULT_GUIDANCE_SCALE, SPATIAL_RULES, GuidanceRule
+from samg.guidance.registry import DEFAULT_GUIDANCE_SCALE, SPATIAL_RULES, GuidanceRule, check_scale, get_rule
+from samg.guidance.schedules import step_scales
 from samg.guidance.step import PREDICTION_TYPES, StepInputs, StepResult, x0_from_prediction
 from samg.runners.base import Runner
 from samg.runtime.schedules import Schedule
@@ -41,8 +42,6 @@ class Guidance:
     options: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
-        from samg.guidance import check_scale, get_rule
-
         if self.rule != SCFG_RULE:
             get_rule(self.rule)  # SamgError naming the known rules
         single = self.rule not in SPATIAL_RULES
@@ -55,8 +54,6 @@ class Guidance:
 
     def host_rule(self) -> GuidanceRule | None:
         """The registered rule (None for S-CFG, which has no host-side form)."""
-        from samg.guidance import get_rule
-
         return None if self.rule == SCFG_RULE else get_rule(self.rule)
 
 
@@ -136,8 +133,6 @@ class GuidedDenoiser:
         """The step's (w_min, w_max): the per-step schedule's scales (else the constant ones) under
         the rule's own gate (the interval rule: (1, 1) outside its sigma range). A scale is
         1 + (w − 1)·gain, so the gains multiply: the two compose instead of one replacing the other."""
-        from samg.guidance import step_scales
-
         g = self.guidance
         scales = (g.w_min, g.w_max) if self.scale_schedule is None else \
             tuple(float(v) for v in self.scale_schedule(step, sigma))
