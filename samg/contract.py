@@ -11,7 +11,8 @@ at export. Nothing outside this module reads or indexes the JSON. Hashing multi-
 (`.samg-verified.json`, keyed by file name, size, mtime_ns and the expected hash) remembers files
 already checked; where the folder is read-only no stamp is written and files are hashed each load.
 
-Standard library (and numpy-free) at import time; the format is described in docs/architecture.md.
+Standard library and numpy at import time (no onnx, torch or runtimes); the format is described in
+docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -841,6 +842,58 @@ def read_export(export_dir: str | os.PathLike, verify: bool = True, *, complete:
     if verify:
         verify_files(export_dir, export)
     return export
+
+
+# --- what a folder claims, read leniently ------------------------------------------------------------
+# `samg export` may replace only what samg wrote (samg.export.folder). A manifest that no longer
+# validates still names the files samg wrote, so these readers are lenient where read_export is strict.
+
+# Larger records are not samg's (a real one is a few KiB).
+_MAX_ENGINE_RECORD_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class ManifestClaims:
+    files: frozenset[str]  # the names listed in `files`
+    tiny_source: bool  # source.kind == "tiny": the saved tiny pipeline (TINY_SOURCE_DIR) is samg's
+    valid: bool  # the whole manifest validates (only then are engines beside it samg's)
+
+
+def _lenient_json(path: Path, max_bytes: int) -> Any:
+    try:
+        if path.is_symlink() or path.stat().st_size > max_bytes:
+            return None
+        return json.loads(path.read_bytes())
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+        return None
+
+
+def manifest_claims(folder: str | os.PathLike) -> ManifestClaims | None:
+    """What the samg manifest in `folder` says samg wrote; None when there is no samg manifest."""
+    manifest = _lenient_json(Path(folder) / MANIFEST, MAX_MANIFEST_BYTES)
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        return None
+    files = manifest.get("files")
+    source = manifest.get("source")
+    try:
+        validate_manifest(json.loads(json.dumps(manifest)), str(Path(folder) / MANIFEST), complete=False)
+        valid = True
+    except (SamgError, ValueError, TypeError, RecursionError):
+        valid = False
+    return ManifestClaims(
+        files=frozenset(n for n in (files if isinstance(files, dict) else {}) if isinstance(n, str)),
+        tiny_source=isinstance(source, dict) and source.get("kind") == "tiny",
+        valid=valid,
+    )
+
+
+def engine_record_claims(record_path: str | os.PathLike) -> tuple[Any, Any] | None:
+    """(engine_bytes, engine_sha256) from a file that is a samg engine record by its format; None
+    otherwise. Lenient: ownership needs only these two, not a record the runner would accept."""
+    record = _lenient_json(Path(record_path), _MAX_ENGINE_RECORD_BYTES)
+    if not isinstance(record, dict) or record.get("format") != ENGINE_FORMAT:
+        return None
+    return record.get("engine_bytes"), record.get("engine_sha256")
 
 
 def check_confined(export_dir: Path, export: Export) -> None:

@@ -1,37 +1,16 @@
 """Which files in an export folder samg wrote: the only ones `samg export` may replace or delete.
 
-Standard library at import time (samg.contract, samg.io); used by the exporter before the work and
+No heavy imports (samg.contract, samg.io); used by the exporter before the work and
 again, through samg.io.atomic_dir, right before the folder is changed.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from samg.contract import (ENGINE_COMPONENTS, ENGINE_FORMAT, ENGINES_DIR, FORMAT, MANIFEST, PARTIAL_MARKER,
-                           TINY_SOURCE_DIR, VERIFIED_STAMP, validate_manifest)
-from samg.errors import SamgError
+from samg.contract import (ENGINE_COMPONENTS, ENGINES_DIR, MANIFEST, PARTIAL_MARKER, TINY_SOURCE_DIR, VERIFIED_STAMP,
+                           engine_record_claims, manifest_claims)
 from samg.io import MERGE_ROLE, present_files, read_marker, sha256_file
-
-# Larger records are not samg's (a real one is a few KiB).
-_MAX_ENGINE_RECORD_BYTES = 1 << 20
-
-
-def _manifest(folder: Path) -> dict | None:
-    try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-    except (OSError, ValueError, RecursionError):
-        return None
-    return manifest if isinstance(manifest, dict) and manifest.get("format") == FORMAT else None
-
-
-def _is_valid(manifest: dict, folder: Path) -> bool:
-    try:
-        validate_manifest(json.loads(json.dumps(manifest)), str(folder / MANIFEST), complete=False)
-    except (SamgError, ValueError, TypeError, RecursionError):
-        return False
-    return True
 
 
 def samg_engine_files(folder: Path, present: set[str]) -> set[str]:
@@ -42,21 +21,15 @@ def samg_engine_files(folder: Path, present: set[str]) -> set[str]:
     for component in ENGINE_COMPONENTS:
         engine = f"{ENGINES_DIR}/{component}.engine"
         record_name = engine + ".json"
-        if record_name not in present or (folder / record_name).is_symlink():
-            continue
-        try:
-            if (folder / record_name).stat().st_size > _MAX_ENGINE_RECORD_BYTES:
-                continue
-            record = json.loads((folder / record_name).read_text())
-        except (OSError, ValueError, RecursionError):
-            continue
-        if not isinstance(record, dict) or record.get("format") != ENGINE_FORMAT:
+        claims = engine_record_claims(folder / record_name) if record_name in present else None
+        if claims is None:
             continue
         owned.add(record_name)
+        engine_bytes, engine_sha256 = claims
         path = folder / engine
         try:
-            if (engine in present and not path.is_symlink() and path.stat().st_size == record.get("engine_bytes")
-                    and sha256_file(path) == record.get("engine_sha256")):
+            if (engine in present and not path.is_symlink() and path.stat().st_size == engine_bytes
+                    and sha256_file(path) == engine_sha256):
                 owned.add(engine)
         except OSError:
             pass
@@ -71,15 +44,13 @@ def samg_files(folder: str | Path) -> set[str]:
     folder = Path(folder)
     present = present_files(folder)
     owned: set[str] = set()
-    manifest = _manifest(folder)
-    if manifest is not None:
+    claims = manifest_claims(folder)
+    if claims is not None:
         owned.add(MANIFEST)
-        files = manifest.get("files")
-        owned.update(n for n in (files if isinstance(files, dict) else {}) if isinstance(n, str))
-        source = manifest.get("source")
-        if isinstance(source, dict) and source.get("kind") == "tiny":
+        owned.update(claims.files)
+        if claims.tiny_source:
             owned.update(n for n in present if n.split("/")[0] == TINY_SOURCE_DIR)
-        if _is_valid(manifest, folder):
+        if claims.valid:
             owned |= samg_engine_files(folder, present)
     marker = read_marker(folder)
     if marker is not None:
