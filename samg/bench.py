@@ -19,16 +19,19 @@ import time
 from pathlib import Path
 
 
+# samg's samplers that samg bench offers: those with a diffusers scheduler to compare against.
+DIFFUSERS_SCHEDULERS = {"euler": "EulerDiscreteScheduler", "ddim": "DDIMScheduler",
+                        "dpmpp_2m": "DPMSolverMultistepScheduler", "flow_euler": "FlowMatchEulerDiscreteScheduler"}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from samg.guidance import DEFAULT_GUIDANCE_SCALE
     from samg.runners.base import DEVICES
-    from samg.runtime.samplers import SAMPLERS
 
     p.add_argument("export_dir", metavar="DIR", help="fused export folder (written by samg export)")
     p.add_argument("--raw", default=None, help="raw export of the same model (default: exported to a temp folder)")
     p.add_argument("--steps", type=int, default=4)
-    # deterministic samplers only: rows are compared on the same noise
-    p.add_argument("--sampler", default="euler", choices=[n for n in SAMPLERS if n != "euler_a"])
+    p.add_argument("--sampler", default="euler", choices=tuple(DIFFUSERS_SCHEDULERS))
     p.add_argument("--reps", type=int, default=5, help="repetitions of each measurement (interleaved)")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
@@ -119,9 +122,7 @@ def _diffusers_pipeline(export_dir: Path, export_info, sampler: str):
 
     diffusers = require("diffusers", "for the diffusers comparison")
     pipe = diffusers.DiffusionPipeline.from_pretrained(str(source))
-    schedulers = {"euler": "EulerDiscreteScheduler", "ddim": "DDIMScheduler",
-                  "dpmpp_2m": "DPMSolverMultistepScheduler", "flow_euler": "FlowMatchEulerDiscreteScheduler"}
-    pipe.scheduler = getattr(diffusers, schedulers[sampler]).from_config(pipe.scheduler.config)
+    pipe.scheduler = getattr(diffusers, DIFFUSERS_SCHEDULERS[sampler]).from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     if hasattr(pipe, "safety_checker"):
         pipe.safety_checker = None
