@@ -11,8 +11,8 @@ that declare them (so the runtime may always pass all three) and checks ``params
 - ``fused``: computable inside the exported graph by ``samg::GuidanceCombine`` (cfg, samg only);
   ``needs_raw`` (= not fused): the engine must be exported raw, outputting pred_uncond and pred_cond.
 - ``needs_state`` / ``needs_sigma`` / ``needs_step``: extra inputs the rule reads.
-- ``returns_uncond``: the result is ``CfgppOutput(guided, uncond)``; the sampler re-noises with
-  ``uncond`` (CFG++). Every other rule returns one array.
+- ``returns_uncond``: the result is ``CfgppOutput(guided, uncond)`` (CFG++); ``apply`` turns
+  ``uncond`` into the step result's ``renoise_x0``. Every other rule returns one array.
 - ``space``: where u and c must live. ``any``: linear in Δ, same sample in eps, v, flow or x0
   space; ``x0``: denoised predictions (APG); ``eps``: noise predictions (CFG++); ``prediction``:
   the model's own output as is (CFG-rescale, CFG-Zero*).
