@@ -15,7 +15,7 @@ import sys
 SUBCOMMANDS = {
     "export": ("samg.export.cli", "export a diffusion model to ONNX with the guidance combine fused in"),
     "generate": ("samg.runtime.cli", "generate images or video from an export folder"),
-    "demo": ("samg.demo", "export the bundled samg-digits model and write a CFG vs SAMG grid"),
+    "demo": ("samg.demo", "export the bundled samg-shapes model and write a CFG / SAMG / S-CFG grid"),
     "build": ("samg.build.cli", "build TensorRT engines from an export folder"),
     "bench": ("samg.bench", "side-by-side latency benchmarks (ratios measured in one run)"),
     "encode": ("samg.runtime.encode_cli", "encode prompts to conditioning tensors (.npy) for the C++ runtime"),
