@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     pipes = {}
     for kind, folder in exports.items():
         pipe = Pipeline.load(folder, backend="onnxruntime", device="cpu")
-        pipe.runners["denoiser"] = ScaleProbeRunner(_probe_graph(folder, out / "probe" / kind / "denoiser.onnx"))
+        pipe.runners["denoiser"] = ScaleProbeRunner(probe_graph(folder / "denoiser.onnx", out / "probe" / kind / "denoiser.onnx"))
         pipes[kind] = pipe
     prompts = args.prompts or model["prompts"]
     columns = [(rule, rung) for rule in RULES for rung in model["ladder"]]
@@ -120,23 +120,27 @@ def _ensure_export(args, folder: Path, guidance: str) -> Path:
     return folder
 
 
-def _probe_graph(export_dir: Path, out: Path) -> Path:
-    """A copy of the export's denoiser whose combine node's inputs u and c are extra graph outputs."""
+def probe_graph(denoiser_onnx: Path, out: Path, *, ops=COMBINE_OPS, fix: str = "run samg demo with --reexport") -> Path:
+    """A copy of the denoiser whose combine node's inputs u and c are extra graph outputs (PROBE_OUTPUTS).
+
+    `ops` are the (domain, op_type) pairs that count as the combine node; `fix` ends the error when the
+    graph does not hold exactly one."""
     from samg.errors import check, require
     from samg.io import atomic_path
 
     onnx = require("onnx", "to read the scale maps off the exported graph")
-    model = onnx.load(str(export_dir / "denoiser.onnx"))
+    model = onnx.load(str(denoiser_onnx))
     graph = model.graph
-    nodes = [n for n in graph.node if (n.domain, n.op_type) in COMBINE_OPS]
-    check(len(nodes) == 1, f"{export_dir}/denoiser.onnx has {len(nodes)} combine nodes, expected 1: "
-          "run samg demo with --reexport")
+    nodes = [n for n in graph.node if (n.domain, n.op_type) in ops]
+    kind = "combine" if len(ops) > 1 else "::".join(next(iter(ops)))
+    check(len(nodes) == 1, f"{denoiser_onnx} has {len(nodes)} {kind} nodes, expected 1: {fix}")
     guided_type = graph.output[0].type
     for source, name in zip(nodes[0].input[:2], PROBE_OUTPUTS):
         graph.node.append(onnx.helper.make_node("Identity", [source], [name], name=f"{name}_probe"))
         value = graph.output.add()
         value.name = name
         value.type.CopyFrom(guided_type)
+    out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
         onnx.save(model, str(tmp))
     return out

@@ -152,6 +152,30 @@ def encode_latent_stats(vae, images: torch.Tensor):
     return dist.mean, dist.std
 
 
+def denoiser_step(unet, text_encoder, tokenizer, latents, prompts, alphas_cumprod, gen, opt, sched, params,
+                  ema_params, step: int, max_tokens: int = MAX_TOKENS):
+    """One optimiser step of the epsilon-prediction DDPM loss on (latents, prompts), then the EMA update
+    of `ema_params` towards `params`. Draws timesteps then noise from `gen`, in that order. Returns the loss."""
+    ids = tokenizer(prompts, padding="max_length", max_length=max_tokens, truncation=True, return_tensors="pt").input_ids
+    cond = text_encoder(ids)[0]
+    t = torch.randint(0, SCHEDULER["num_train_timesteps"], (len(latents),), generator=gen)
+    noise = torch.randn(latents.shape, generator=gen)
+    a = alphas_cumprod[t].view(-1, 1, 1, 1)
+    noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+    pred = unet(noisy, t, encoder_hidden_states=cond).sample
+    loss = F.mse_loss(pred, noise)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+    decay = min(0.999, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for e, p in zip(ema_params, params):
+            e.lerp_(p, 1 - decay)
+    return loss
+
+
 def train_denoiser(unet, text_encoder, tokenizer, lat_mean, lat_std, scaling, split, steps, batch, gen, log,
                    deadline=None):
     """Epsilon-prediction DDPM loss; prompts drawn per sample; EMA of UNet and text encoder weights.
@@ -185,23 +209,8 @@ def train_denoiser(unet, text_encoder, tokenizer, lat_mean, lat_std, scaling, sp
             "" if rng.random() < UNCOND_DROPOUT else digits_data.prompt_for(int(labels[i]), styles[i], rng)
             for i in idx.tolist()
         ]
-        ids = tokenizer(prompts, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt").input_ids
-        cond = text_encoder(ids)[0]
-        t = torch.randint(0, SCHEDULER["num_train_timesteps"], (batch,), generator=gen)
-        noise = torch.randn(latents.shape, generator=gen)
-        a = alphas_cumprod[t].view(-1, 1, 1, 1)
-        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
-        pred = unet(noisy, t, encoder_hidden_states=cond).sample
-        loss = F.mse_loss(pred, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        decay = min(0.999, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for e, p in zip(ema_params, params):
-                e.lerp_(p, 1 - decay)
+        loss = denoiser_step(unet, text_encoder, tokenizer, latents, prompts, alphas_cumprod, gen,
+                             opt, sched, params, ema_params, step)
         done = step + 1
         if step % 100 == 0 or step == steps - 1:
             rate = (time.time() - start) / (step + 1)

@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -136,23 +135,8 @@ def train_denoiser(unet, text_encoder, tokenizer, lat_mean, lat_std, scaling, ob
         latents = (lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=gen)) * scaling
         prompts = ["" if rng.random() < shapes.UNCOND_DROPOUT else shapes.random_prompt(objects[i], rng)
                    for i in idx.tolist()]
-        ids = tokenizer(prompts, padding="max_length", max_length=MAX_TOKENS, truncation=True,
-                        return_tensors="pt").input_ids
-        cond = text_encoder(ids)[0]
-        t = torch.randint(0, train_digits.SCHEDULER["num_train_timesteps"], (args.batch_size,), generator=gen)
-        noise = torch.randn(latents.shape, generator=gen)
-        a = alphas_cumprod[t].view(-1, 1, 1, 1)
-        pred = unet(a.sqrt() * latents + (1 - a).sqrt() * noise, t, encoder_hidden_states=cond).sample
-        loss = F.mse_loss(pred, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        decay = min(0.999, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for e, p in zip(ema_params, params):
-                e.lerp_(p, 1 - decay)
+        loss = train_digits.denoiser_step(unet, text_encoder, tokenizer, latents, prompts, alphas_cumprod, gen,
+                                          opt, sched, params, ema_params, step, max_tokens=MAX_TOKENS)
         done = step + 1
         if step % 50 == 0 or done == args.unet_steps:
             rate = (time.time() - start) / (done - first)

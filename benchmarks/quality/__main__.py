@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 from benchmarks.quality import analytic, digits, report, scfg_digits, shapes
 from samg.errors import SamgError
@@ -23,28 +22,26 @@ from samg.errors import SamgError
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="reduced sweeps and sample counts")
-    p.add_argument("--out", type=Path, default=None,
-                   help=f"output folder (default: {report.RESULTS_DIR} for full runs, {report.QUICK_DIR} for --quick)")
+    report.add_output_args(p, quick_help="reduced sweeps and sample counts")
     p.add_argument("--only", choices=("digits", "scfg", "shapes", "analytic"), help="run one of the benchmarks")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    a = p.parse_args(argv)
-    a.out = a.out if a.out is not None else report.default_out_dir(a.quick)
-    return a
+    return report.resolve_out(p.parse_args(argv))
 
 
 def main(argv=None) -> int:
     a = parse_args(argv)
     t0 = time.perf_counter()
+    flags = [*(["--quick"] if a.quick else []), "--out", str(a.out)]
+    quiet = ["--quiet"] if a.quiet else []
     try:
         if a.only in (None, "digits"):
-            digits.main((["--quick"] if a.quick else []) + ["--out", str(a.out)] + (["--quiet"] if a.quiet else []))
+            digits.main(flags + quiet)
         if a.only in (None, "scfg"):
-            scfg_digits.main(["sweep", *(["--quick"] if a.quick else []), "--out", str(a.out)])
+            scfg_digits.main(["sweep", *flags])
         if a.only in (None, "shapes"):
-            shapes.main((["--quick"] if a.quick else []) + ["--out", str(a.out)] + (["--quiet"] if a.quiet else []))
+            shapes.main(flags + quiet)
         if a.only in (None, "analytic"):
-            analytic.main((["--quick"] if a.quick else []) + ["--out", str(a.out)] + (["--quiet"] if a.quiet else []))
+            analytic.main(flags + quiet)
     except SamgError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

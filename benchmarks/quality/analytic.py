@@ -352,9 +352,7 @@ def write_outputs(rows, out_dir: Path, stem: str = "analytic", **facts) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="reduced sweep and sample count")
-    p.add_argument("--out", type=Path, default=None,
-                   help=f"output folder (default: {report.RESULTS_DIR} for full runs, {report.QUICK_DIR} for --quick)")
+    report.add_output_args(p)
     p.add_argument("--inflate", type=float, default=0.25, help="variance added to the model's foreground (imperfect model)")
     p.add_argument("--steps", type=int, default=24)
     p.add_argument("--per-class", type=int, default=None)
@@ -365,9 +363,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--report-only", action="store_true",
                    help="re-render the tables and plots from the output folder's CSV without sampling")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    a = p.parse_args(argv)
-    a.out = a.out if a.out is not None else report.default_out_dir(a.quick)
-    return a
+    return report.resolve_out(p.parse_args(argv))
 
 
 def main(argv=None) -> int:
@@ -376,11 +372,8 @@ def main(argv=None) -> int:
         raise SamgError("--seeds and --steps must be at least 1 and --per-class at least 4 (k-NN recall needs neighbours)")
     stem = "analytic_quick" if a.quick else "analytic"
     if a.report_only:
-        csv_path = a.out / f"{stem}.csv"
-        if not csv_path.is_file():
-            raise SamgError(f"{csv_path} does not exist: run the benchmark first (without --report-only)")
-        rows = report.read_csv(csv_path)
-        write_outputs(rows, a.out, stem, seeds=" ".join(map(str, report.by_seed(rows))), note="re-rendered from the CSV")
+        rows = report.rows_to_rerender(a.out, stem)
+        write_outputs(rows, a.out, stem, seeds=report.seeds_text(rows), note="re-rendered from the CSV")
         print(f"re-rendered {a.out}/{stem}.md from {len(rows)} rows")
         return 0
     rows = run(a.quick, a.out, inflate=a.inflate, steps=a.steps, per_class=a.per_class, seed=a.seed, seeds=a.seeds,
@@ -390,8 +383,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except SamgError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    report.run_cli(main)

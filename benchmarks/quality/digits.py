@@ -436,7 +436,7 @@ def write_outputs(rows, checks, out_dir: Path, *, quick: bool, **facts) -> None:
     front_over = report.pareto_front(summary, "overshoot", "alignment", maximize_x=False, maximize_y=True)
     best = best_cfg(rows)
     command = "python -m benchmarks.quality.digits" + (" --quick" if quick else "")
-    fact_text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in facts.items())
+    fact_text = report.facts_text(facts)
     front_cols = ["rule", "setting", *scale_cols, *METRICS]
     text = [
         "# samg-digits benchmark: guidance quality on the exported model (ONNX Runtime)\n",
@@ -476,9 +476,7 @@ def write_outputs(rows, checks, out_dir: Path, *, quick: bool, **facts) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="reduced sweep and sample count")
-    p.add_argument("--out", type=Path, default=None,
-                   help=f"output folder (default: {report.RESULTS_DIR} for full runs, {report.QUICK_DIR} for --quick)")
+    report.add_output_args(p)
     p.add_argument("--model-path", type=Path, default=DEFAULT_MODEL, help="diffusers pipeline folder of samg-digits")
     p.add_argument("--classifier-dir", type=Path, default=None, help="digit classifier folder (default: the bundled one)")
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the raw and fused exports are kept")
@@ -493,9 +491,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--report-only", action="store_true",
                    help="re-render the tables and plots from the output folder's CSV without sampling")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    a = p.parse_args(argv)
-    a.out = a.out if a.out is not None else report.default_out_dir(a.quick)
-    return a
+    return report.resolve_out(p.parse_args(argv))
 
 
 def main(argv=None) -> int:
@@ -505,13 +501,11 @@ def main(argv=None) -> int:
     if a.seeds < 1:
         raise SamgError("--seeds must be at least 1")
     if a.report_only:
-        csv_path = a.out / f"{'digits_quick' if a.quick else 'digits'}.csv"
-        if not csv_path.is_file():
-            raise SamgError(f"{csv_path} does not exist: run the benchmark first (without --report-only)")
-        rows = report.read_csv(csv_path)
-        write_outputs(rows, [], a.out, quick=a.quick, seeds=" ".join(map(str, report.by_seed(rows))),
+        stem = "digits_quick" if a.quick else "digits"
+        rows = report.rows_to_rerender(a.out, stem)
+        write_outputs(rows, [], a.out, quick=a.quick, seeds=report.seeds_text(rows),
                       note="re-rendered from the CSV (fused checks not re-run)")
-        print(f"re-rendered {csv_path.with_suffix('.md')} from {len(rows)} rows")
+        print(f"re-rendered {a.out / stem}.md from {len(rows)} rows")
         return 0
     rows, checks, facts = run(a.quick, a.out, model_dir=a.model_path, cache=a.cache, per_digit=a.per_digit,
                               steps=a.steps, seed=a.seed, seeds=a.seeds, progress=not a.quiet,
@@ -526,8 +520,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except SamgError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    report.run_cli(main)

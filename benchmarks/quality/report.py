@@ -28,6 +28,56 @@ def default_out_dir(quick: bool) -> Path:
     """Where a run writes when --out is not given: quick runs never write into the tracked results."""
     return QUICK_DIR if quick else RESULTS_DIR
 
+
+# ---------------------------------------------------------------- the command line every benchmark shares
+
+
+def add_output_args(parser, *, quick_help: str = "reduced sweep and sample count") -> None:
+    """--quick and --out, which every quality benchmark takes with the same meaning."""
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"output folder (default: {RESULTS_DIR} for full runs, {QUICK_DIR} for --quick)")
+
+
+def resolve_out(args):
+    """Fill in --out from --quick when it was not given (see `default_out_dir`); returns `args`."""
+    args.out = args.out if args.out is not None else default_out_dir(args.quick)
+    return args
+
+
+def rows_to_rerender(out_dir: Path, stem: str) -> list[dict]:
+    """The rows of an earlier run's `<stem>.csv` in `out_dir`, for --report-only."""
+    from samg.errors import SamgError
+
+    csv_path = out_dir / f"{stem}.csv"
+    if not csv_path.is_file():
+        raise SamgError(f"{csv_path} does not exist: run the benchmark first (without --report-only)")
+    return read_csv(csv_path)
+
+
+def seeds_text(rows: Sequence[dict]) -> str:
+    """The seeds the rows were sampled with, as the reports' `seeds=` fact spells them."""
+    return " ".join(map(str, by_seed(rows)))
+
+
+def facts_text(facts: dict) -> str:
+    """`key=value ...` for a report's first line; floats to four significant digits."""
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in facts.items())
+
+
+def run_cli(main) -> None:
+    """`python -m benchmarks.quality.<name>`: exit with main's status; a SamgError is one line and status 2."""
+    import sys
+
+    from samg.errors import SamgError
+
+    try:
+        sys.exit(main())
+    except SamgError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
 # A rule family is drawn as one line; these colours keep CFG the same in every figure.
 FAMILY_STYLE = {
     "cfg": ("black", "o"),

@@ -239,7 +239,7 @@ def write_outputs(rows, out_dir: Path, *, quick: bool, **facts) -> None:
     matched = report.matched_differences(rows, METRICS, relative=RELATIVE)
     best = best_cfg(rows)
     command = "python -m benchmarks.quality.shapes" + (" --quick" if quick else "")
-    fact_text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in facts.items())
+    fact_text = report.facts_text(facts)
     front_cols = ["rule", "setting", *scale_cols, "align_one", "align_two", "fd", "off_palette", "overshoot"]
     text = [
         "# samg-shapes benchmark: guidance quality on the exported model (ONNX Runtime), scored exactly\n",
@@ -267,9 +267,7 @@ def write_outputs(rows, out_dir: Path, *, quick: bool, **facts) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="reduced sweep and sample count")
-    p.add_argument("--out", type=Path, default=None,
-                   help=f"output folder (default: {report.RESULTS_DIR} for full runs, {report.QUICK_DIR} for --quick)")
+    report.add_output_args(p)
     p.add_argument("--model-path", type=Path, default=DEFAULT_MODEL, help="diffusers pipeline folder of samg-shapes")
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the raw and S-CFG exports are kept")
     p.add_argument("--per-kind", type=int, default=None,
@@ -280,9 +278,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-scfg", action="store_true", help="skip the S-CFG rows")
     p.add_argument("--report-only", action="store_true", help="re-render the tables and plots from the CSV")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    a = p.parse_args(argv)
-    a.out = a.out if a.out is not None else report.default_out_dir(a.quick)
-    return a
+    return report.resolve_out(p.parse_args(argv))
 
 
 def main(argv=None) -> int:
@@ -290,12 +286,10 @@ def main(argv=None) -> int:
     if a.per_kind is not None and a.per_kind < 2:
         raise SamgError("--per-kind must be at least 2 (the Fréchet distance needs pairs)")
     if a.report_only:
-        csv_path = a.out / f"{'shapes_quick' if a.quick else 'shapes'}.csv"
-        if not csv_path.is_file():
-            raise SamgError(f"{csv_path} does not exist: run the benchmark first (without --report-only)")
-        rows = report.read_csv(csv_path)
-        write_outputs(rows, a.out, quick=a.quick, seeds=" ".join(map(str, report.by_seed(rows))))
-        print(f"re-rendered {csv_path.with_suffix('.md')} from {len(rows)} rows")
+        stem = "shapes_quick" if a.quick else "shapes"
+        rows = report.rows_to_rerender(a.out, stem)
+        write_outputs(rows, a.out, quick=a.quick, seeds=report.seeds_text(rows))
+        print(f"re-rendered {a.out / stem}.md from {len(rows)} rows")
         return 0
     rows, facts = run(a.quick, a.out, model_dir=a.model_path, cache=a.cache, per_kind=a.per_kind, steps=a.steps,
                       seed=a.seed, seeds=a.seeds, with_scfg=not a.no_scfg, progress=not a.quiet)
@@ -306,8 +300,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except SamgError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    report.run_cli(main)

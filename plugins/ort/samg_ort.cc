@@ -36,33 +36,30 @@ std::string shape_text(const std::vector<int64_t>& shape) {
   return text.str();
 }
 
-// Reads an optional attribute: the op's default when absent, an error when present with another type.
-OrtStatusPtr read_float_attribute(const OrtApi& api, const OrtKernelInfo* info, const char* name, float fallback,
-                                  float* value) {
-  if (OrtStatus* missing = api.KernelInfoGetAttribute_float(info, name, value)) {
-    api.ReleaseStatus(missing);
-    int64_t as_int = 0;
-    if (OrtStatus* absent = api.KernelInfoGetAttribute_int64(info, name, &as_int)) {
-      api.ReleaseStatus(absent);
-      *value = fallback;
-      return nullptr;
-    }
-    return make_error(api, std::string("attribute ") + name + " must be a float (got an int)");
-  }
-  return nullptr;
+// The kernel-info getter of each attribute type, and how errors name the type.
+OrtStatus* get_attribute(const OrtApi& api, const OrtKernelInfo* info, const char* name, float* value) {
+  return api.KernelInfoGetAttribute_float(info, name, value);
 }
+OrtStatus* get_attribute(const OrtApi& api, const OrtKernelInfo* info, const char* name, int64_t* value) {
+  return api.KernelInfoGetAttribute_int64(info, name, value);
+}
+const char* type_name(float) { return "a float"; }
+const char* type_name(int64_t) { return "an int"; }
 
-OrtStatusPtr read_int_attribute(const OrtApi& api, const OrtKernelInfo* info, const char* name, int64_t fallback,
-                                int64_t* value) {
-  if (OrtStatus* missing = api.KernelInfoGetAttribute_int64(info, name, value)) {
+// Reads an optional attribute of type T: the op's default when absent, an error when present with the
+// Other type (a silent cast would hide a wrong graph).
+template <typename T, typename Other>
+OrtStatusPtr read_attribute(const OrtApi& api, const OrtKernelInfo* info, const char* name, T fallback, T* value) {
+  if (OrtStatus* missing = get_attribute(api, info, name, value)) {
     api.ReleaseStatus(missing);
-    float as_float = 0;
-    if (OrtStatus* absent = api.KernelInfoGetAttribute_float(info, name, &as_float)) {
+    Other as_other{};
+    if (OrtStatus* absent = get_attribute(api, info, name, &as_other)) {
       api.ReleaseStatus(absent);
       *value = fallback;
       return nullptr;
     }
-    return make_error(api, std::string("attribute ") + name + " must be an int (got a float)");
+    return make_error(api, std::string("attribute ") + name + " must be " + type_name(T{}) + " (got " +
+                               type_name(Other{}) + ")");
   }
   return nullptr;
 }
@@ -127,10 +124,10 @@ struct CombineOp : Ort::CustomOpBase<CombineOp, CombineKernel, /*WithStatus=*/tr
     kernel->api = &api;
     kernel->dtype = dtype_;
     int64_t smooth = 0, channel_axis = 1;
-    if (OrtStatusPtr s = read_float_attribute(api, info, "tau", 1.0f, &kernel->params.tau)) return s;
-    if (OrtStatusPtr s = read_float_attribute(api, info, "sharpness", 4.0f, &kernel->params.sharpness)) return s;
-    if (OrtStatusPtr s = read_int_attribute(api, info, "smooth", 0, &smooth)) return s;
-    if (OrtStatusPtr s = read_int_attribute(api, info, "channel_axis", 1, &channel_axis)) return s;
+    if (OrtStatusPtr s = read_attribute<float, int64_t>(api, info, "tau", 1.0f, &kernel->params.tau)) return s;
+    if (OrtStatusPtr s = read_attribute<float, int64_t>(api, info, "sharpness", 4.0f, &kernel->params.sharpness)) return s;
+    if (OrtStatusPtr s = read_attribute<int64_t, float>(api, info, "smooth", 0, &smooth)) return s;
+    if (OrtStatusPtr s = read_attribute<int64_t, float>(api, info, "channel_axis", 1, &channel_axis)) return s;
     if (smooth != 0 && smooth != 3)
       return make_error(api, "attribute smooth=" + std::to_string(smooth) + " is not supported: use 0 (off) or 3");
     if (channel_axis != 1 && channel_axis != 2)
