@@ -217,6 +217,11 @@ def validate_manifest(manifest: Any, where: str = MANIFEST, *, complete: bool = 
         entry = f.section(manifest["validation"], name, "validation.")
         f.number(entry, "max_abs_err", q, lo=0.0, optional=True)
         f.number(entry, "tolerance", q, lo=0.0, optional=True)
+        shapes = entry.get("checked_shapes")
+        if shapes is not None and not (isinstance(shapes, list) and all(
+                isinstance(s, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in s)
+                for s in shapes)):
+            raise f.fail(q + "checked_shapes", "a list of shapes (lists of sizes)", shapes)
     files = f.section(manifest, "files")
     for name, digest in files.items():
         if not is_confined_name(name):
@@ -332,11 +337,14 @@ def _validate_component(f: _Fields, name: str, section: dict, complete: bool) ->
             f.relpath(entry, "file", q)
             f.integer(entry, "max_length", q, hi=MAX_TOKEN_LENGTH)
             f.integer(entry, "pad_id", q, lo=0, optional=True)
+            f.string(entry, "pad_token", q, optional=True)
             f.string(entry, "input", q, optional=True)
         outputs = section.get("outputs")
         if not isinstance(outputs, list) or not outputs or not all(isinstance(o, str) and o for o in outputs):
             raise f.fail(p + "outputs", "a non-empty list of names", outputs)
         f.boolean(section, "force_zeros_for_empty_prompt", p, optional=True)
+        f.choice(section, "compute_dtype", DTYPES, p, optional=True)
+        f.tensors(section, "output_shapes", p, optional=True)
 
 
 # --- the typed export ---------------------------------------------------------------------------------
