@@ -26,7 +26,7 @@ DIFFUSERS_SCHEDULERS = {"euler": "EulerDiscreteScheduler", "ddim": "DDIMSchedule
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from samg.guidance import DEFAULT_GUIDANCE_SCALE
-    from samg.runners.base import DEVICES
+    from samg.runners.base import DEPLOYMENT_BACKENDS, DEVICES
 
     p.add_argument("export_dir", metavar="DIR", help="fused export folder (written by samg export)")
     p.add_argument("--raw", default=None, help="raw export of the same model (default: exported to a temp folder)")
@@ -37,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--w-min", type=float, default=3.0)
     p.add_argument("--w-max", type=float, default=DEFAULT_GUIDANCE_SCALE)
-    p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt"))
+    p.add_argument("--backend", default="onnxruntime", choices=DEPLOYMENT_BACKENDS)
     p.add_argument("--device", default="cpu", choices=DEVICES)
     p.add_argument("--no-diffusers", action="store_true", help="skip the diffusers end-to-end row")
 

@@ -1,6 +1,6 @@
 """`samg build DIR`: TensorRT / TensorRT-RTX engines for an export folder (one per component).
 
-Standard library only at module level (see samg/cli.py).
+Light modules only at module level (standard library, numpy; see samg/cli.py).
 """
 
 from __future__ import annotations
@@ -9,26 +9,27 @@ import argparse
 import sys
 from pathlib import Path
 
-COMPONENT_NAMES = ("text_encoder", "denoiser", "vae_decoder")
+from samg.build.loader import COMBINE_PATHS, FLAVOURS, PRECISIONS
+from samg.contract import ENGINE_COMPONENTS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("export_dir", metavar="DIR", help="export folder written by `samg export` (has samg.json)")
     parser.add_argument(
         "--trt",
-        choices=("tensorrt", "tensorrt-rtx"),
+        choices=tuple(FLAVOURS),
         default=None,
         help="TensorRT flavour (default: the installed one, tensorrt first)",
     )
     parser.add_argument(
         "--combine",
-        choices=("function", "plugin"),
-        default="function",
+        choices=COMBINE_PATHS,
+        default=COMBINE_PATHS[0],
         help="guidance combine as the ONNX function body (default) or as the samg::GuidanceCombine plugin",
     )
     parser.add_argument(
         "--precision",
-        choices=("fp32", "fp16", "bf16"),
+        choices=tuple(PRECISIONS),
         default=None,
         help="must match the export's dtype (networks are strongly typed); default: the export's dtype",
     )
@@ -42,8 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max", default=None, help="largest shape (with --dynamic)")
     parser.add_argument(
         "--components",
-        default=",".join(COMPONENT_NAMES),
-        help=f"comma-separated subset of {','.join(COMPONENT_NAMES)} (default: all)",
+        default=",".join(ENGINE_COMPONENTS),
+        help=f"comma-separated subset of {','.join(ENGINE_COMPONENTS)} (default: all)",
     )
     parser.add_argument("--out", default=None, help="engine folder (default: DIR/engines)")
     parser.add_argument("--cache-dir", default=None, help="engine cache folder (default: ~/.cache/samg/engines)")

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 
-from samg.build.loader import cache_root, flavour_of, gpu_compute_capability, load_trt, make_logger, polygraphy_trt
+from samg.build.loader import COMBINE_PATHS, PRECISIONS, cache_root, flavour_of, gpu_compute_capability, load_trt, make_logger, polygraphy_trt
 from samg.build.profiles import ShapeRequest, input_profiles, symbol_ranges
 from samg.contract import (
     ENGINE_COMPONENTS as COMPONENTS,
@@ -41,15 +41,13 @@ from samg.contract import (
 from samg.errors import SamgError, check, require
 from samg.io import atomic_write_bytes, sha256_file
 
-PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-COMBINE_PATHS = ("function", "plugin")
 PLUGIN_ID = "samg::GuidanceCombine"
 
 
 @dataclass
 class BuildOptions:
     flavour: str | None = None  # "tensorrt" | "tensorrt-rtx" | None (auto)
-    combine: str = "function"
+    combine: str = COMBINE_PATHS[0]  # the ONNX function body
     precision: str | None = None  # None: the export's dtype
     shapes: ShapeRequest = field(default_factory=ShapeRequest)
     components: tuple[str, ...] = COMPONENTS
@@ -334,7 +332,7 @@ def build_export(export_dir: str | os.PathLike, options: BuildOptions | None = N
     onnx = require("onnx", "to read the exported models")
     export_dir = Path(export_dir)
     export = load_export(export_dir)
-    check(options.combine in COMBINE_PATHS, f"--combine {options.combine!r}: use function or plugin")
+    check(options.combine in COMBINE_PATHS, f"--combine {options.combine!r}: use one of {', '.join(COMBINE_PATHS)}")
     precision = check_precision(export.dtype, options.precision)  # the plugin's kernels take all three
     trt = load_trt(options.flavour)
     flavour, version = flavour_of(trt), trt.__version__

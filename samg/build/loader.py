@@ -23,9 +23,14 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+from samg.contract import ENGINE_COMBINE_PATHS
 from samg.errors import SamgError, require
 
 FLAVOURS = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}
+# `samg build --precision` -> the export dtype it must match (networks are strongly typed)
+PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+# `samg build --combine` choices: "none" is only recorded, for engines without the op
+COMBINE_PATHS = tuple(path for path in ENGINE_COMBINE_PATHS if path != "none")
 # flavour -> (package holding the shared libraries, versioned file, name the library dlopens)
 _LIBRARY_LINKS = {"tensorrt-rtx": ("tensorrt_rtx_libs", "libtensorrt_rtx.so.1", "libtensorrt_rtx.so")}
 REEXEC_MARKER = "SAMG_TRT_REEXEC"

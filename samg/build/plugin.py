@@ -24,11 +24,12 @@ from types import ModuleType
 from typing import Any
 
 from samg.errors import SamgError, check, require
-from samg.op.schema import GUIDANCE_COMBINE
+from samg.op.schema import DOMAIN, GUIDANCE_COMBINE, OP_TYPE, OP_VERSION, validate_attributes
 
-PLUGIN_NAME = "GuidanceCombine"
-PLUGIN_NAMESPACE = "samg"
-PLUGIN_VERSION = "1"
+# The ONNX parser maps a node to the plugin creator registered under its op type, domain and version.
+PLUGIN_NAME = OP_TYPE
+PLUGIN_NAMESPACE = DOMAIN
+PLUGIN_VERSION = str(OP_VERSION)
 
 # Field name -> (default, python type). Defaults are the op's attribute defaults.
 FIELDS = {name: (default, type(default)) for name, default in GUIDANCE_COMBINE.defaults.items()}
@@ -66,8 +67,7 @@ def fields_from_collection(collection) -> dict[str, float | int]:
         data = np.asarray(field.data).reshape(-1)
         check(data.size >= 1, f"GuidanceCombine plugin field {field.name} is empty")
         values[field.name] = FIELDS[field.name][1](data[0])
-    check(values["smooth"] in (0, 3), f"GuidanceCombine smooth must be 0 or 3, got {values['smooth']}")
-    check(values["channel_axis"] in (1, 2), f"GuidanceCombine channel_axis must be 1 or 2, got {values['channel_axis']}")
+    validate_attributes(**values)
     return values
 
 

@@ -15,7 +15,7 @@ def _factors(text: str) -> tuple[int, ...]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     # choices and defaults come from their registries (numpy-only imports, no torch)
     from samg.contract import GUIDANCE_KINDS
-    from samg.export.exporter import ExportOptions
+    from samg.export.exporter import TOLERANCE, ExportOptions
     from samg.models.specs import spec_names
     from samg.op.schema import SMOOTH_CHOICES
 
@@ -33,8 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="fused: one graph outputs the guided prediction; raw: outputs pred_uncond and pred_cond; "
         "scfg: the graph computes S-CFG from its attention maps (UNet models, see docs/scfg.md)",
     )
-    parser.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
-    parser.add_argument("--dtype", choices=("float32", "float16"), default="float32")
+    parser.add_argument("--opset", type=int, default=ExportOptions.opset, help=f"ONNX opset (default {ExportOptions.opset})")
+    parser.add_argument("--dtype", choices=tuple(TOLERANCE), default=ExportOptions.dtype)
     parser.add_argument("--height", type=int, help="pixel height to trace at (default: the model's own)")
     parser.add_argument("--width", type=int, help="pixel width to trace at (default: the model's own)")
     parser.add_argument("--frames", type=int, help="video frames (video models only)")

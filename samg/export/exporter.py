@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from samg.contract import MAX_FRAMES, MAX_PIXELS
+from samg.contract import GUIDANCE_KINDS, MAX_FRAMES, MAX_PIXELS
 from samg.errors import SamgError, check, require
 from samg.op.schema import DEFAULT_SHARPNESS, DEFAULT_TAU
 from samg.models.specs import ModelSpec, get_spec
@@ -27,7 +27,10 @@ VAE_FILE = "vae_decoder.onnx"
 # Protobuf's hard limit; larger models keep their weights in NAME.onnx.data.
 _PROTO_LIMIT = 2**31 - 2**20
 _EXTERNAL_DATA_SUFFIX = ".data"
+# export dtype (the `--dtype` choices) -> tolerance of the ONNX Runtime vs torch check
 TOLERANCE = {"float32": 1e-3, "float16": 5e-2}
+DEFAULT_OPSET = 18
+SUPPORTED_OPSETS = range(17, 22)
 TRACE_BATCH = 2
 
 
@@ -38,7 +41,7 @@ class ExportOptions:
     model_path: str | None = None
     tiny: bool = False
     guidance: str = "fused"
-    opset: int = 18
+    opset: int = DEFAULT_OPSET
     dtype: str = "float32"
     height: int | None = None
     width: int | None = None
@@ -154,9 +157,11 @@ def _threads_for(opts: ExportOptions, torch):
 def _check_options(opts: ExportOptions, spec: ModelSpec) -> None:
     from samg.op.schema import validate_attributes
 
-    check(opts.guidance in ("fused", "raw", "scfg"), f"--guidance must be fused, raw or scfg, got {opts.guidance!r}")
-    check(opts.dtype in TOLERANCE, f"--dtype must be float32 or float16, got {opts.dtype!r}")
-    check(17 <= opts.opset <= 21, f"--opset must be between 17 and 21 (default 18), got {opts.opset}")
+    check(opts.guidance in GUIDANCE_KINDS, f"--guidance must be {', '.join(GUIDANCE_KINDS[:-1])} or {GUIDANCE_KINDS[-1]}, "
+          f"got {opts.guidance!r}")
+    check(opts.dtype in TOLERANCE, f"--dtype must be {' or '.join(TOLERANCE)}, got {opts.dtype!r}")
+    check(opts.opset in SUPPORTED_OPSETS, f"--opset must be between {SUPPORTED_OPSETS[0]} and {SUPPORTED_OPSETS[-1]} "
+          f"(default {DEFAULT_OPSET}), got {opts.opset}")
     check(not (opts.tiny and opts.model_path), "--tiny and --model-path exclude each other: pass one of them")
     check(opts.guidance == "scfg" or (opts.scfg_levels is None and not opts.scfg_corrected),
           "--scfg-levels and --scfg-corrected apply to --guidance scfg only: add it or drop them")

@@ -99,6 +99,10 @@ BACKENDS = {
     "tensorrt": "samg.runners.tensorrt:TensorRTRunner",
 }
 DEVICES = ("cpu", "cuda")
+# Backends that run on the CPU (TensorRT needs cuda): `samg encode` runs there.
+CPU_BACKENDS = tuple(name for name in BACKENDS if name != "tensorrt")
+# Backends a deployment runs on, so the ones `samg bench` times (torch is the reference, null does no work).
+DEPLOYMENT_BACKENDS = ("onnxruntime", "tensorrt")
 
 
 def open_runner(path: str | Path, backend: str = "onnxruntime", device: str = "cpu", **opts) -> Runner:

@@ -14,12 +14,14 @@ from pathlib import Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from samg.runners.base import CPU_BACKENDS
+
     p.add_argument("export_dir", metavar="DIR", help="export folder (written by samg export)")
     p.add_argument("--prompt", action="append", required=True,
                    help="repeat for several prompts: one conditioning row each, in order")
     p.add_argument("--negative-prompt", action="append", default=None,
                    help="once (shared by every prompt) or once per prompt; default empty")
-    p.add_argument("--backend", choices=("onnxruntime", "torch", "null"), default="onnxruntime")
+    p.add_argument("--backend", choices=CPU_BACKENDS, default=CPU_BACKENDS[0])
     p.add_argument("--out", required=True, help="output folder for the .npy files")
 
 

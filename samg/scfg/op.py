@@ -17,10 +17,10 @@ from __future__ import annotations
 import warnings
 
 from samg.errors import check, require
+from samg.op.schema import DOMAIN  # both samg ops share the one custom domain
 from samg.op.skeleton import TENSOR_TYPES, OpSpec
 from samg.scfg.reference import BLUR_1D, EPS, RATE_BUDGET, RATE_MAX, RATE_MIN
 
-DOMAIN = "samg"
 OP_TYPE = "SemanticCombine"
 OP_VERSION = 1
 MIN_OPSET = 18  # Reduce* with axes as inputs, Pad reflect, Resize with sizes
