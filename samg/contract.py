@@ -530,7 +530,7 @@ class GuidanceCombineAttrs:
     channel_axis: int = guidance_op.DEFAULT_CHANNEL_AXIS
     extra: Mapping[str, Any] = field(default_factory=dict)
 
-    rules: ClassVar[tuple[str, ...]] = ("samg", "cfg", "interval")
+    rules: ClassVar[tuple[str, ...]] = guidance_op.FUSED_RULES
     export_mode: ClassVar = "fused"  # samg.json's `guidance` for a graph holding this op
     _KEYS: ClassVar = ("tau", "sharpness", "smooth", "channel_axis")
 

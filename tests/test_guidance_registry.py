@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from samg.contract import GuidanceCombineAttrs
 from samg.errors import SamgError
 from samg.guidance import (
     MAX_GUIDANCE_SCALE,
@@ -41,8 +42,9 @@ def test_import_does_not_pull_torch():
 
 def test_registry_names_and_flags():
     assert rule_names() == CLI_NAMES
+    # What a fused graph runs: the one list the contract and the runtime use too.
     fused = {n for n in CLI_NAMES if get_rule(n).fused}
-    assert fused == {"cfg", "samg"}
+    assert fused == {"cfg", "samg", "interval"} == set(GuidanceCombineAttrs.rules)
     assert all(get_rule(n).needs_raw == (n not in fused) for n in CLI_NAMES)
     assert {n for n in CLI_NAMES if get_rule(n).needs_state} == {"apg"}
     assert {n for n in CLI_NAMES if get_rule(n).needs_sigma} == {"interval"}

@@ -8,8 +8,9 @@
 that declare them (so the runtime may always pass all three) and checks ``params`` against
 ``rule.params`` (name → default; ``REQUIRED`` has no default). Flags:
 
-- ``fused``: computable inside the exported graph by ``samg::GuidanceCombine`` (cfg, samg only);
-  ``needs_raw`` (= not fused): the engine must be exported raw, outputting pred_uncond and pred_cond.
+- ``fused``: run inside a fused graph by ``samg::GuidanceCombine`` (samg.op.schema.FUSED_RULES: samg,
+  cfg, interval); ``needs_raw`` (= not fused): the model must be exported raw, outputting pred_uncond
+  and pred_cond.
 - ``needs_state`` / ``needs_sigma`` / ``needs_step``: extra inputs the rule reads.
 - ``returns_uncond``: the result is ``CfgppOutput(guided, uncond)`` (CFG++); ``apply`` turns
   ``uncond`` into the step result's ``renoise_x0``. Every other rule returns one array.
@@ -44,6 +45,7 @@ from samg.guidance._xp import check_pair
 from samg.guidance.apg import APGState, apg
 from samg.guidance.schedules import in_guidance_interval
 from samg.guidance.step import StepInputs, StepResult, applied_scales
+from samg.op.schema import FUSED_RULES
 
 REQUIRED = "<required>"
 # Arguments the caller supplies per step (passed only to the rules that declare them), not parameters.
@@ -80,7 +82,6 @@ class GuidanceRule:
     name: str
     fn: Callable[..., Any]
     summary: str
-    fused: bool = False
     needs_state: bool = False
     needs_sigma: bool = False
     needs_step: bool = False
@@ -94,6 +95,11 @@ class GuidanceRule:
     def params(self) -> dict[str, Any]:
         """Parameter name -> default (REQUIRED where the rule has none), from the rule's signature."""
         return _keyword_params(self.fn)
+
+    @property
+    def fused(self) -> bool:
+        """A fused graph runs this rule (its GuidanceCombine op; samg.op.schema.FUSED_RULES)."""
+        return self.name in FUSED_RULES
 
     @property
     def needs_raw(self) -> bool:
@@ -213,12 +219,11 @@ def _interval_gate(sigma, params: Mapping[str, Any]) -> float:
 RULES: dict[str, GuidanceRule] = {
     r.name: r
     for r in [
-        GuidanceRule("cfg", _rules.cfg, "u + w·Δ", fused=True, scale_map=_cfg_scale_map),
+        GuidanceRule("cfg", _rules.cfg, "u + w·Δ", scale_map=_cfg_scale_map),
         GuidanceRule(
             "samg",
             _spatial.samg_v1,
             "samg-v1: sigmoid membership of normalized delta energy, w_max − (w_max − w_min)·m",
-            fused=True,
             scale_map=_spatial.samg_scale_map,
         ),
         GuidanceRule(

@@ -31,6 +31,11 @@ SMOOTH_WEIGHTS = (_EDGE / (1.0 + 2.0 * _EDGE), 1.0 / (1.0 + 2.0 * _EDGE), _EDGE 
 
 
 
+# The guidance rules (samg.guidance.registry names) a graph holding this op runs: the op takes
+# (w_min, w_max) per step, so SAMG, CFG (w_min == w_max) and interval (scales (1, 1) outside its range).
+# Every other rule needs a raw export (both predictions out, combined on the host).
+FUSED_RULES = ("samg", "cfg", "interval")
+
 SMOOTH_CHOICES = (0, 3)
 CHANNEL_AXIS_CHOICES = (1, 2)
 RANKS = (4, 5)
