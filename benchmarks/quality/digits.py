@@ -36,7 +36,7 @@ import numpy as np
 from benchmarks.quality import report
 from samg.errors import SamgError
 from samg.guidance import INTERVAL_SIGMA_HI, INTERVAL_SIGMA_LO
-from samg.runtime.denoiser import Guidance, GuidedDenoiser
+from samg.runtime.denoiser import Guidance
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -211,25 +211,18 @@ def nominal_scale(params: dict) -> float:
 def generate(pipe, rule: str, params: dict, labels: np.ndarray, noise: np.ndarray, steps: int,
              batch: int = 512) -> tuple[np.ndarray, float, float]:
     """Decoded images before clipping [N, 3, H, W], mean effective scale, energy-weighted scale."""
-    from samg.runtime import samplers, schedules
-
     guidance = make_guidance(rule, params)
     guidance.validate()
     prompts = [PROMPT.format(d=d) for d in range(NUM_DIGITS)]
     enc = pipe.encode([""] + prompts)  # row 0: the unconditional (empty) prompt
-    schedule = schedules.make_schedule(pipe.export.scheduler, SAMPLER, steps)
-    sample_fn = samplers.get_sampler(SAMPLER)
     images, scales = [], []
     for start in range(0, len(labels), batch):
         lab = labels[start : start + batch]
         cond = {k: np.concatenate([np.repeat(v[:1], len(lab), 0), v[1 + lab]]) for k, v in enc.items()}
         recorder = ScaleRecorder()
-        denoise = GuidedDenoiser(pipe.runners["denoiser"], prediction_type=pipe.prediction_type,
-                                 combine=pipe.export.combine, host_rule_attrs=pipe.export.host_rule_attrs,
-                                 schedule=schedule, conditioning=cond, guidance=guidance, on_host_step=recorder)
-        x = noise[start : start + batch].astype(np.float32) * np.float32(schedule.init_noise_sigma)
-        x = sample_fn(denoise, x, schedule.sigmas, rng=np.random.default_rng(0))
-        images.append(decode_unclipped(pipe, schedule.to_model_latents(x).astype(np.float32)))
+        latents = pipe.sample(cond, noise[start : start + batch], guidance=guidance, sampler=SAMPLER, steps=steps,
+                              rng=np.random.default_rng(0), on_host_step=recorder)
+        images.append(decode_unclipped(pipe, latents))
         if recorder.scales:
             scales.append((len(lab), np.mean(recorder.scales, axis=0)))
     out = np.concatenate(images)
