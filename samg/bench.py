@@ -98,25 +98,20 @@ def _export_raw(export_dir: Path, export_info, into: Path) -> Path:
     from samg.errors import SamgError
     from samg.export.exporter import ExportOptions, export
 
-    source = export_info.source
-    if source.kind == "tiny":
-        model_path = str(export_dir / source.path)
-    elif source.kind == "path":
-        model_path = source.path
-    else:
+    model_dir = export_info.source.model_dir(export_dir)
+    if model_dir is None:
         raise SamgError("this export came from the hub: export a raw variant yourself and pass --raw DIR")
     lat = export_info.latent
-    opts = ExportOptions(model=export_info.model, out=str(into / "raw"), model_path=model_path, guidance="raw",
+    opts = ExportOptions(model=export_info.model, out=str(into / "raw"), model_path=str(model_dir), guidance="raw",
                          height=lat.height, width=lat.width, frames=lat.frames, validate=False, quiet=True)
     return export(opts)
 
 
 def _diffusers_pipeline(export_dir: Path, export_info, sampler: str):
-    """diffusers' pipeline from the export's tiny source/ with the scheduler that matches samg's sampler, or None."""
-    from samg.contract import TINY_SOURCE_DIR
-
-    source = export_dir / (export_info.source.path if export_info.source.kind == "tiny" else TINY_SOURCE_DIR)
-    if not (source / "model_index.json").is_file():
+    """diffusers' pipeline from the export's source model folder with the scheduler that matches samg's
+    sampler, or None where there is none on disk (a hub export, or the folder has moved)."""
+    source = export_info.source.model_dir(export_dir)
+    if source is None or not (source / "model_index.json").is_file():
         return None
     from samg.errors import require
 

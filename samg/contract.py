@@ -405,6 +405,15 @@ class Source:
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind, "path": self.path, "hub_id": self.hub_id, **self.extra}
 
+    def model_dir(self, export_dir: str | os.PathLike) -> Path | None:
+        """The diffusers model folder the export was made from: the tiny pipeline saved in the export,
+        the local path it was exported from, or None for a hub id (nothing on disk to point at)."""
+        if self.kind == "tiny":
+            return Path(export_dir) / self.path
+        if self.kind == "path":
+            return Path(self.path)
+        return None
+
 
 @dataclass(frozen=True)
 class Latent:
@@ -1162,14 +1171,15 @@ def write_engine_record(engine_path: str | os.PathLike, record: EngineRecord) ->
 
 
 def verify_engine(engine_path: str | os.PathLike, *, trt_flavour: str | None = None, trt_version: str | None = None,
-                  gpu_capability: str | None = None) -> EngineRecord:
+                  gpu_capability: str | None = None, record: EngineRecord | None = None) -> EngineRecord:
     """The engine's record, after checking the engine against it: size and hash always; the TensorRT
     flavour and version when given (the installed ones); the compute capability when the record names
-    one and `gpu_capability` (this GPU's "sm_XY") is given. SamgError naming the fix otherwise."""
+    one and `gpu_capability` (this GPU's "sm_XY") is given. SamgError naming the fix otherwise.
+    `record`: the engine's record as read_engine_record already returned it (not read again)."""
     from samg.io import sha256_file
 
     engine_path = Path(engine_path)
-    record = read_engine_record(engine_path)
+    record = read_engine_record(engine_path) if record is None else record
     size = engine_path.stat().st_size
     if size != record.engine_bytes:
         raise SamgError(f"{engine_path} is {size} bytes but was built as {record.engine_bytes}: the file is "

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -405,6 +406,30 @@ def test_engine_record_round_trip_and_verification(tmp_path):
     engine.write_bytes(b"serialized engine"[::-1])
     with pytest.raises(SamgError, match=r"does not match its build record \(hash differs\)"):
         verify_engine(engine)
+
+
+def test_verify_engine_checks_against_a_record_already_read(tmp_path):
+    from samg.contract import verify_engine, write_engine_record
+
+    engine = tmp_path / "denoiser.engine"
+    engine.write_bytes(b"serialized engine")
+    record = _engine_record(engine)
+    write_engine_record(engine, record)
+    (tmp_path / "denoiser.engine.json").unlink()  # the record given is used, not read again
+    assert verify_engine(engine, trt_flavour="tensorrt", trt_version="10.9.0", record=record) == record
+    engine.write_bytes(b"serialized engine"[::-1])
+    with pytest.raises(SamgError, match=r"does not match its build record \(hash differs\)"):
+        verify_engine(engine, record=record)
+
+
+def test_source_model_dir_is_the_diffusers_folder_of_each_source_kind(tmp_path):
+    from samg.contract import Source
+
+    assert Source("tiny", "source").model_dir(tmp_path) == tmp_path / "source"
+    # a local model: its own folder (not the export's source/), relative paths as given
+    assert Source("path", "/models/sd15").model_dir(tmp_path) == Path("/models/sd15")
+    assert Source("path", "models/sd15").model_dir(str(tmp_path)) == Path("models/sd15")
+    assert Source("hub", hub_id="runwayml/stable-diffusion-v1-5").model_dir(tmp_path) is None
 
 
 @pytest.mark.parametrize("change, message", [

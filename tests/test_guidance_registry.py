@@ -172,6 +172,14 @@ def _step(prediction_type="epsilon", sigma=2.0, step=3, seed=1):
     return StepInputs(u, c, x, sigma, step, prediction_type)
 
 
+def test_step_inputs_need_the_prediction_type():
+    from samg.guidance import StepInputs
+
+    u, c = _pair()
+    with pytest.raises(TypeError, match="prediction_type"):
+        StepInputs(u, c, u, 1.0, 0)  # no silent epsilon for a v_prediction or flow model
+
+
 def test_apply_linear_rule_returns_x0_of_the_guided_prediction():
     s = _step()
     result = get_rule("cfg").apply(s, None, scale=4.0)

@@ -52,6 +52,42 @@ def test_every_runner_refuses_missing_extra_wrong_dtype_and_wrong_rank_inputs(sd
     assert set(runner.run(_good_feeds(runner))) == set(runner.output_names)  # good feeds run
 
 
+def test_torch_backend_reloads_the_source_after_a_re_export(sd15, tmp_path):
+    import os
+    import shutil
+
+    from samg.contract import MANIFEST
+    from samg.runners.torch import _load
+
+    folder = tmp_path / "export"
+    shutil.copytree(sd15, folder)
+    first = _load(folder)
+    assert _load(folder) is first  # loaded once for all the folder's graphs
+    manifest = folder / MANIFEST
+    rewritten = folder / "rewritten.json"  # a re-export writes samg.json anew (atomically: a new file)
+    rewritten.write_bytes(manifest.read_bytes())
+    os.replace(rewritten, manifest)
+    again = _load(folder)
+    assert again is not first and again[1] is not first[1]
+
+
+def test_torch_backend_names_a_hub_export_it_cannot_run(sd15, tmp_path):
+    import json
+    import shutil
+
+    from samg.contract import MANIFEST
+    from samg.runners.torch import _load
+
+    folder = tmp_path / "export"
+    shutil.copytree(sd15, folder, ignore=shutil.ignore_patterns("source"))
+    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest["source"] = {"kind": "hub", "path": None, "hub_id": "someone/model"}
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(SamgError, match=r"needs the diffusers model folder \(the export came from the hub id "
+                                        r"someone/model\): use --backend onnxruntime"):
+        _load(folder)
+
+
 def test_runners_declare_the_same_inputs_as_the_onnx_graph(sd15):
     for graph in ("denoiser.onnx", "text_encoder.onnx", "vae_decoder.onnx"):
         ort = open_runner(sd15 / graph)

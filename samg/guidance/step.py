@@ -42,14 +42,15 @@ def x0_from_prediction(prediction_type: str, prediction, x, sigma: float):
 
 @dataclass(frozen=True)
 class StepInputs:
-    """The step's two model predictions (same shape as ``x``), the sampler variable, sigma and index."""
+    """The step's two model predictions (same shape as ``x``), the sampler variable, sigma, index and
+    the model's parametrization (PREDICTION_TYPES; no default: a wrong one gives a wrong x0 silently)."""
 
     pred_uncond: Any
     pred_cond: Any
     x: Any
     sigma: float
     step: int
-    prediction_type: str = "epsilon"
+    prediction_type: str
 
     def to_x0(self, prediction):
         return x0_from_prediction(self.prediction_type, prediction, self.x, self.sigma)

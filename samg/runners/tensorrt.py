@@ -39,9 +39,10 @@ class TensorRTRunner(GraphRunner):
             check(path.is_file(), f"no engine for {path.stem}: run `samg build {path.parent.parent}` first")
         from samg.build.loader import flavour_of, gpu_compute_capability, load_trt, make_logger, polygraphy_trt
 
-        self.trt = trt = load_trt(read_engine_record(path).trt_flavour)
+        record = read_engine_record(path)  # names the TensorRT flavour to load before the engine is checked
+        self.trt = trt = load_trt(record.trt_flavour)
         record = verify_engine(path, trt_flavour=flavour_of(trt), trt_version=trt.__version__,
-                               gpu_capability=gpu_compute_capability())
+                               gpu_capability=gpu_compute_capability(), record=record)
         self.cp = cp = require("cupy", "to run TensorRT engines; CUDA 12 hosts: pip install cupy-cuda12x")
         if record.plugins:
             from samg.build.plugin import register_plugin

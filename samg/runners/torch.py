@@ -13,16 +13,29 @@ from samg.errors import SamgError, require
 from samg.runners.base import GraphRunner, export_graph
 
 
-@functools.lru_cache(maxsize=2)
 def _load(export_dir: Path):
-    """(spec, diffusers pipeline, VAE factor) for an export folder, loaded once for all its graphs."""
+    """(spec, diffusers pipeline, VAE factor) for an export folder, loaded once for all its graphs.
+    Cached per manifest as written (its inode, size and mtime): a re-export into the same folder
+    rewrites samg.json, so the next runner loads the new source instead of the stale pipeline."""
+    from samg.contract import MANIFEST
+
+    try:
+        stat = (export_dir / MANIFEST).stat()
+        written = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    except OSError:
+        written = None  # read_export names the missing manifest
+    return _load_written(export_dir, written)
+
+
+@functools.lru_cache(maxsize=2)
+def _load_written(export_dir: Path, written):  # `written` (the manifest's stat) is only part of the cache key
     from samg.contract import read_export
 
     export = read_export(export_dir, verify=False)  # this backend runs the source, not the graphs
-    source = export.source
-    path = export_dir / source.path if source.kind == "tiny" else Path(source.path or "")
-    if not (path / "model_index.json").is_file():
-        raise SamgError(f"the torch backend needs the diffusers model folder ({path} not found): use --backend onnxruntime")
+    path = export.source.model_dir(export_dir)
+    if path is None or not (path / "model_index.json").is_file():
+        where = f"{path} not found" if path is not None else f"the export came from the hub id {export.source.hub_id}"
+        raise SamgError(f"the torch backend needs the diffusers model folder ({where}): use --backend onnxruntime")
     torch = require("torch", "for the torch reference backend")
     from samg.export import load_source_pipeline, vae_spatial_factor
     from samg.models.specs import get_spec
