@@ -204,6 +204,15 @@ def test_generate_refuses_bad_flags_before_loading_models(sd15, tmp_path, capsys
                     "--out", str(tmp_path / "img.png"), *extra, fragment=fragment)
 
 
+def test_guidance_parameters_are_checked_before_loading_models(tiny_export, tmp_path, capsys, no_model_loading):
+    raw = tiny_export("sd15", "raw")
+    # CFG++ takes the scale as its λ in [0, 1]: the default scale 7.5 is refused before any model loads
+    _assert_refused(capsys, tmp_path, "generate", str(raw), "--prompt", PROMPT, "--guidance", "cfgpp", "--quiet",
+                    "--out", str(tmp_path / "img.png"), fragment="CFG++ lambda must be in [0, 1], got 7.5")
+    _one_line_error(lambda: _unloaded(raw).plan(PROMPT, guidance="cfg", guidance_options={"nope": 1}),
+                    "guidance 'cfg' has no parameter nope")
+
+
 def test_generate_refuses_an_output_that_is_a_folder(sd15, tmp_path, capsys, no_model_loading):
     folder = tmp_path / "img.png"
     folder.mkdir()

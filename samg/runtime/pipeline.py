@@ -19,7 +19,7 @@ from samg.errors import SamgError, require
 from samg.rng import SEED_LIMIT
 from samg.runtime import samplers, schedules
 from samg.guidance.registry import DEFAULT_GUIDANCE_SCALE, SPATIAL_RULES
-from samg.runtime.denoiser import Guidance, GuidedDenoiser, check_guidance_for_export
+from samg.runtime.denoiser import Guidance, GuidedDenoiser, check_guidance_for_export, host_rule_params
 
 DEFAULT_STEPS = 30
 # Bounds on one call, checked before anything is allocated (a typo such as --height 100000 must
@@ -240,9 +240,24 @@ class Pipeline:
         rule do not fit the model."""
         if karras and isinstance(self.export.scheduler, FlowScheduler):  # flow schedules have no Karras form
             raise SamgError("--karras does not apply to a flow-matching model: drop --karras")
-        if guidance.rule == "cfgpp" and sampler not in samplers.DETERMINISTIC_FIRST_ORDER:
+        rule = guidance.host_rule()  # None for S-CFG, which runs in the graph
+        if rule is not None and rule.returns_uncond and sampler not in samplers.DETERMINISTIC_FIRST_ORDER:
             raise samplers.renoise_unsupported(sampler)
         return schedules.make_schedule(self.export.scheduler, sampler, steps, karras=karras)
+
+    def check_rule_params(self, guidance: Guidance, shape: tuple[int, ...], schedule: schedules.Schedule) -> None:
+        """SamgError for guidance options the rule does not take or values it refuses (CFG++'s λ
+        outside [0, 1], ...), before the models load: the parameters the denoiser would pass, and one
+        call of the rule on a random pair of one sample's shape (its value checks live in the rule)."""
+        rule = guidance.host_rule()
+        if rule is None:  # S-CFG: its parameters are the export's, checked when it was written
+            return
+        params = rule.check_params(host_rule_params(rule, guidance.options, guidance.w_min, guidance.w_max,
+                                                    self.export.host_rule_attrs))
+        finite = schedule.sigmas[np.isfinite(schedule.sigmas)]
+        sigma = float(finite[0]) if finite.size else 1.0
+        probe = np.random.default_rng(0).standard_normal((2, 1, *shape[1:])).astype(np.float32)
+        rule(probe[0], probe[1], step=0, sigma=sigma, state=rule.new_state(), **params)
 
     def sample(self, conditioning: dict[str, np.ndarray], noise: np.ndarray, *, guidance: Guidance,
                sampler: str, steps: int, karras: bool = False, rng: np.random.Generator | None = None,
@@ -338,9 +353,10 @@ class Pipeline:
         height, width, frames = self.validate_size(height, width, frames)
         sampler = sampler or samplers.default_sampler(self.prediction_type)
         samplers.get_sampler(sampler)  # SamgError naming the known samplers
-        self.make_schedule(g, sampler, steps, karras)  # sampler, --karras and rule against the model; cheap
+        plan_schedule = self.make_schedule(g, sampler, steps, karras)  # sampler, --karras and rule against the model
         shape = self.latent_shape(num_images, height, width, frames)
         self.check_latent_budget(shape)
+        self.check_rule_params(g, shape, plan_schedule)
         return Request(prompt, negative_prompt, g, scale_schedule, steps, sampler, bool(karras), seed, num_images,
                        shape, output)
 

@@ -20,6 +20,17 @@ import numpy as np
 
 from samg.contract import DiscreteScheduler, FlowScheduler, SchedulerRecipe
 from samg.errors import SamgError
+from samg.runtime.samplers import SAMPLERS
+
+FLOW_ONLY_SAMPLER = "flow_euler"  # steps flow-matching sigmas only
+FLOW_SAMPLERS = (FLOW_ONLY_SAMPLER, "euler")  # euler on a flow model runs flow_euler's schedule
+DISCRETE_SAMPLERS = tuple(name for name in SAMPLERS if name != FLOW_ONLY_SAMPLER)
+KARRAS_SAMPLERS = ("euler", "euler_a", "dpmpp_2m")  # the samplers whose schedule has a Karras form
+
+
+def _one_of(names) -> str:
+    *others, last = names
+    return f"{', '.join(others)} or {last}" if others else last
 
 # diffusers' defaults for recipe keys an export leaves out (DDPMScheduler's; CogVideoXDDIMScheduler's
 # betas for its shifted recipe; FlowMatchEulerDiscreteScheduler's shift)
@@ -295,21 +306,23 @@ def make_schedule(cfg: SchedulerRecipe, sampler: str, steps: int, *, karras: boo
     """The schedule diffusers' matching scheduler would use for `sampler` (see samplers.SAMPLERS)."""
     if steps < 1:
         raise SamgError(f"steps must be at least 1, got {steps}: pass --steps N with N >= 1")
+    if sampler not in SAMPLERS:
+        raise SamgError(f"unknown sampler {sampler!r}: use {_one_of(SAMPLERS)}")
     if isinstance(cfg, FlowScheduler):
-        if sampler not in ("flow_euler", "euler"):
-            raise SamgError(f"sampler {sampler!r} does not apply to a flow-matching model: use --sampler flow_euler")
+        if sampler not in FLOW_SAMPLERS:
+            raise SamgError(f"sampler {sampler!r} does not apply to a flow-matching model: use --sampler {FLOW_ONLY_SAMPLER}")
         return flow_schedule(cfg, steps)
     if cfg.clip_sample:  # a pixel-space DDPM recipe; diverging silently would be worse
         raise SamgError("the model's scheduler clips x0 (clip_sample=true in samg.json), which samg's samplers "
                         "do not do: set it false in samg.json if the model is a latent diffusion model")
-    if sampler == "flow_euler":
-        raise SamgError("flow_euler needs a flow-matching model: use --sampler euler, euler_a, ddim or dpmpp_2m")
+    if sampler == FLOW_ONLY_SAMPLER:
+        raise SamgError(f"{sampler} needs a flow-matching model: use --sampler {_one_of(DISCRETE_SAMPLERS)}")
+    if karras and sampler not in KARRAS_SAMPLERS:
+        raise SamgError(f"--karras does not apply to {sampler}: use --sampler {_one_of(KARRAS_SAMPLERS)} with --karras")
     if sampler == "ddim":
-        if karras:
-            raise SamgError("--karras does not apply to ddim: use --sampler euler or dpmpp_2m with --karras")
         return ddim_schedule(cfg, steps)
     if sampler == "dpmpp_2m":
         return dpm_schedule(cfg, steps, karras=karras)
     if sampler in ("euler", "euler_a"):
         return euler_schedule(cfg, steps, karras=karras)
-    raise SamgError(f"unknown sampler {sampler!r}: use euler, euler_a, ddim, dpmpp_2m or flow_euler")
+    raise AssertionError(f"sampler {sampler!r} is in SAMPLERS without a schedule here")
