@@ -67,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
     pipes = {}
     for kind, folder in exports.items():
         pipe = Pipeline.load(folder, backend="onnxruntime", device="cpu")
-        pipe.runners["denoiser"] = ScaleProbeRunner(probe_graph(folder / "denoiser.onnx", out / "probe" / kind / "denoiser.onnx"))
+        graph = pipe.export.denoiser.file
+        pipe.runners["denoiser"] = ScaleProbeRunner(probe_graph(folder / graph, out / "probe" / kind / graph))
         pipes[kind] = pipe
     prompts = args.prompts or model["prompts"]
     columns = [(rule, rung) for rule in RULES for rung in model["ladder"]]

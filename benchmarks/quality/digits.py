@@ -243,9 +243,10 @@ def unclipped_vae(export_dir: Path) -> Path:
         return out
     import onnx
 
+    from samg.contract import read_export
     from samg.io import atomic_write_bytes
 
-    model = onnx.load(str(export_dir / "vae_decoder.onnx"))
+    model = onnx.load(str(export_dir / read_export(export_dir).vae.file))
     graph = model.graph
     (output,) = [o for o in graph.output if o.name == "images"]
     (clip,) = [n for n in graph.node if "images" in n.output]

@@ -345,12 +345,14 @@ def scfg_rows(quick: bool, *, model_dir: Path = digits.DEFAULT_MODEL, cache: Pat
     if export_dir is None:
         export_dir = digits.ensure_export(Path(model_dir), Path(cache), "scfg")
     export_dir = Path(export_dir)
+    from samg.contract import read_export
     from samg.io import sha256_file
 
     # keyed by the graph's hash, so a re-export gets a fresh probe and export folders stay untouched
-    probe = Path(cache) / "scfg-probes" / sha256_file(export_dir / "denoiser.onnx")[:16] / "denoiser.onnx"
+    graph = read_export(export_dir).denoiser.file
+    probe = Path(cache) / "scfg-probes" / sha256_file(export_dir / graph)[:16] / graph
     if not probe.is_file():
-        probe_model(export_dir / "denoiser.onnx", probe)
+        probe_model(export_dir / graph, probe)
     classify = load_digit_classifier(directory=classifier_dir or CLASSIFIER_DIR)
     ref = digits.reference_stats(classify)
     pipe = Pipeline.load(export_dir)

@@ -178,10 +178,11 @@ def run(quick: bool, out_dir: Path, *, model_dir: Path = DEFAULT_MODEL, cache: P
         from samg.io import sha256_file
 
         scfg_dir = ensure_export(model_dir, cache, "scfg")
-        probe = cache / "scfg-probes" / sha256_file(scfg_dir / "denoiser.onnx")[:16] / "denoiser.onnx"
-        if not probe.is_file():
-            scfg_digits.probe_model(scfg_dir / "denoiser.onnx", probe)
         scfg_pipe = Pipeline.load(scfg_dir)
+        graph = scfg_pipe.export.denoiser.file
+        probe = cache / "scfg-probes" / sha256_file(scfg_dir / graph)[:16] / graph
+        if not probe.is_file():
+            scfg_digits.probe_model(scfg_dir / graph, probe)
     height, width, _ = raw.validate_size(None, None, None)  # the model's own size
     shape = raw.latent_shape(len(prompts), height, width, None)
     stem = "shapes_quick" if quick else "shapes"

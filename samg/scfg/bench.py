@@ -36,28 +36,26 @@ def _feeds(export, batch: int, h: int, w: int, rng):
 
 def measure(fused_dir: str, scfg_dir: str, sizes=(8, 16, 32), repeat: int = 20, batch: int = 1) -> list[dict]:
     import numpy as np
-    import onnxruntime as ort
 
     from samg.contract import read_export
+    from samg.runners import open_runner
 
     sessions, exports = {}, {}
     for label, folder in (("fused", fused_dir), ("scfg", scfg_dir)):
         exports[label] = read_export(folder)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = 1  # the CPU is shared: one thread each, comparable numbers
-        sessions[label] = ort.InferenceSession(str(Path(folder) / exports[label].denoiser.file), opts,
-                                               providers=["CPUExecutionProvider"])
+        # the CPU is shared: one thread each, comparable numbers
+        sessions[label] = open_runner(Path(folder) / exports[label].denoiser.file, "onnxruntime", "cpu", threads=1)
     rows = []
     rng = np.random.default_rng(0)
     for size in sizes:
         feeds = {k: _feeds(e, batch, size, size, rng) for k, e in exports.items()}
         times = {k: [] for k in sessions}
         for k, s in sessions.items():  # warm-up
-            s.run(None, feeds[k])
+            s.run(feeds[k])
         for _ in range(repeat):
             for k, s in sessions.items():
                 start = time.perf_counter()
-                s.run(None, feeds[k])
+                s.run(feeds[k])
                 times[k].append(time.perf_counter() - start)
         med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
         spread = ratio_spread(times["scfg"], times["fused"])  # per interleaved repeat, then summarized
