@@ -67,6 +67,8 @@ MAX_FACTOR = 64
 MAX_PIXELS = 16384  # per side
 MAX_FRAMES = 4096
 MAX_OPSET = 100
+# The ONNX opset samg export writes unless told otherwise (the exporter and the Export default).
+DEFAULT_OPSET = 18
 _HASH = re.compile(r"sha256:[0-9a-f]{64}")
 _STAMP_FILES_LIMIT = 100_000
 
@@ -756,7 +758,7 @@ class Export:
     vae: VaeDecoderGraph
     combine: Combine | None
     host_rule_attrs: GuidanceCombineAttrs | None = None
-    opset: int = 18
+    opset: int = DEFAULT_OPSET
     dtype: str = "float32"  # DTYPES: the denoiser's and VAE's
     versions: Mapping[str, Any] | None = None
     validation: Mapping[str, ValidationRecord] | None = None

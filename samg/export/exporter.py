@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from samg.contract import GUIDANCE_KINDS, MAX_FRAMES, MAX_PIXELS
+from samg.contract import DEFAULT_OPSET, GUIDANCE_KINDS, MAX_FRAMES, MAX_PIXELS
 from samg.errors import SamgError, check, require
 from samg.op.schema import DEFAULT_SHARPNESS, DEFAULT_TAU
 from samg.models.specs import ModelSpec, get_spec
@@ -29,7 +29,6 @@ _PROTO_LIMIT = 2**31 - 2**20
 _EXTERNAL_DATA_SUFFIX = ".data"
 # export dtype (the `--dtype` choices) -> tolerance of the ONNX Runtime vs torch check
 TOLERANCE = {"float32": 1e-3, "float16": 5e-2}
-DEFAULT_OPSET = 18
 SUPPORTED_OPSETS = range(17, 22)
 TRACE_BATCH = 2
 
