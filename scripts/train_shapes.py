@@ -34,6 +34,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 import train_digits  # noqa: E402  (shared tokenizer builder, VAE loop, pipeline saver)
 from samg.bundled import shapes  # noqa: E402
+from samg.bundled.positional_unet import PositionalUNet2DConditionModel  # noqa: E402
 from samg.io import atomic_path, atomic_write_json  # noqa: E402
 
 DEFAULT_OUT = REPO / "samg" / "bundled" / "samg-shapes"
@@ -45,7 +46,7 @@ EVAL_SEED = 12345
 
 
 def build_models(tokenizer):
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel
 
     text_encoder = CLIPTextModel(CLIPTextConfig(
@@ -64,7 +65,9 @@ def build_models(tokenizer):
         block_out_channels=(16, 32), layers_per_block=1, latent_channels=4, norm_num_groups=8,
         sample_size=shapes.IMAGE_SIZE,
     )
-    unet = UNet2DConditionModel(
+    # Coordinates added at conv_in (samg/bundled/positional_unet.py): a plain UNet2DConditionModel
+    # placed shapes at chance (10-14% of positions right after 4313 steps, colours 98%).
+    unet = PositionalUNet2DConditionModel(
         sample_size=shapes.IMAGE_SIZE // 2, in_channels=4, out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),

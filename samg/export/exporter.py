@@ -279,6 +279,9 @@ def load_source_pipeline(spec: ModelSpec, source: str, kind: str, dtype):
     diffusers = require("diffusers", "to export models")
     torch = require("torch", "to export models")
     pipeline_class = getattr(diffusers, spec.pipeline_class)
+    # diffusers loads a custom component class (samg-shapes' UNet) only from a module already
+    # imported; importing it here lets its model_index.json name it.
+    import samg.bundled.positional_unet  # noqa: F401
     if kind != "hub":
         _check_source_folder(spec, Path(source))
     extra = {}
