@@ -8,3 +8,14 @@ __version__ = "0.1.0"
 
 # Version of the exported-folder format written to samg.json (bump on incompatible changes).
 EXPORT_FORMAT_VERSION = 1
+
+# The serving API (samg/api.py), imported on first use so `import samg` stays light.
+_API_NAMES = ("load", "SamgPipeline", "SamgOutput")
+
+
+def __getattr__(name: str):
+    if name in _API_NAMES:
+        from samg import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'samg' has no attribute {name!r}")

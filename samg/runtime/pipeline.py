@@ -262,13 +262,15 @@ class Pipeline:
     def sample(self, conditioning: dict[str, np.ndarray], noise: np.ndarray, *, guidance: Guidance,
                sampler: str, steps: int, karras: bool = False, rng: np.random.Generator | None = None,
                progress: bool = False, scale_schedule: Callable | None = None,
-               on_host_step: Callable | None = None) -> np.ndarray:
+               on_host_step: Callable | None = None, runner: Runner | None = None) -> np.ndarray:
         """Sample from standard normal `noise`; returns latents in the model's space (float32).
-        `on_host_step(rule, inputs, params)`: see GuidedDenoiser (benchmarks measure scale maps there)."""
+        `on_host_step(rule, inputs, params)`: see GuidedDenoiser (benchmarks measure scale maps there).
+        `runner`: the denoiser runner this generation calls (default this pipeline's; the serving API
+        passes one that batches its steps with other generations', samg.runtime.batching)."""
         schedule = self.make_schedule(guidance, sampler, steps, karras)
         sample_fn = samplers.get_sampler(sampler)
         denoise = GuidedDenoiser(
-            self.runners["denoiser"], prediction_type=self.prediction_type,
+            self.runners["denoiser"] if runner is None else runner, prediction_type=self.prediction_type,
             combine=self.export.combine, host_rule_attrs=self.export.host_rule_attrs, schedule=schedule,
             conditioning=conditioning, guidance=guidance, scale_schedule=scale_schedule, on_host_step=on_host_step,
         )
@@ -360,6 +362,21 @@ class Pipeline:
         return Request(prompt, negative_prompt, g, scale_schedule, steps, sampler, bool(karras), seed, num_images,
                        shape, output)
 
+    def initial_noise(self, r: Request, latents: np.ndarray | None = None) -> np.ndarray:
+        """The request's starting noise: `latents` when given (checked: shape, finite), else the
+        seeded standard normals (Philox: the same noise as samg-run --seed)."""
+        if latents is None:
+            from samg.rng import standard_normal
+
+            return standard_normal(r.seed, r.shape)
+        noise = np.asarray(latents, np.float32)
+        if noise.shape != r.shape:
+            raise SamgError(f"latents have shape {noise.shape}, this request needs {r.shape}: match --height/--width")
+        from samg.io import check_finite
+
+        check_finite("latents", noise, "(the latents= argument)")
+        return noise
+
     def __call__(self, prompt: str, negative_prompt: str = "", *, latents: np.ndarray | None = None,
                  progress: bool = False, **options: Any) -> np.ndarray:
         """Images (uint8 [N, H, W, 3], video [N, F, H, W, 3]) or, with output="latents", the
@@ -369,21 +386,10 @@ class Pipeline:
         guidance-weight schedule (samg.guidance.SCHEDULES): each step's scales become
         1 + (w − 1)·gain(step), fed to the graph at that step."""
         r = self.plan(prompt, negative_prompt, **options)
-        shape, seed = r.shape, r.seed
-        rng = np.random.default_rng(seed)
-        if latents is None:
-            from samg.rng import standard_normal  # Philox: the same noise as samg-run --seed
-            noise = standard_normal(seed, shape)
-        else:
-            noise = np.asarray(latents, np.float32)
-            if noise.shape != shape:
-                raise SamgError(f"latents have shape {noise.shape}, this request needs {shape}: match --height/--width")
-            from samg.io import check_finite
-
-            check_finite("latents", noise, "(the latents= argument)")
+        noise = self.initial_noise(r, latents)
         cond = self.conditioning(r.prompt, r.negative_prompt, r.num_images)
         final = self.sample(cond, noise, guidance=r.guidance, sampler=r.sampler, steps=r.steps, karras=r.karras,
-                            rng=rng, progress=progress, scale_schedule=r.scale_schedule)
+                            rng=np.random.default_rng(r.seed), progress=progress, scale_schedule=r.scale_schedule)
         if r.output == "latents":
             return final
         return self.decode(final)

@@ -1,0 +1,434 @@
+"""samg's Python serving API: diffusers' call conventions over an export folder, with every
+request's denoiser steps batched with the other requests' in flight (samg.runtime.batching).
+
+    import samg
+    with samg.load("exports/sdxl", max_batch_size=8) as pipe:
+        out = pipe(["a red fox", "a blue bird"], guidance=["samg", "cfg"], guidance_scale=[7.5, 5.0], seed=[1, 2])
+        out.images, out.seeds, out.timings          # 2 PIL images, the seeds used, per-stage seconds
+        future = pipe.submit(prompt="a cat", output_type="np")   # concurrent.futures.Future[SamgOutput]
+        pipe.stats()                                 # batch sizes, queue depth, step latency, ...
+
+Every request runs its own sampler with its own guidance state in a worker thread; text encoding
+and VAE decoding happen there too, one request at a time per graph (not every backend's runner is
+thread-safe). A request's result does not depend on what it was batched with
+(docs/architecture.md, "Serving API and continuous batching").
+
+Keyword names and errors are the API's: a bad `guidance_scale=` is reported as `guidance_scale=`,
+not as the CLI's `--scale`; `api_wording` is the one place that maps the CLI's wording.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import secrets
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from samg.contract import Export
+from samg.errors import SamgError, require
+from samg.guidance.registry import DEFAULT_GUIDANCE_SCALE, RULES, SPATIAL_RULES
+from samg.rng import SEED_LIMIT
+from samg.runtime import samplers
+from samg.runtime.batching import DEFAULT_MAX_WAIT_S, BatchingEngine
+from samg.runtime.denoiser import SCFG_RULE
+from samg.runtime.pipeline import DEFAULT_STEPS, MAX_IMAGES_PER_CALL, Pipeline, Request
+
+OUTPUT_TYPES = ("pil", "np", "latent")
+# Worker threads per image of max_batch_size: a full batch sampling while as many requests encode
+# their prompts or decode their latents.
+WORKERS_PER_BATCH_SLOT = 2
+MAX_WAIT_MS_LIMIT = 1000.0  # a longer wait would only slow every request down
+
+# The CLI flags Pipeline.plan and the rules name in their errors -> the API's keywords.
+CLI_FLAG_KEYWORDS = {
+    "--prompt": "prompt", "--negative-prompt": "negative_prompt", "--guidance": "guidance",
+    "--scale": "guidance_scale", "--w-max": "guidance_scale", "--w-min": "guidance_min",
+    "--schedule": "guidance_schedule", "--steps": "num_inference_steps", "--sampler": "sampler",
+    "--karras": "karras", "--seed": "seed", "--height": "height", "--width": "width", "--frames": "num_frames",
+    "--num-images": "num_images_per_prompt",
+}
+_CHOICE_KEYWORDS = ("guidance", "sampler", "guidance_schedule")  # their values are names: quoted in the API
+# a flag, and its value when one follows (a number, a quoted text, a placeholder W/N, or a name); flags
+# of `samg export` (after "re-export with" or inside `samg export ...`) are not this API's and stay
+_FLAG = re.compile(r'(?<!re-export with )(?<!samg export )(?<![\w-])(--[a-z][a-z0-9-]*)'
+                   r'(?:(\s+)("[^"]*"|-?\d[\w.+-]*|[A-Z]\b|[a-z][\w-]*))?')
+
+
+def api_wording(message: str) -> str:
+    """A runtime error message with the CLI's flags (--scale 7.5) as the API's keywords
+    (guidance_scale=7.5); the one place that translates."""
+    def keyword(m: re.Match) -> str:
+        flag, space, value = m.groups()
+        name = CLI_FLAG_KEYWORDS.get(flag)
+        if name is None:
+            return m.group(0)
+        if name == "karras":  # a switch on the CLI
+            return "karras=True" + (space + value if value else "")
+        if value is None:
+            return f"{name}="
+        if value[0].isalpha() and len(value) > 1 and name not in _CHOICE_KEYWORDS:  # a word of the sentence
+            return f"{name}={space}{value}"
+        return f'{name}="{value}"' if name in _CHOICE_KEYWORDS and value[0] != '"' else f"{name}={value}"
+
+    return _FLAG.sub(keyword, message)
+
+
+@contextmanager
+def _api_errors(prefix: str = "") -> Iterator[None]:
+    """SamgErrors raised inside, reworded for the API (and prefixed, e.g. with the prompt's index)."""
+    try:
+        yield
+    except SamgError as exc:
+        raise SamgError(prefix + api_wording(str(exc))) from None
+
+
+@dataclass
+class SamgOutput:
+    """What a call returns. Image models fill `images`, video models `frames`:
+    output_type "pil": a list of PIL images (video: a list of frame lists), "np": uint8
+    [N, H, W, 3] (video [N, F, H, W, 3]), "latent": the final model-space latents [N, ...].
+    `seeds` and `timings` have one entry per prompt; a timing holds seconds per stage: queue (before
+    a worker took it), encode, denoise, decode, total."""
+
+    images: Any = None
+    frames: Any = None
+    seeds: list[int] = field(default_factory=list)
+    timings: list[dict[str, float]] = field(default_factory=list)
+
+    @staticmethod
+    def concatenate(outputs: list["SamgOutput"]) -> "SamgOutput":
+        def join(values):
+            if values[0] is None:
+                return None
+            return np.concatenate(values) if isinstance(values[0], np.ndarray) else [v for vs in values for v in vs]
+
+        return SamgOutput(join([o.images for o in outputs]), join([o.frames for o in outputs]),
+                          [s for o in outputs for s in o.seeds], [t for o in outputs for t in o.timings])
+
+
+@dataclass
+class _Job:
+    request: Request
+    noise: np.ndarray | None  # the checked latents= argument; None: drawn from the seed by the worker
+    output_type: str
+    submitted: float  # time.perf_counter()
+
+
+def _text(name: str, value: Any, *, optional: bool = False) -> Any:
+    if value is None and optional:
+        return value
+    if not isinstance(value, str):
+        raise SamgError(f"{name}= must be a name (text), got {type(value).__name__}: e.g. {name}=\"...\"")
+    return value
+
+
+class SamgPipeline:
+    """An export folder ready to serve: `pipe(prompt, ...)`, `pipe.submit(prompt=..., ...)`,
+    `pipe.stats()`, `pipe.close()` (or `with samg.load(...) as pipe:`).
+
+    Thread-safe: any number of threads may call `pipe(...)` and `pipe.submit(...)` at once. Every
+    request runs in a worker thread with its own sampler and guidance state (APG's momentum
+    included); its denoiser steps share graph calls with the other requests in flight, up to
+    `max_batch_size` images per call, and it gives what it gives alone (same seed, same result)."""
+
+    def __init__(self, pipeline: Pipeline, *, max_batch_size: int = 8, max_wait_s: float = DEFAULT_MAX_WAIT_S,
+                 max_concurrent_requests: int | None = None):
+        self.pipeline = pipeline
+        self.engine = BatchingEngine(pipeline.runners["denoiser"], max_batch_size=max_batch_size, max_wait_s=max_wait_s)
+        workers = max_concurrent_requests or WORKERS_PER_BATCH_SLOT * max_batch_size
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="samg-request")
+        self._encode_lock, self._decode_lock = threading.Lock(), threading.Lock()
+        self._lock = threading.Lock()  # guards the counters and _closed
+        self._closed = False
+        self._queued = self._in_flight = self._done = self._failed = 0
+
+    @property
+    def export(self) -> Export:
+        return self.pipeline.export
+
+    def default_request(self) -> dict[str, Any]:
+        """This export's defaults for the keywords of a call."""
+        export, latent = self.export, self.export.latent
+        return {
+            "guidance": export.combine.rules[0] if export.combine is not None else "samg",
+            "guidance_scale": DEFAULT_GUIDANCE_SCALE, "guidance_min": None, "guidance_schedule": "constant",
+            "num_inference_steps": min(DEFAULT_STEPS, self.pipeline.max_steps()),
+            "sampler": samplers.default_sampler(export.prediction_type),
+            "height": latent.height, "width": latent.width, "num_frames": latent.frames if latent.is_video else None,
+            "num_images_per_prompt": 1, "output_type": "pil",
+        }
+
+    # -- calls ----------------------------------------------------------------------------------
+    def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None, *,
+                 guidance: str | list[str] | None = None, guidance_scale: float | list[float] | None = None,
+                 guidance_min: float | list[float] | None = None, num_inference_steps: int | list[int] = DEFAULT_STEPS,
+                 sampler: str | list[str] | None = None, seed: int | list[int] | None = None,
+                 height: int | list[int] | None = None, width: int | list[int] | None = None,
+                 num_frames: int | list[int] | None = None, latents: np.ndarray | list[np.ndarray] | None = None,
+                 output_type: str = "pil", num_images_per_prompt: int | list[int] = 1,
+                 guidance_options: dict | list[dict] | None = None, guidance_schedule: str | list[str] = "constant",
+                 karras: bool | list[bool] = False, progress: bool = False) -> SamgOutput:
+        """Generate for one prompt or a list of prompts, all in one batch.
+
+        guidance: a rule name (samg.guidance.RULES; default: samg, scfg on an S-CFG export).
+        guidance_scale: the scale (default 7.5); for SAMG's spatial rules the largest, w_max.
+        guidance_min: SAMG's w_min (spatial rules only); None takes (1 + guidance_scale) / 2, as the CLI.
+        guidance_options: the rule's own parameters (e.g. {"momentum": -0.5} for apg).
+        guidance_schedule: per-step guidance weight (samg.guidance.SCHEDULES).
+        seed: None draws a random seed (reported in .seeds). latents: the starting noise instead of
+        the seeded one ([images, ...] for one prompt; for several, one array per prompt or all of
+        them stacked). Every keyword but output_type and progress takes a list (one value per
+        prompt) or a single value for all prompts. progress: a bar of finished prompts."""
+        options = dict(negative_prompt=negative_prompt, guidance=guidance, guidance_scale=guidance_scale,
+                       guidance_min=guidance_min, num_inference_steps=num_inference_steps, sampler=sampler, seed=seed,
+                       height=height, width=width, num_frames=num_frames, num_images_per_prompt=num_images_per_prompt,
+                       guidance_options=guidance_options, guidance_schedule=guidance_schedule, karras=karras)
+        prompts = self._prompts(prompt)
+        per_prompt = self._per_prompt(len(prompts), options)
+        latents_per_prompt = self._split_latents(latents, per_prompt)
+        jobs = []
+        for i, (text, one, lat) in enumerate(zip(prompts, per_prompt, latents_per_prompt)):
+            with _api_errors(f"prompt[{i}]: " if len(prompts) > 1 else ""):
+                jobs.append(self._job(text, output_type=output_type, latents=lat, **one))
+        total = sum(job.request.num_images for job in jobs)
+        if total > MAX_IMAGES_PER_CALL:
+            raise SamgError(f"this call asks for {total} images, above the limit of {MAX_IMAGES_PER_CALL} per call: "
+                            "split the prompts over several calls")
+        futures = [self._start(job) for job in jobs]  # all submitted before any is awaited: one batch
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(futures), desc="generating", unit="prompt", leave=False)
+            for f in futures:
+                f.add_done_callback(lambda _: bar.update())
+        try:
+            return SamgOutput.concatenate([f.result() for f in futures])
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def submit(self, prompt: str, **options: Any) -> "Future[SamgOutput]":
+        """One request (the keywords of __call__, single values) without waiting: a Future of its
+        SamgOutput. Arguments are checked now (a SamgError raised here); failures while generating
+        (e.g. values going non-finite) are the Future's exception."""
+        unknown = sorted(set(options) - set(_REQUEST_KEYWORDS) - {"output_type", "latents"})
+        if unknown:
+            raise SamgError(f"unknown keyword {', '.join(unknown)}: submit takes prompt and "
+                            f"{', '.join(_REQUEST_KEYWORDS)}, output_type, latents")
+        text = self._prompts(prompt)
+        if len(text) != 1:
+            raise SamgError("submit takes one prompt: call submit once per prompt, or pipe([...]) for a list")
+        for name, value in options.items():
+            if isinstance(value, (list, tuple)):
+                raise SamgError(f"{name}= takes one value in submit (one request): call pipe([...]) for lists")
+        return self._start(self._job(text[0], **options))
+
+    # -- requests -------------------------------------------------------------------------------
+    @staticmethod
+    def _prompts(prompt: Any) -> list[str]:
+        if isinstance(prompt, str):
+            return [prompt]
+        if not isinstance(prompt, (list, tuple)):
+            raise SamgError(f"prompt= must be text or a list of texts, got {type(prompt).__name__}: e.g. prompt=\"a cat\"")
+        if not prompt:
+            raise SamgError("prompt= is an empty list: pass at least one prompt")
+        return list(prompt)
+
+    @staticmethod
+    def _per_prompt(n: int, options: dict[str, Any]) -> list[dict[str, Any]]:
+        """One keyword dict per prompt: a list gives one value per prompt, anything else is shared."""
+        columns = {}
+        for name, value in options.items():
+            if isinstance(value, (list, tuple)):
+                if len(value) != n:
+                    raise SamgError(f"{name}= has {len(value)} values for {n} prompt{'s' * (n != 1)}: pass one value "
+                                    "per prompt, or a single value for all")
+                columns[name] = list(value)
+            else:
+                columns[name] = [value] * n
+        return [{name: column[i] for name, column in columns.items()} for i in range(n)]
+
+    @staticmethod
+    def _split_latents(latents: Any, per_prompt: list[dict[str, Any]]) -> list[Any]:
+        n = len(per_prompt)
+        if latents is None:
+            return [None] * n
+        if isinstance(latents, (list, tuple)):
+            if len(latents) != n:
+                raise SamgError(f"latents= has {len(latents)} arrays for {n} prompts: pass one per prompt")
+            return list(latents)
+        if n == 1:
+            return [latents]
+        counts = [one["num_images_per_prompt"] for one in per_prompt]
+        if not all(isinstance(c, int) and c >= 1 for c in counts):
+            return [None] * n  # the count itself is reported by its own check
+        arr = np.asarray(latents)
+        if arr.ndim == 0 or arr.shape[0] != sum(counts):
+            raise SamgError(f"latents= has shape {list(arr.shape)}, {sum(counts)} images along the first axis are "
+                            f"needed for {n} prompts: stack one [images, ...] array per prompt, or pass a list of them")
+        return np.split(arr, np.cumsum(counts)[:-1])
+
+    def _job(self, prompt: str, *, negative_prompt=None, guidance=None, guidance_scale=None, guidance_min=None,
+             num_inference_steps=DEFAULT_STEPS, sampler=None, seed=None, height=None, width=None, num_frames=None,
+             num_images_per_prompt=1, guidance_options=None, guidance_schedule="constant", karras=False,
+             latents=None, output_type="pil") -> _Job:
+        """One request checked against the export (Pipeline.plan, errors in the API's words)."""
+        with _api_errors():
+            if output_type not in OUTPUT_TYPES:
+                raise SamgError(f"output_type= must be one of {', '.join(map(repr, OUTPUT_TYPES))}, got {output_type!r}")
+            rule = _text("guidance", guidance, optional=True) or self.default_request()["guidance"]
+            _text("sampler", sampler, optional=True)
+            _text("guidance_schedule", guidance_schedule)
+            if guidance_options is not None and not isinstance(guidance_options, dict):
+                raise SamgError(f"guidance_options= must be a dict of the rule's parameters, got "
+                                f"{type(guidance_options).__name__}: e.g. guidance_options={{\"momentum\": -0.5}}")
+            if not isinstance(karras, (bool, np.bool_)):
+                raise SamgError(f"karras= must be True or False, got {karras!r}")
+            if guidance_min is None:
+                scales = dict(scale=guidance_scale)
+            elif (rule in RULES or rule == SCFG_RULE) and rule not in SPATIAL_RULES:
+                raise SamgError(f"guidance_min= applies to the spatial rules ({', '.join(SPATIAL_RULES)}), not to "
+                                f"guidance={rule!r}: drop guidance_min= and pass guidance_scale= alone")
+            else:
+                scales = dict(w_min=guidance_min, w_max=DEFAULT_GUIDANCE_SCALE if guidance_scale is None else guidance_scale)
+            if seed is None:
+                seed = secrets.randbelow(SEED_LIMIT)
+            request = self.pipeline.plan(
+                prompt, "" if negative_prompt is None else negative_prompt, guidance=rule, **scales, guidance_options=guidance_options,
+                steps=num_inference_steps, sampler=sampler, karras=bool(karras), seed=seed, height=height,
+                width=width, frames=num_frames, num_images=num_images_per_prompt, output="latents",
+                schedule=guidance_schedule)
+            self.engine.check_fits(request.num_images)
+            noise = None if latents is None else self.pipeline.initial_noise(request, latents)
+        return _Job(request, noise, output_type, time.perf_counter())
+
+    def _start(self, job: _Job) -> "Future[SamgOutput]":
+        with self._lock:
+            if self._closed:
+                raise SamgError("this pipeline is closed: samg.load(...) it again to run more requests")
+            self._queued += 1
+            future = self._executor.submit(self._generate, job)
+        future.add_done_callback(self._forget_if_cancelled)
+        return future
+
+    def _forget_if_cancelled(self, future: Future) -> None:
+        if future.cancelled():
+            with self._lock:
+                self._queued -= 1
+
+    def _generate(self, job: _Job) -> SamgOutput:
+        with self._lock:
+            self._queued -= 1
+            self._in_flight += 1
+        try:
+            with _api_errors():
+                out = self._run(job)
+        except BaseException:
+            with self._lock:
+                self._in_flight -= 1
+                self._failed += 1
+            raise
+        with self._lock:
+            self._in_flight -= 1
+            self._done += 1
+        return out
+
+    def _run(self, job: _Job) -> SamgOutput:
+        """One request in its worker thread: encode, sample (batched), decode."""
+        p, r = self.pipeline, job.request
+        start = time.perf_counter()
+        timings = {"queue": start - job.submitted}
+        with self._encode_lock:
+            cond = p.conditioning(r.prompt, r.negative_prompt, r.num_images)
+        timings["encode"] = time.perf_counter() - start
+        start = time.perf_counter()
+        noise = p.initial_noise(r) if job.noise is None else job.noise
+        with self.engine.request() as runner:
+            latents = p.sample(cond, noise, guidance=r.guidance, sampler=r.sampler, steps=r.steps, karras=r.karras,
+                               rng=np.random.default_rng(r.seed), scale_schedule=r.scale_schedule, runner=runner)
+        timings["denoise"] = time.perf_counter() - start
+        start = time.perf_counter()
+        if job.output_type == "latent":
+            value = latents
+        else:
+            with self._decode_lock:
+                value = p.decode(latents)
+            if job.output_type == "pil":
+                value = self._pil(value)
+        timings["decode"] = time.perf_counter() - start
+        timings["total"] = time.perf_counter() - job.submitted
+        video = self.export.latent.is_video
+        return SamgOutput(images=None if video else value, frames=value if video else None, seeds=[r.seed],
+                          timings=[timings])
+
+    def _pil(self, images: np.ndarray) -> list:
+        image = require("PIL.Image", "to return PIL images (or pass output_type=\"np\")")
+        if images.ndim == 5:  # video: [N, F, H, W, 3]
+            return [[image.fromarray(frame) for frame in clip] for clip in images]
+        return [image.fromarray(img) for img in images]
+
+    # -- metrics and shutdown -------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """The engine's metrics (batch_sizes {images per denoiser call: calls}, requests_per_call,
+        denoiser_calls, waiting_steps, sampling, step_latency_s) and the requests':
+        queue_depth (submitted, waiting for a worker), in_flight (being worked on), requests_done,
+        requests_failed."""
+        stats = self.engine.stats()
+        with self._lock:
+            stats.update(queue_depth=self._queued, in_flight=self._in_flight, requests_done=self._done,
+                         requests_failed=self._failed)
+        return stats
+
+    def close(self) -> None:
+        """Finish the requests already submitted, then release the workers (idempotent)."""
+        with self._lock:
+            self._closed = True
+        self._executor.shutdown(wait=True)
+        self.engine.close()
+
+    def __enter__(self) -> "SamgPipeline":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+# The per-request keywords of __call__ and submit (output_type, latents and progress aside).
+_REQUEST_KEYWORDS = ("negative_prompt", "guidance", "guidance_scale", "guidance_min", "num_inference_steps", "sampler",
+                     "seed", "height", "width", "num_frames", "num_images_per_prompt", "guidance_options",
+                     "guidance_schedule", "karras")
+
+
+def load(export_dir: str | Path, backend: str = "onnxruntime", device: str = "cpu", max_batch_size: int = 8, *,
+         max_wait_ms: float = DEFAULT_MAX_WAIT_S * 1000, max_concurrent_requests: int | None = None,
+         **runner_opts: Any) -> SamgPipeline:
+    """An export folder (written by `samg export`) loaded for serving (see SamgPipeline).
+
+    max_batch_size: the most images one denoiser call runs. max_wait_ms: how long a waiting step
+    waits for the other requests' steps before its call runs anyway (samg.runtime.batching).
+    max_concurrent_requests: worker threads (default 2 x max_batch_size). runner_opts go to the
+    backend (e.g. threads= for onnxruntime)."""
+    if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, (int, np.integer)) \
+            or not 1 <= max_batch_size <= MAX_IMAGES_PER_CALL:
+        raise SamgError(f"max_batch_size= must be an integer in 1..{MAX_IMAGES_PER_CALL}, got {max_batch_size!r}: "
+                        "e.g. max_batch_size=8")
+    if isinstance(max_wait_ms, bool) or not isinstance(max_wait_ms, (int, float)) \
+            or not (math.isfinite(max_wait_ms) and 0 <= max_wait_ms <= MAX_WAIT_MS_LIMIT):
+        raise SamgError(f"max_wait_ms= must be a number of milliseconds in 0..{MAX_WAIT_MS_LIMIT:g}, got {max_wait_ms!r}: "
+                        "e.g. max_wait_ms=5")
+    if max_concurrent_requests is not None and (isinstance(max_concurrent_requests, bool) or not isinstance(
+            max_concurrent_requests, (int, np.integer)) or max_concurrent_requests < 1):
+        raise SamgError(f"max_concurrent_requests= must be a positive integer, got {max_concurrent_requests!r}: "
+                        f"e.g. max_concurrent_requests={2 * int(max_batch_size)}")
+    pipeline = Pipeline.load(export_dir, backend, device, **runner_opts)
+    return SamgPipeline(pipeline, max_batch_size=int(max_batch_size), max_wait_s=max_wait_ms / 1000,
+                        max_concurrent_requests=max_concurrent_requests)

@@ -1,0 +1,248 @@
+"""Continuous batching of denoiser steps across concurrent generations.
+
+Each generation (a request) runs its own plain sampler (samg.runtime.samplers) with its own
+GuidedDenoiser (its own rule state, scales, schedule and conditioning) in its own thread. Only the
+denoiser graph call is shared: the GuidedDenoiser's runner is a `RequestRunner` from
+`BatchingEngine.request()`, whose `run(feeds)` queues this step's feeds and blocks until the
+engine's scheduler thread has run ONE denoiser call on the waiting steps of all requests together,
+then returns this request's slice of the outputs. Requests join at the next call after they start
+and leave when they finish; nothing else changes for the sampler.
+
+A combined call (the denoiser contract, docs/architecture.md "Export folder"): inputs with B rows
+(latents, the per-sample timestep and guidance_scales) are concatenated in request order;
+conditioning inputs with 2B rows (negatives first) are laid out uncond-first for the whole call:
+every request's negative rows, then every request's prompt rows, in the same order. Outputs
+([B, ...]) are sliced back by the same offsets. Each sample's output depends only on its own rows
+(the graphs' ops work per sample), so a step gives what it gives alone: bit-identical with ONNX
+Runtime on CPU for samg-digits and a tiny SDXL export (tests/test_batching.py).
+
+When a call fires (the policy), with the scheduler idle:
+  - every active request (inside `with engine.request()`) has a step waiting, or
+  - the waiting steps fill max_batch_size images, or
+  - the oldest waiting step has waited max_wait_s since the scheduler was last free: a request busy
+    between steps (host-side guidance, a thread the OS did not run) stalls the others no longer.
+The call takes the oldest waiting step and, in arrival order, every other waiting step with the
+same input shapes while the images fit in max_batch_size; the rest wait for the next call (steps of
+another size never share a call). A request with more images than max_batch_size is refused up
+front (`check_fits`), not split: it would wait alone anyway and splitting buys nothing.
+
+Failures: a request whose values go non-finite raises SamgError in its own thread (the samplers
+check every step) and leaves; the others go on. An error of a combined call itself (the runner
+failing) reaches every request in that call.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter, deque
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+
+from samg.errors import SamgError
+from samg.runners.base import Runner
+
+# How long a waiting step may wait for the other active requests' steps (see the policy above):
+# a few ms is far below one denoiser call on any real model, yet long enough for a request's
+# host-side work between two steps.
+DEFAULT_MAX_WAIT_S = 0.005
+LATENCY_WINDOW = 1000  # the most recent call latencies kept for stats()
+LATENTS_INPUT = "latents"  # the denoiser input whose rows are the step's images (the contract's name)
+
+
+@dataclass(eq=False)
+class _Step:
+    """One request's pending denoiser call."""
+
+    feeds: dict[str, Any]
+    images: int  # rows of `latents`
+    paired: frozenset[str]  # inputs with 2 x images rows (conditioning, negatives first)
+    shapes: tuple  # per input (name, shape past the batch, dtype): steps share a call only when equal
+    since: float  # time.monotonic() when queued
+    done: threading.Event = field(default_factory=threading.Event)
+    outputs: dict[str, Any] | None = None
+    error: BaseException | None = None
+
+
+def _step(feeds: dict[str, Any]) -> _Step:
+    images = int(feeds[LATENTS_INPUT].shape[0])
+    paired, shapes = set(), []
+    for name, value in feeds.items():
+        rows = int(value.shape[0])
+        if rows == 2 * images:
+            paired.add(name)
+        elif rows != images:  # a caller's bug, not a user's mistake
+            raise ValueError(f"denoiser input {name!r} has {rows} rows for {images} latents: "
+                             f"the contract says {images} or {2 * images}")
+        shapes.append((name, tuple(value.shape[1:]), str(value.dtype)))
+    return _Step(feeds, images, frozenset(paired), tuple(shapes), time.monotonic())
+
+
+def combine_feeds(steps: list[_Step]) -> dict[str, Any]:
+    """One call's feeds from several steps: B-row inputs concatenated in order, 2B-row conditioning
+    as every step's negative rows, then every step's prompt rows (uncond-first for the whole call)."""
+    if len(steps) == 1:
+        return steps[0].feeds
+    out = {}
+    for name in steps[0].feeds:
+        parts = [s.feeds[name] for s in steps]
+        if name in steps[0].paired:
+            parts = [p[:s.images] for p, s in zip(parts, steps)] + [p[s.images:] for p, s in zip(parts, steps)]
+        out[name] = np.concatenate(parts)
+    return out
+
+
+class RequestRunner:
+    """The Runner one request's GuidedDenoiser calls: each `run` is one step, batched with the
+    waiting steps of the other requests."""
+
+    def __init__(self, engine: "BatchingEngine"):
+        self._engine = engine
+        self.input_names = list(engine.runner.input_names)
+        self.output_names = list(engine.runner.output_names)
+
+    def run(self, feeds: dict[str, Any]) -> dict[str, Any]:
+        return self._engine.run_step(feeds)
+
+
+class BatchingEngine:
+    """Runs the denoiser steps of concurrent requests as shared calls (see the module docstring).
+    Thread-safe: any number of threads may hold a request at once."""
+
+    def __init__(self, runner: Runner, *, max_batch_size: int = 8, max_wait_s: float = DEFAULT_MAX_WAIT_S):
+        self.runner = runner
+        self.max_batch_size = int(max_batch_size)
+        self.max_wait_s = float(max_wait_s)
+        self._cond = threading.Condition()
+        self._waiting: list[_Step] = []  # in arrival order
+        self._active = 0  # requests inside request()
+        self._free_since = time.monotonic()  # when the scheduler last finished a call
+        self._closed = False
+        # metrics, read by stats()
+        self._batch_sizes: Counter[int] = Counter()  # images per call -> calls
+        self._requests_per_call: Counter[int] = Counter()
+        self._latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
+        self._thread = threading.Thread(target=self._serve, name="samg-batching", daemon=True)
+        self._thread.start()
+
+    # -- requests -------------------------------------------------------------------------------
+    def check_fits(self, images: int) -> None:
+        """SamgError when a request of `images` images could never fit one call."""
+        if images > self.max_batch_size:
+            raise SamgError(f"a request of {images} images is above max_batch_size {self.max_batch_size}: ask for "
+                            f"at most {self.max_batch_size} images per request, or load with a larger max_batch_size")
+
+    @contextmanager
+    def request(self) -> Iterator[RequestRunner]:
+        """Register one generation for its sampling loop; its steps go through the runner yielded."""
+        with self._cond:
+            if self._closed:
+                raise SamgError("this pipeline is closed: load it again to run more requests")
+            self._active += 1
+        try:
+            yield RequestRunner(self)
+        finally:
+            with self._cond:
+                self._active -= 1
+                self._cond.notify_all()  # the others may all be waiting now
+
+    def run_step(self, feeds: dict[str, Any]) -> dict[str, Any]:
+        """Queue one step and block until a shared call has run it; this step's outputs."""
+        step = _step(feeds)
+        self.check_fits(step.images)
+        with self._cond:
+            self._waiting.append(step)
+            self._cond.notify_all()
+        step.done.wait()
+        if step.error is not None:  # a fresh exception per request: one object raised in several threads would share a traceback
+            err = step.error
+            if isinstance(err, SamgError):
+                raise SamgError(str(err)) from err
+            raise RuntimeError(f"the batched denoiser call failed: {err!r}") from err
+        assert step.outputs is not None
+        return step.outputs
+
+    # -- the scheduler --------------------------------------------------------------------------
+    def _deadline(self) -> float:
+        return max(self._waiting[0].since, self._free_since) + self.max_wait_s
+
+    def _take_call(self) -> list[_Step] | None:
+        """The steps of the next call if one is due (the policy in the module docstring), else None."""
+        if not self._waiting:
+            return None
+        due = (len(self._waiting) >= self._active
+               or sum(s.images for s in self._waiting) >= self.max_batch_size
+               or time.monotonic() >= self._deadline())
+        if not due:
+            return None
+        first, call, images = self._waiting[0], [], 0
+        for s in self._waiting:
+            if s.shapes == first.shapes and images + s.images <= self.max_batch_size:
+                call.append(s)
+                images += s.images
+        self._waiting = [s for s in self._waiting if s not in call]
+        return call
+
+    def _serve(self) -> None:
+        while True:
+            with self._cond:
+                call = self._take_call()
+                while call is None:
+                    if self._closed and not self._active and not self._waiting:
+                        return
+                    timeout = max(0.0, self._deadline() - time.monotonic()) if self._waiting else None
+                    self._cond.wait(timeout)
+                    call = self._take_call()
+            self._run_call(call)
+
+    def _run_call(self, call: list[_Step]) -> None:
+        start = time.perf_counter()
+        try:
+            outputs, error = self.runner.run(combine_feeds(call)), None
+        except BaseException as exc:  # handed to the requests of this call; the scheduler goes on
+            outputs, error = None, exc
+        latency = time.perf_counter() - start
+        with self._cond:
+            self._free_since = time.monotonic()
+            self._batch_sizes[sum(s.images for s in call)] += 1
+            self._requests_per_call[len(call)] += 1
+            self._latencies.append(latency)
+        row = 0
+        for s in call:
+            if outputs is None:
+                s.error = error
+            else:
+                s.outputs = {name: value[row:row + s.images] for name, value in outputs.items()}
+            row += s.images
+            s.done.set()
+
+    # -- metrics and shutdown -------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """batch_sizes ({images per call: calls}), requests_per_call (likewise), denoiser_calls,
+        waiting_steps and sampling (requests in their sampling loop) now, and step_latency_s over
+        the last LATENCY_WINDOW calls (count, mean, p50, p90, max, last; None before any call)."""
+        with self._cond:
+            latencies = np.array(self._latencies)
+            stats = {
+                "batch_sizes": dict(sorted(self._batch_sizes.items())),
+                "requests_per_call": dict(sorted(self._requests_per_call.items())),
+                "denoiser_calls": sum(self._batch_sizes.values()),
+                "waiting_steps": len(self._waiting),
+                "sampling": self._active,
+            }
+        stats["step_latency_s"] = None if not latencies.size else {
+            "count": int(latencies.size), "mean": float(latencies.mean()),
+            "p50": float(np.percentile(latencies, 50)), "p90": float(np.percentile(latencies, 90)),
+            "max": float(latencies.max()), "last": float(latencies[-1]),
+        }
+        return stats
+
+    def close(self, timeout: float | None = None) -> None:
+        """Refuse new requests, let the active ones finish, stop the scheduler thread."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
