@@ -116,6 +116,45 @@ def test_creator_reads_fields_and_serializes_them_back(trt):
     assert plugin.clone().values == plugin.values
 
 
+def test_serialized_fields_outlive_garbage_collection(trt):
+    # A PluginField borrows its array: TensorRT reads the fields after get_fields_to_serialize
+    # returns, so freed arrays would serialize whatever reused their memory.
+    import gc
+
+    from samg.build.plugin import plugin_classes
+
+    plugin_class, _ = plugin_classes(trt)
+    plugin = plugin_class({"tau": 1.2345, "sharpness": 2.5, "smooth": 3, "channel_axis": 2})
+    fields = plugin.get_fields_to_serialize()
+    gc.collect()
+    reuse = [np.full(4, 99.0, np.float32) for _ in range(2000)]  # noqa: F841 - occupies freed memory
+    read_back = {f.name: np.asarray(f.data).item() for f in fields}
+    assert read_back == {"tau": pytest.approx(1.2345), "sharpness": 2.5, "smooth": 3, "channel_axis": 2}
+    types = {f.name: f.type for f in fields}
+    assert types == {"tau": trt.PluginFieldType.FLOAT32, "sharpness": trt.PluginFieldType.FLOAT32,
+                     "smooth": trt.PluginFieldType.INT32, "channel_axis": trt.PluginFieldType.INT32}
+
+
+def test_kernels_compile_when_the_context_is_made_not_in_enqueue(trt):
+    """A deserialized (runtime) plugin compiles its kernels in on_shape_change / attach_to_context,
+    which run before enqueue (and so outside any CUDA-graph capture); a plugin made while building
+    never needs CuPy. Without CuPy the compile step shows as its install hint."""
+    import importlib.util
+
+    if importlib.util.find_spec("cupy") is not None:
+        pytest.skip("CuPy is installed: compiling here would need a GPU (tests/test_tensorrt_gpu.py runs it)")
+    creator = trt.get_plugin_registry().get_creator("GuidanceCombine", "1", "samg")
+    shape = trt.PluginTensorDesc()
+    shape.dims, shape.type, shape.format = trt.Dims([2, 4, 8, 8]), trt.DataType.FLOAT, trt.TensorFormat.LINEAR
+    building = creator.create_plugin("combine", None, trt.TensorRTPhase.BUILD)
+    building.on_shape_change([shape] * 3, [shape])  # shape checks only
+    running = creator.create_plugin("combine", None, trt.TensorRTPhase.RUNTIME)
+    with pytest.raises(SamgError, match=r"cupy is not installed.*GuidanceCombine"):
+        running.on_shape_change([shape] * 3, [shape])
+    with pytest.raises(SamgError, match=r"cupy is not installed.*GuidanceCombine"):
+        building.attach_to_context(None)
+
+
 def test_bad_fields_are_refused(trt):
     from samg.build.plugin import fields_from_collection
 
@@ -166,6 +205,13 @@ def test_workspace_and_layout_split():
         split_dims((2, 4, 8, 8), 2)
 
 
+def _nvidia_wheel_dirs(kind: str) -> list[str]:
+    """`kind` ("lib" or "include") folders of NVIDIA's pip wheels on sys.path (nvidia/cu13/lib, ...)."""
+    import glob
+
+    return sorted({d for folder in sys.path if folder for d in glob.glob(f"{folder}/nvidia/*/{kind}")})
+
+
 def _nvrtc():
     """libnvrtc (pip install nvidia-cuda-nvrtc, or a CUDA toolkit), or None."""
     import ctypes
@@ -174,9 +220,12 @@ def _nvrtc():
     import site
 
     names = [ctypes.util.find_library("nvrtc")]
-    for folder in site.getsitepackages() + ["/usr/local/cuda/lib64"]:
+    folders = site.getsitepackages() + _nvidia_wheel_dirs("lib") + ["/usr/local/cuda/lib64"]
+    for folder in folders:
         names += sorted(glob.glob(f"{folder}/nvidia/cu*/lib/libnvrtc.so*")) + sorted(glob.glob(f"{folder}/libnvrtc.so*"))
     for name in filter(None, names):
+        if ".alt." in name:
+            continue  # the wheel's alternative build, same API
         try:
             # libnvrtc dlopens its builtins library by name: load the one beside it first
             for builtins in sorted(Path(name).parent.glob("libnvrtc-builtins.so*")) if "/" in name else ():
@@ -187,7 +236,18 @@ def _nvrtc():
     return None
 
 
-def test_plugin_kernels_compile_with_nvrtc_as_cupy_compiles_them():
+def _wheel_header_dir():
+    """The CUDA headers as NVIDIA's pip wheel installs them (nvidia-cuda-runtime), or None."""
+    from samg.build.plugin import cuda_include_dir
+
+    try:
+        return cuda_include_dir(environ={}, system_roots=[])
+    except SamgError:
+        return None
+
+
+@pytest.mark.parametrize("headers", ["found by default", "from the nvidia-cuda-runtime wheel"])
+def test_plugin_kernels_compile_with_nvrtc_as_cupy_compiles_them(headers):
     """What CupyLauncher hands to cupy.RawModule: guidance_combine.cu's text, its options and name
     expressions, compiled by NVRTC itself; every kernel it launches is in the PTX."""
     import ctypes
@@ -197,13 +257,16 @@ def test_plugin_kernels_compile_with_nvrtc_as_cupy_compiles_them():
     nvrtc = _nvrtc()
     if nvrtc is None:
         pytest.skip("libnvrtc not found (pip install nvidia-cuda-nvrtc)")
+    include = cuda_include_dir() if headers == "found by default" else _wheel_header_dir()
+    if include is None:
+        pytest.skip("no nvidia/*/include folder with the CUDA headers on sys.path (pip install nvidia-cuda-runtime)")
     assert KERNEL_SOURCE.resolve() == (Path(__file__).parents[1] / "plugins" / "cuda" / "guidance_combine.cu").resolve()
     program = ctypes.c_void_p()
     assert nvrtc.nvrtcCreateProgram(ctypes.byref(program), KERNEL_SOURCE.read_bytes(), b"guidance_combine.cu",
                                     0, None, None) == 0
     for name in KERNEL_NAMES:
         assert nvrtc.nvrtcAddNameExpression(program, name.encode()) == 0
-    options = [o.encode() for o in (*compile_options(cuda_include_dir()), "--gpu-architecture=compute_80")]
+    options = [o.encode() for o in (*compile_options(include), "--gpu-architecture=compute_80")]
     status = nvrtc.nvrtcCompileProgram(program, len(options), (ctypes.c_char_p * len(options))(*options))
     size = ctypes.c_size_t()
     nvrtc.nvrtcGetProgramLogSize(program, ctypes.byref(size))
@@ -220,6 +283,63 @@ def test_plugin_kernels_compile_with_nvrtc_as_cupy_compiles_them():
         assert f".entry {lowered.value.decode()}(" in text, name
     assert len(KERNEL_NAMES) == 13  # peak, energy, combine (smooth or not) per element type + membership
     nvrtc.nvrtcDestroyProgram(ctypes.byref(program))
+
+
+def test_nvrtc_without_the_include_path_does_not_find_the_headers():
+    """Why compile_options passes -I: NVRTC 13 has no built-in cuda_fp16.h."""
+    import ctypes
+
+    from samg.build.plugin import KERNEL_SOURCE
+
+    nvrtc = _nvrtc()
+    if nvrtc is None:
+        pytest.skip("libnvrtc not found (pip install nvidia-cuda-nvrtc)")
+    version = (ctypes.c_int(), ctypes.c_int())
+    nvrtc.nvrtcVersion(ctypes.byref(version[0]), ctypes.byref(version[1]))
+    if version[0].value < 13:
+        pytest.skip(f"NVRTC {version[0].value}.{version[1].value}: the missing built-in header is NVRTC 13's")
+    program = ctypes.c_void_p()
+    assert nvrtc.nvrtcCreateProgram(ctypes.byref(program), KERNEL_SOURCE.read_bytes(), b"g.cu", 0, None, None) == 0
+    options = [b"--std=c++17", b"--gpu-architecture=compute_80"]
+    status = nvrtc.nvrtcCompileProgram(program, len(options), (ctypes.c_char_p * len(options))(*options))
+    size = ctypes.c_size_t()
+    nvrtc.nvrtcGetProgramLogSize(program, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    nvrtc.nvrtcGetProgramLog(program, log)
+    nvrtc.nvrtcDestroyProgram(ctypes.byref(program))
+    assert status != 0 and "cuda_bf16.h" in log.value.decode()
+
+
+def _header_tree(root: Path, *headers: str) -> Path:
+    root.mkdir(parents=True)
+    for header in headers:
+        (root / header).write_text("// stand-in\n")
+    return root
+
+
+def test_cuda_include_dir_search_order_and_the_missing_headers_error(tmp_path):
+    from samg.build.plugin import cuda_include_candidates, cuda_include_dir
+
+    both = ("cuda_fp16.h", "cuda_bf16.h")
+    site_dir = tmp_path / "site"
+    wheel13 = _header_tree(site_dir / "nvidia" / "cu13" / "include", *both)
+    wheel12 = _header_tree(site_dir / "nvidia" / "cuda_runtime" / "include", *both)
+    toolkit = _header_tree(tmp_path / "toolkit" / "include", *both)
+    half_only = _header_tree(tmp_path / "old" / "include", "cuda_fp16.h")
+    system = [str(tmp_path / "system")]
+
+    # CUDA_PATH first, then the wheels (CUDA 13's before CUDA 12's), then the system roots
+    environ = {"CUDA_PATH": str(tmp_path / "toolkit")}
+    assert cuda_include_candidates(environ, [str(site_dir)], system) == [
+        toolkit, wheel13, wheel12, tmp_path / "system" / "include"]
+    assert cuda_include_dir(environ, [str(site_dir)], system) == str(toolkit)
+    assert cuda_include_dir({}, [str(site_dir)], system) == str(wheel13)
+    # a folder lacking cuda_bf16.h is passed over
+    assert cuda_include_dir({"CUDA_HOME": str(tmp_path / "old")}, [str(site_dir)], []) == str(wheel13)
+    assert half_only.is_dir()
+    assert cuda_include_dir({}, [], [str(tmp_path / "toolkit")]) == str(toolkit)
+    with pytest.raises(SamgError, match=r"cuda_fp16\.h and cuda_bf16\.h were not found.*pip install nvidia-cuda-runtime"):
+        cuda_include_dir({"CUDA_PATH": str(tmp_path / "old")}, [str(tmp_path / "nowhere")], [])
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc (CUDA toolkit) is not installed")

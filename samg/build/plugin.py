@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Iterable, Mapping
 
 from samg.errors import SamgError, check, require
 from samg.op.schema import DOMAIN, GUIDANCE_COMBINE, OP_TYPE, OP_VERSION, validate_attributes
@@ -52,6 +53,7 @@ _ALIGN = 256
 # guidance_combine.cu's `Shape`, passed by value: six int64 fields.
 SHAPE_FIELDS = ("outer", "channels", "inner", "height", "width", "positions")
 
+CUPY_PURPOSE = "to run the GuidanceCombine TensorRT plugin's kernels (CUDA 12 hosts: pip install cupy-cuda12x)"
 # module name -> (plugin class, creator class, registered creator instance)
 _CLASSES: dict[str, tuple[type, type]] = {}
 _REGISTERED: dict[str, Any] = {}
@@ -69,6 +71,13 @@ def fields_from_collection(collection) -> dict[str, float | int]:
         values[field.name] = FIELDS[field.name][1](data[0])
     validate_attributes(**values)
     return values
+
+
+def field_arrays(values: dict[str, float | int]) -> dict:
+    """The plugin's fields as one-element arrays: float32 for float attributes, int32 for int ones."""
+    np = require("numpy")
+    return {name: np.array([values[name]], np.float32 if kind is float else np.int32)
+            for name, (_, kind) in FIELDS.items()}
 
 
 def split_dims(dims: tuple[int, ...], channel_axis: int) -> tuple[int, int, int, int]:
@@ -97,11 +106,12 @@ def plugin_classes(trt: ModuleType) -> tuple[type, type]:
     """The (plugin, creator) classes built on `trt` (the tensorrt or tensorrt_rtx module)."""
     if trt.__name__ in _CLASSES:
         return _CLASSES[trt.__name__]
-    np = require("numpy")
     element_types = {trt.DataType.FLOAT: "float32", trt.DataType.HALF: "float16", trt.DataType.BF16: "bfloat16"}
+    field_types = {name: trt.PluginFieldType.FLOAT32 if kind is float else trt.PluginFieldType.INT32
+                   for name, (_, kind) in FIELDS.items()}
 
     class GuidanceCombinePlugin(trt.IPluginV3, trt.IPluginV3OneCore, trt.IPluginV3OneBuild, trt.IPluginV3OneRuntime):
-        def __init__(self, values: dict[str, float | int] | None = None):
+        def __init__(self, values: dict[str, float | int] | None = None, runtime: bool = False):
             trt.IPluginV3.__init__(self)
             trt.IPluginV3OneCore.__init__(self)
             trt.IPluginV3OneBuild.__init__(self)
@@ -111,6 +121,7 @@ def plugin_classes(trt: ModuleType) -> tuple[type, type]:
             self.plugin_version = PLUGIN_VERSION
             self.num_outputs = 1
             self.values = dict(values or fields_from_collection(None))
+            self.runtime = runtime  # created to run (deserialized engine), not while building
             self._launcher = None
 
         # -- core / build --------------------------------------------------------------------
@@ -118,7 +129,7 @@ def plugin_classes(trt: ModuleType) -> tuple[type, type]:
             return self
 
         def clone(self):
-            copy = GuidanceCombinePlugin(self.values)
+            copy = GuidanceCombinePlugin(self.values, self.runtime)
             copy._launcher = self._launcher
             return copy
 
@@ -149,17 +160,11 @@ def plugin_classes(trt: ModuleType) -> tuple[type, type]:
             return []
 
         def get_fields_to_serialize(self):
+            # A PluginField borrows its array's memory: the arrays live on the plugin, or TensorRT
+            # would read freed memory once they are garbage collected.
+            self._serialized_arrays = field_arrays(self.values)
             return trt.PluginFieldCollection(
-                [
-                    trt.PluginField("tau", np.array([self.values["tau"]], np.float32), trt.PluginFieldType.FLOAT32),
-                    trt.PluginField(
-                        "sharpness", np.array([self.values["sharpness"]], np.float32), trt.PluginFieldType.FLOAT32
-                    ),
-                    trt.PluginField("smooth", np.array([self.values["smooth"]], np.int32), trt.PluginFieldType.INT32),
-                    trt.PluginField(
-                        "channel_axis", np.array([self.values["channel_axis"]], np.int32), trt.PluginFieldType.INT32
-                    ),
-                ]
+                [trt.PluginField(name, array, field_types[name]) for name, array in self._serialized_arrays.items()]
             )
 
         # -- runtime -------------------------------------------------------------------------
@@ -171,13 +176,20 @@ def plugin_classes(trt: ModuleType) -> tuple[type, type]:
             split_dims(dims, self.values["channel_axis"])
             if self.values["smooth"]:
                 check(min(dims[-2:]) >= 2, f"GuidanceCombine smooth=3 needs H, W >= 2, got shape {dims}")
+            if self.runtime and self._launcher is None:
+                self._launcher = shared_launcher()
 
         def attach_to_context(self, context):
-            return self.clone()
+            # The kernels are compiled here, when the execution context is made, never in enqueue:
+            # enqueue may run inside a CUDA-graph capture, where compiling and loading a module fails.
+            copy = self.clone()
+            copy.runtime = True
+            copy._launcher = shared_launcher()
+            return copy
 
         def enqueue(self, input_desc, output_desc, inputs, outputs, workspace, stream):
-            if self._launcher is None:
-                self._launcher = CupyLauncher()
+            if self._launcher is None:  # a build-time run (standard TensorRT times plugins): no context
+                self._launcher = shared_launcher()
             dims = tuple(input_desc[0].dims)
             element = element_types[input_desc[0].type]
             self._launcher.launch(self.values, dims, element, inputs, outputs[0], workspace, stream)
@@ -189,17 +201,14 @@ def plugin_classes(trt: ModuleType) -> tuple[type, type]:
             self.name = PLUGIN_NAME
             self.plugin_namespace = PLUGIN_NAMESPACE
             self.plugin_version = PLUGIN_VERSION
+            # Empty arrays: the creator declares names and types only; kept alive like the plugin's.
+            self._field_arrays = {name: array[:0] for name, array in field_arrays(fields_from_collection(None)).items()}
             self.field_names = trt.PluginFieldCollection(
-                [
-                    trt.PluginField("tau", np.array([], np.float32), trt.PluginFieldType.FLOAT32),
-                    trt.PluginField("sharpness", np.array([], np.float32), trt.PluginFieldType.FLOAT32),
-                    trt.PluginField("smooth", np.array([], np.int32), trt.PluginFieldType.INT32),
-                    trt.PluginField("channel_axis", np.array([], np.int32), trt.PluginFieldType.INT32),
-                ]
+                [trt.PluginField(name, array, field_types[name]) for name, array in self._field_arrays.items()]
             )
 
         def create_plugin(self, name, field_collection, phase):
-            return GuidanceCombinePlugin(fields_from_collection(field_collection))
+            return GuidanceCombinePlugin(fields_from_collection(field_collection), phase == trt.TensorRTPhase.RUNTIME)
 
     _CLASSES[trt.__name__] = (GuidanceCombinePlugin, GuidanceCombineCreator)
     return _CLASSES[trt.__name__]
@@ -222,26 +231,77 @@ def register_plugin(trt: ModuleType) -> None:
     _REGISTERED[trt.__name__] = creator
 
 
-def cuda_include_dir() -> str:
-    """The CUDA toolkit's include folder (cuda_fp16.h, cuda_bf16.h) for NVRTC: $CUDA_PATH, CuPy's
-    CUDA path, or /usr/local/cuda."""
-    candidates = [os.environ.get("CUDA_PATH"), os.environ.get("CUDA_HOME")]
+# What guidance_combine.cu includes under NVRTC; NVRTC 13 has no built-in copy of either.
+CUDA_HEADERS = ("cuda_fp16.h", "cuda_bf16.h")
+CUDA_HEADERS_HINT = ("install the CUDA headers: pip install nvidia-cuda-runtime (CUDA 13; nvidia-cuda-runtime-cu12 "
+                     "for CUDA 12), or install the CUDA toolkit and set CUDA_PATH to its folder")
+SYSTEM_CUDA_ROOT = "/usr/local/cuda"
+
+
+def cuda_include_candidates(environ: Mapping[str, str] | None = None, search_paths: Iterable[str] | None = None,
+                            system_roots: Iterable[str] | None = None) -> list[Path]:
+    """Folders that may hold the CUDA headers, in the order they are tried: $CUDA_PATH/include,
+    $CUDA_HOME/include, the include folders of NVIDIA's pip wheels on `search_paths` (default
+    sys.path: nvidia-cuda-runtime puts them in nvidia/cu13/include, its CUDA 12 wheel in
+    nvidia/cuda_runtime/include), then `system_roots` (default: CuPy's CUDA path, /usr/local/cuda)."""
+    environ = os.environ if environ is None else environ
+    roots = [environ.get("CUDA_PATH"), environ.get("CUDA_HOME")]
+    candidates = [Path(root) / "include" for root in roots if root]
+    for folder in sys.path if search_paths is None else search_paths:
+        wheels = Path(folder or ".") / "nvidia"
+        if wheels.is_dir():
+            found = [p for p in wheels.iterdir() if (p / "include").is_dir()]
+            candidates += [p / "include" for p in sorted(found, key=_newest_cuda_first)]
+    if system_roots is None:
+        system_roots = [_cupy_cuda_path(), SYSTEM_CUDA_ROOT]
+    candidates += [Path(root) / "include" for root in system_roots if root]
+    return candidates
+
+
+def _newest_cuda_first(folder: Path) -> tuple:
+    """CUDA 13 wheels share nvidia/cu13/; CUDA 12 ones have a folder per library (cuda_runtime, ...)."""
+    name = folder.name
+    if name.startswith("cu") and name[2:].isdigit():
+        return (0, -int(name[2:]), name)
+    return (1, 0, name)
+
+
+def _cupy_cuda_path() -> str | None:
     try:
         import cupy
+    except ImportError:
+        return None
+    try:
+        return cupy.cuda.get_cuda_path()
+    except Exception:  # noqa: BLE001 - CuPy without a toolkit: the other places are tried
+        return None
 
-        candidates.append(cupy.cuda.get_cuda_path())
-    except Exception:  # noqa: BLE001 - no CuPy, or CuPy without a toolkit: try the usual place
-        pass
-    candidates.append("/usr/local/cuda")
-    for root in filter(None, candidates):
-        if (Path(root) / "include" / "cuda_bf16.h").is_file():
-            return str(Path(root) / "include")
-    raise SamgError("cuda_bf16.h not found for compiling the GuidanceCombine kernels: install the CUDA toolkit "
-                    "headers and set CUDA_PATH to the toolkit folder")
+
+def cuda_include_dir(environ: Mapping[str, str] | None = None, search_paths: Iterable[str] | None = None,
+                     system_roots: Iterable[str] | None = None) -> str:
+    """The first candidate folder (cuda_include_candidates) holding every header in CUDA_HEADERS."""
+    for folder in cuda_include_candidates(environ, search_paths, system_roots):
+        if all((folder / header).is_file() for header in CUDA_HEADERS):
+            return str(folder)
+    raise SamgError(f"the CUDA headers {' and '.join(CUDA_HEADERS)} were not found for compiling the GuidanceCombine "
+                    f"kernels: {CUDA_HEADERS_HINT}")
 
 
 def compile_options(include_dir: str) -> tuple[str, ...]:
     return ("--std=c++17", f"-I{include_dir}")
+
+
+# device id -> the compiled kernels (one NVRTC compile per process and GPU)
+_LAUNCHERS: dict[int, "CupyLauncher"] = {}
+
+
+def shared_launcher() -> "CupyLauncher":
+    """The kernels compiled for the current CUDA device, compiled on first use."""
+    cp = require("cupy", CUPY_PURPOSE)
+    device = cp.cuda.runtime.getDevice()
+    if device not in _LAUNCHERS:
+        _LAUNCHERS[device] = CupyLauncher()
+    return _LAUNCHERS[device]
 
 
 class CupyLauncher:
@@ -249,7 +309,7 @@ class CupyLauncher:
     order of the file's own host `launch`."""
 
     def __init__(self):
-        self.cp = require("cupy", "to run the GuidanceCombine TensorRT plugin; CUDA 12 hosts: pip install cupy-cuda12x")
+        self.cp = require("cupy", CUPY_PURPOSE)
         np = require("numpy")
         module = self.cp.RawModule(code=KERNEL_SOURCE.read_text(), options=compile_options(cuda_include_dir()),
                                    name_expressions=KERNEL_NAMES)
