@@ -1027,16 +1027,20 @@ ENGINE_COMBINE_PATHS = ("function", "plugin", "none")  # how the denoiser engine
 _REBUILD = "rebuild it with `samg build`"
 # What an engine is built from: the fields its cache key hashes.
 ENGINE_BUILD_INPUTS = ("component", "onnx_sha256", "trt_flavour", "trt_version", "compute_capability", "precision",
-                       "combine", "profiles")
+                       "combine", "profiles", "build_flags")
 
 
 def engine_key_fields(*, component: str, onnx_sha256, trt_flavour: str, trt_version: str, compute_capability: str,
-                      precision: str, combine: str, profiles: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    """The build inputs as the record writes them (and the cache key hashes them)."""
+                      precision: str, combine: str, profiles: Mapping[str, Mapping[str, Any]],
+                      build_flags=()) -> dict[str, Any]:
+    """The build inputs as the record writes them (and the cache key hashes them). `build_flags`:
+    TensorRT builder flags set beyond the defaults (e.g. REQUIRE_USER_ALLOCATION); written only when
+    there are some, so records from before the field keep their key."""
     return {"format_version": ENGINE_FORMAT_VERSION, "component": component, "onnx_sha256": list(onnx_sha256),
             "trt": {"flavour": trt_flavour, "version": trt_version}, "compute_capability": compute_capability,
             "precision": precision, "combine": combine,
-            "profiles": {name: {k: list(v) for k, v in p.items()} for name, p in profiles.items()}}
+            "profiles": {name: {k: list(v) for k, v in p.items()} for name, p in profiles.items()},
+            **({"build_flags": sorted(build_flags)} if build_flags else {})}
 
 
 def engine_cache_key(**build_inputs: Any) -> str:
@@ -1066,11 +1070,12 @@ class EngineRecord:
     onnx: str | None = None  # the ONNX file's name
     build_seconds: float | None = None
     samg_version: str | None = None
+    build_flags: tuple[str, ...] = ()  # TensorRT builder flags beyond the defaults (part of the key)
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     _KEYS: ClassVar = ("format", "format_version", "key", "component", "onnx_sha256", "trt", "compute_capability",
                        "precision", "combine", "profiles", "onnx", "inputs", "outputs", "plugins", "engine_bytes",
-                       "engine_sha256", "build_seconds", "samg_version")
+                       "engine_sha256", "build_seconds", "samg_version", "build_flags")
 
     def key_fields(self) -> dict[str, Any]:
         """The build inputs the cache key is a hash of (engine_cache_key)."""
@@ -1087,7 +1092,7 @@ class EngineRecord:
             inputs=tuple(obj["inputs"]), outputs=tuple(obj["outputs"]), plugins=tuple(obj["plugins"]),
             engine_bytes=obj["engine_bytes"], engine_sha256=obj["engine_sha256"], onnx=obj.get("onnx"),
             build_seconds=obj.get("build_seconds"), samg_version=obj.get("samg_version"),
-            extra=_extra(obj, cls._KEYS),
+            build_flags=tuple(sorted(obj.get("build_flags", ()))), extra=_extra(obj, cls._KEYS),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -1118,7 +1123,9 @@ def validate_engine_record(record: Any, where: str) -> dict:
     trt = f.section(record, "trt")
     f.string(trt, "flavour", "trt.")
     f.string(trt, "version", "trt.")
-    for key in ("onnx_sha256", "inputs", "outputs", "plugins"):
+    for key in ("onnx_sha256", "inputs", "outputs", "plugins", "build_flags"):
+        if key == "build_flags" and key not in record:
+            continue  # optional: records from before the field
         names = record.get(key)
         if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
             raise f.fail(key, "a list of names", names)

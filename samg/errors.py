@@ -27,6 +27,7 @@ _EXTRA_FOR = {
     "tensorrt_rtx": "tensorrt",
     "polygraphy": "tensorrt",
     "onnx_graphsurgeon": "tensorrt",
+    "ml_dtypes": "tensorrt",
     "cupy": "gpu",
     "sklearn": "dev",
     "matplotlib": "dev",

@@ -39,7 +39,9 @@ CASES = [
     ("float16", 3, 1, (2, 4, 8, 8)),
     ("float32", 3, 2, (2, 3, 4, 8, 6)),  # [B, F, C, H, W]
     ("float32", 0, 1, (1, 4, 3, 8, 8)),  # [B, C, F, H, W]
+    ("bfloat16", 3, 1, (2, 4, 8, 8)),  # fed and returned as float32 (numpy has no bfloat16)
 ]
+TOLERANCE = {"float32": 1e-5, "float16": 3e-3, "bfloat16": 2e-2}
 
 
 def make_runner(tmp_path, dtype, smooth, channel_axis, shape, combine, **runner_options):
@@ -47,15 +49,24 @@ def make_runner(tmp_path, dtype, smooth, channel_axis, shape, combine, **runner_
         tmp_path / "export", dtype=dtype, shape=("B", *shape[1:]), smooth=smooth, channel_axis=channel_axis
     )
     request = ShapeRequest(dynamic=True, opt={"batch": 1}, max={"batch": 4})
-    options = BuildOptions(combine=combine, shapes=request, cache_dir=tmp_path / "cache", quiet=True)
+    options = BuildOptions(combine=combine, shapes=request, cache_dir=tmp_path / "cache", quiet=True,
+                           cuda_graph=runner_options.get("cuda_graph", False))
     result = build_export(export, options)[0]
     return TensorRTRunner(result.engine_path, device="cuda", **runner_options)
 
 
 def inputs(shape, dtype, seed=0):
+    """u, c in `dtype` (bfloat16: float32 values already rounded to it, as the runner takes them)."""
     rng = np.random.default_rng(seed)
-    u = rng.standard_normal(shape).astype(dtype)
-    c = (u + rng.standard_normal(shape) * rng.uniform(0.1, 2.0, size=shape)).astype(dtype)
+    storage = dtype
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        storage = ml_dtypes.bfloat16
+    u = rng.standard_normal(shape).astype(storage)
+    c = (u.astype(np.float32) + rng.standard_normal(shape) * rng.uniform(0.1, 2.0, size=shape)).astype(storage)
+    if dtype == "bfloat16":
+        u, c = u.astype(np.float32), c.astype(np.float32)
     batch = shape[0]
     scales = np.stack([np.linspace(1.5, 3.0, batch), np.linspace(6.0, 9.0, batch)], axis=1).astype(np.float32)
     return {"pred_uncond": u, "pred_cond": c, "scales": scales}
@@ -67,13 +78,12 @@ def test_engine_matches_the_reference(tmp_path, combine, dtype, smooth, channel_
     runner = make_runner(tmp_path, dtype, smooth, channel_axis, shape, combine)
     feeds = inputs(shape, dtype)
     out = runner.run(feeds)["guided"]
-    assert out.dtype == np.dtype(dtype) and out.shape == shape
+    assert out.dtype == np.dtype("float32" if dtype == "bfloat16" else dtype) and out.shape == shape
     scales = feeds["scales"]
-    expected = samg_v1(
-        feeds["pred_uncond"], feeds["pred_cond"], scales[:, 0], scales[:, 1], smooth=smooth, channel_axis=channel_axis
-    )
-    tolerance = 1e-5 if dtype == "float32" else 3e-3
-    np.testing.assert_allclose(out.astype(np.float32), expected.astype(np.float32), rtol=tolerance, atol=tolerance)
+    u, c = (feeds[n].astype(np.float32) for n in ("pred_uncond", "pred_cond"))
+    expected = samg_v1(u, c, scales[:, 0], scales[:, 1], smooth=smooth, channel_axis=channel_axis)
+    tolerance = TOLERANCE[dtype]
+    np.testing.assert_allclose(out.astype(np.float32), expected, rtol=tolerance, atol=tolerance * np.abs(expected).max())
 
 
 def test_cuda_graph_replay_matches_plain_runs(tmp_path):
@@ -84,6 +94,25 @@ def test_cuda_graph_replay_matches_plain_runs(tmp_path):
         scales = feeds["scales"]
         expected = samg_v1(feeds["pred_uncond"], feeds["pred_cond"], scales[:, 0], scales[:, 1], smooth=3)
         np.testing.assert_allclose(graph_runner.run(feeds)["guided"], expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_torch_cuda_tensors_in_and_out_match_numpy_runs(tmp_path, dtype):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA here")
+    shape = (2, 4, 16, 12)
+    runner = make_runner(tmp_path, dtype, 3, 1, shape, "plugin")
+    feeds = inputs(shape, dtype)
+    expected = runner.run(feeds)["guided"]
+    wanted = getattr(torch, dtype)
+    device_feeds = {n: torch.from_numpy(np.ascontiguousarray(a)).to("cuda").to(wanted if n != "scales" else torch.float32)
+                    for n, a in feeds.items()}
+    out = runner.run_device(device_feeds)["guided"]
+    assert isinstance(out, torch.Tensor) and out.is_cuda and out.dtype == wanted and tuple(out.shape) == shape
+    # the same engine on the same values (atomic sums may order differently: the dtype's tolerance)
+    np.testing.assert_allclose(out.float().cpu().numpy(), expected.astype(np.float32), rtol=TOLERANCE[dtype],
+                               atol=TOLERANCE[dtype] * np.abs(expected).max())
 
 
 # ---------------------------------------------------------------- range (issue 9), float32

@@ -49,6 +49,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="engine folder (default: DIR/engines)")
     parser.add_argument("--cache-dir", default=None, help="engine cache folder (default: ~/.cache/samg/engines)")
     parser.add_argument("--timing-cache", default=None, help="timing cache file to read and update")
+    parser.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="engines whose runs can be captured into CUDA graphs (TensorRT-RTX: REQUIRE_USER_ALLOCATION); "
+        "needed by the tensorrt backend's cuda_graph option",
+    )
     parser.add_argument("--force", action="store_true", help="rebuild even when a cached engine matches")
     parser.add_argument("--quiet", action="store_true", help="no progress messages")
 
@@ -80,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
         timing_cache=Path(args.timing_cache) if args.timing_cache else None,
         use_cache=not args.force,
         quiet=args.quiet,
+        cuda_graph=args.cuda_graph,
     )
     results = build_export(args.export_dir, options)
     if not args.quiet:
@@ -100,5 +107,6 @@ def _argv_of(args: argparse.Namespace) -> list[str]:
         if value is not None:
             argv += [f"--{flag.replace('_', '-')}", str(value)]
     argv.append("--dynamic" if args.dynamic else "--static")
-    argv += [f for f, on in (("--force", args.force), ("--quiet", args.quiet), ("--debug", args.debug)) if on]
+    flags = (("--force", args.force), ("--quiet", args.quiet), ("--debug", args.debug), ("--cuda-graph", args.cuda_graph))
+    argv += [f for f, on in flags if on]
     return argv

@@ -24,7 +24,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 
-from samg.build.loader import COMBINE_PATHS, PRECISIONS, cache_root, flavour_of, gpu_compute_capability, load_trt, make_logger, polygraphy_trt
+from samg.build.loader import (
+    CAPTURE_BUILD_FLAGS,
+    COMBINE_PATHS,
+    PRECISIONS,
+    cache_root,
+    flavour_of,
+    gpu_compute_capability,
+    load_trt,
+    make_logger,
+    polygraphy_trt,
+)
 from samg.build.profiles import ShapeRequest, input_profiles, symbol_ranges
 from samg.contract import (
     ENGINE_COMPONENTS as COMPONENTS,
@@ -56,6 +66,7 @@ class BuildOptions:
     timing_cache: Path | None = None  # default: <cache dir>/timing-<flavour>-<version>.cache
     use_cache: bool = True
     quiet: bool = False
+    cuda_graph: bool = False  # engines whose runs can be captured (TensorRTRunner(cuda_graph=True))
 
 
 @dataclass
@@ -287,10 +298,12 @@ def build_serialized(
     timing_cache: Path | None,
     name: str,
     progress: bool = False,
+    build_flags: tuple[str, ...] = (),
 ) -> bytes:
     """Build the engine with polygraphy (config, profile, timing cache read before and merged back after).
 
     `builder` and `network` are ours so that TensorRT's messages land in `logger` for the report.
+    `build_flags`: trt.BuilderFlag names set on top of polygraphy's config.
     """
     polygraphy = polygraphy_trt(trt)
     from polygraphy.exception import PolygraphyException
@@ -308,6 +321,12 @@ def build_serialized(
         profiles=[profile], load_timing_cache=cache,
         progress_monitor=make_progress_monitor(trt, name) if progress else None,
     )
+    if build_flags:
+        def set_flags(_builder, _network, builder_config):
+            for flag in build_flags:
+                builder_config.set_flag(getattr(trt.BuilderFlag, flag))
+
+        config = polygraphy.PostprocessConfig(config, set_flags)
     mark = logger.mark()
     try:
         with warnings.catch_warnings():  # polygraphy always sets a timing cache, which TensorRT-RTX deprecates
@@ -360,6 +379,7 @@ def build_export(export_dir: str | os.PathLike, options: BuildOptions | None = N
     ranges = symbol_ranges(export.latent, options.shapes, default_tokens, vae_frames=export.vae.frame_mode)
     logger = make_logger(trt)
     capability = compute_capability(trt)
+    build_flags = CAPTURE_BUILD_FLAGS[flavour] if options.cuda_graph else ()
     results = []
     for component in wanted:
         path, model = files[component], models[component]
@@ -371,6 +391,7 @@ def build_export(export_dir: str | os.PathLike, options: BuildOptions | None = N
             component=component, onnx_sha256=tuple(sha256_file(p) for p in hashed), trt_flavour=flavour,
             trt_version=version, compute_capability=capability, precision=precision, combine=combine,
             profiles={name: {k: tuple(v) for k, v in p.items()} for name, p in profiles.items()},
+            build_flags=build_flags,
         )
         key = engine_cache_key(**build_inputs)
         engine_path = out_dir / f"{component}.engine"
@@ -382,7 +403,8 @@ def build_export(export_dir: str | os.PathLike, options: BuildOptions | None = N
             network, _parser = parse_network(trt, builder, logger, path, combine)
             _check_plugin_layers(trt, network, combine, path)
             engine = build_serialized(
-                trt, builder, network, logger, profiles, timing_cache, component, progress=not options.quiet
+                trt, builder, network, logger, profiles, timing_cache, component, progress=not options.quiet,
+                build_flags=build_flags,
             )
             inputs, outputs = network_io(network)
             record = EngineRecord(

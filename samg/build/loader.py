@@ -34,6 +34,9 @@ COMBINE_PATHS = tuple(path for path in ENGINE_COMBINE_PATHS if path != "none")
 # flavour -> (package holding the shared libraries, versioned file, name the library dlopens)
 _LIBRARY_LINKS = {"tensorrt-rtx": ("tensorrt_rtx_libs", "libtensorrt_rtx.so.1", "libtensorrt_rtx.so")}
 REEXEC_MARKER = "SAMG_TRT_REEXEC"
+# Builder flags an engine needs before its runs can be captured into a CUDA graph, per flavour:
+# TensorRT-RTX allocates at run time unless told to use the application's memory.
+CAPTURE_BUILD_FLAGS = {"tensorrt": (), "tensorrt-rtx": ("REQUIRE_USER_ALLOCATION",)}
 
 
 def cache_root() -> Path:
@@ -176,6 +179,38 @@ def gpu_compute_capability() -> str | None:
     if cuda.cuDeviceGetAttribute(ctypes.byref(minor), 76, device) != 0:
         return None
     return f"sm_{major.value}{minor.value}"
+
+
+def supported_compute_capabilities(trt: ModuleType) -> tuple[str, ...] | None:
+    """The GPUs ("sm_XY") the flavour's engines run on, where the module lists them: TensorRT-RTX's
+    builder targets (trt.ComputeCapability: SM75, SM80, ...); None for standard TensorRT (any GPU it
+    builds on)."""
+    if flavour_of(trt) != "tensorrt-rtx" or not hasattr(trt, "ComputeCapability"):
+        return None
+    names = [name for name in trt.ComputeCapability.__members__ if name.startswith("SM") and name[2:].isdigit()]
+    return tuple(f"sm_{name[2:]}" for name in sorted(names, key=lambda n: int(n[2:])))
+
+
+def check_gpu_supported(trt: ModuleType, capability: str | None) -> None:
+    """SamgError when `capability` (this GPU's "sm_XY"; None: no GPU seen) is not one the flavour runs on."""
+    supported = supported_compute_capabilities(trt)
+    if capability is None or supported is None or capability in supported:
+        return
+    raise SamgError(f"{flavour_of(trt)} {trt.__version__} does not run on this GPU (compute capability "
+                    f"{capability}); it supports {', '.join(supported)}: use a GPU of those, or standard TensorRT "
+                    "(samg build --trt tensorrt) or --backend onnxruntime on this one")
+
+
+def numpy_dtype(trt: ModuleType, data_type):
+    """The numpy dtype of a TensorRT tensor type; bfloat16 is ml_dtypes' (trt.nptype has none)."""
+    np = require("numpy")
+    if data_type == trt.DataType.BF16:
+        return np.dtype(require("ml_dtypes", "for bfloat16 tensors").bfloat16)
+    try:
+        return np.dtype(trt.nptype(data_type))
+    except TypeError:
+        raise SamgError(f"TensorRT tensor type {data_type} has no numpy equivalent: export the model as float32, "
+                        "float16 or bfloat16") from None
 
 
 # Messages TensorRT-RTX logs as errors on a machine without a GPU although an ahead-of-time build
