@@ -95,6 +95,7 @@ class SamgOutput:
     """What a call returns. Image models fill `images`, video models `frames`:
     output_type "pil": a list of PIL images (video: a list of frame lists), "np": uint8
     [N, H, W, 3] (video [N, F, H, W, 3]), "latent": the final model-space latents [N, ...].
+    Arrays of several sizes (a per-prompt height=) come as a list of one array per image.
     `seeds` and `timings` have one entry per prompt; a timing holds seconds per stage: queue (before
     a worker took it), encode, denoise, decode, total."""
 
@@ -105,10 +106,16 @@ class SamgOutput:
 
     @staticmethod
     def concatenate(outputs: list["SamgOutput"]) -> "SamgOutput":
+        """One output for several requests, in order. Arrays of different sizes (a per-prompt
+        height=) cannot stack: they become a list with one array per image."""
         def join(values):
             if values[0] is None:
                 return None
-            return np.concatenate(values) if isinstance(values[0], np.ndarray) else [v for vs in values for v in vs]
+            if not isinstance(values[0], np.ndarray):
+                return [v for vs in values for v in vs]
+            if len({v.shape[1:] for v in values}) == 1:
+                return np.concatenate(values)
+            return [image for v in values for image in v]
 
         return SamgOutput(join([o.images for o in outputs]), join([o.frames for o in outputs]),
                           [s for o in outputs for s in o.seeds], [t for o in outputs for t in o.timings])
@@ -211,7 +218,17 @@ class SamgPipeline:
             for f in futures:
                 f.add_done_callback(lambda _: bar.update())
         try:
-            return SamgOutput.concatenate([f.result() for f in futures])
+            results, failure = [], None
+            for i, f in enumerate(futures):  # every request finishes before the call returns or raises
+                try:
+                    results.append(f.result())
+                except SamgError as exc:
+                    failure = failure or SamgError(f"prompt[{i}]: {exc}" if len(futures) > 1 else str(exc))
+                except Exception as exc:  # an internal error: raised as it is, after the others finish
+                    failure = failure or exc
+            if failure is not None:
+                raise failure
+            return SamgOutput.concatenate(results)
         finally:
             if bar is not None:
                 bar.close()
@@ -347,12 +364,13 @@ class SamgPipeline:
         p, r = self.pipeline, job.request
         start = time.perf_counter()
         timings = {"queue": start - job.submitted}
-        with self._encode_lock:
-            cond = p.conditioning(r.prompt, r.negative_prompt, r.num_images)
-        timings["encode"] = time.perf_counter() - start
-        start = time.perf_counter()
-        noise = p.initial_noise(r) if job.noise is None else job.noise
+        # active from before encoding: requests submitted together take their first step together
         with self.engine.request() as runner:
+            with self._encode_lock:
+                cond = p.conditioning(r.prompt, r.negative_prompt, r.num_images)
+            timings["encode"] = time.perf_counter() - start
+            start = time.perf_counter()
+            noise = p.initial_noise(r) if job.noise is None else job.noise
             latents = p.sample(cond, noise, guidance=r.guidance, sampler=r.sampler, steps=r.steps, karras=r.karras,
                                rng=np.random.default_rng(r.seed), scale_schedule=r.scale_schedule, runner=runner)
         timings["denoise"] = time.perf_counter() - start

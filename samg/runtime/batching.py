@@ -17,7 +17,9 @@ every request's negative rows, then every request's prompt rows, in the same ord
 Runtime on CPU for samg-digits and a tiny SDXL export (tests/test_batching.py).
 
 When a call fires (the policy), with the scheduler idle:
-  - every active request (inside `with engine.request()`) has a step waiting, or
+  - every active request has a step waiting (a request is active inside `with engine.request()`;
+    samg.api enters it before encoding the prompt, so requests submitted together take their
+    first step together), or
   - the waiting steps fill max_batch_size images, or
   - the oldest waiting step has waited max_wait_s since the scheduler was last free: a request busy
     between steps (host-side guidance, a thread the OS did not run) stalls the others no longer.
