@@ -195,8 +195,14 @@ def test_a_request_going_non_finite_fails_alone(raw_export):
             bad.result(timeout=120)
         assert_latents_match(good.result(timeout=120).images, expected)
         stats = pipe.stats()
+        # through a call: the failing prompt is named, after the others finished
+        with pytest.raises(SamgError, match=r"^prompt\[1\]: non-finite values in latents after step 2/6"):
+            pipe(["a dog", "a cat"], guidance="apg", guidance_scale=5.0, num_inference_steps=6, seed=[52, 51],
+                 guidance_options=[{}, {"momentum": 1e39, "norm_threshold": 0.0}], output_type="latent")
+        later = pipe.stats()
     assert stats["requests_failed"] == 1 and stats["requests_done"] == 1
     assert stats["requests_per_call"].get(2, 0) >= 1  # they did share calls before the failure
+    assert later["requests_failed"] == 2 and later["requests_done"] == 2 and later["in_flight"] == 0
 
 
 def test_max_batch_size_bounds_every_call(digits):
