@@ -7,7 +7,9 @@ its spread resolves it from parity):
 - per denoising step: fused SAMG graph vs the peers' way (raw export, both predictions out, CFG on
   the host) vs the fused graph in plain-CFG mode (w_min == w_max);
 - the sampling loop's own overhead per step (null runner: no model work).
-A raw variant of the export is made in a temporary folder when --raw is not given.
+A raw variant of the export is made in a temporary folder when --raw is not given; with
+`--backend tensorrt` its engines are built there too, with DIR's engines' flavour, precision and
+shapes (DIR itself must have been built: `samg build DIR`).
 """
 
 from __future__ import annotations
@@ -94,7 +96,8 @@ def _timed(fn) -> float:
 
 
 def _export_raw(export_dir: Path, export_info, into: Path) -> Path:
-    """A raw export of the same source and size as `export_info` (samg.contract.Export), in `into`."""
+    """A raw export of the same source, size, dtype and opset as `export_info` (samg.contract.Export),
+    in `into`."""
     from samg.errors import SamgError
     from samg.export.exporter import ExportOptions, export
 
@@ -103,8 +106,37 @@ def _export_raw(export_dir: Path, export_info, into: Path) -> Path:
         raise SamgError("this export came from the hub: export a raw variant yourself and pass --raw DIR")
     lat = export_info.latent
     opts = ExportOptions(model=export_info.model, out=str(into / "raw"), model_path=str(model_dir), guidance="raw",
-                         height=lat.height, width=lat.width, frames=lat.frames, validate=False, quiet=True)
+                         height=lat.height, width=lat.width, frames=lat.frames, dtype=export_info.dtype,
+                         opset=export_info.opset, validate=False, quiet=True)
     return export(opts)
+
+
+def _engine_record(export_dir: Path, flag: str):
+    """The denoiser engine's record of an export that `--backend tensorrt` runs, after checking that
+    every component has its engine; SamgError naming `samg build` otherwise."""
+    from samg.contract import ENGINE_COMPONENTS, ENGINES_DIR, read_engine_record
+    from samg.errors import SamgError
+
+    missing = [c for c in ENGINE_COMPONENTS if not (export_dir / ENGINES_DIR / f"{c}.engine").is_file()]
+    if missing:
+        raise SamgError(f"{flag} {export_dir} has no TensorRT engine for {', '.join(missing)}: run "
+                        f"`samg build {export_dir}` first (samg bench --backend tensorrt runs its engines)")
+    return read_engine_record(export_dir / ENGINES_DIR / "denoiser.engine")
+
+
+def build_raw_engines(raw_dir: Path, export_info, fused_record, quiet: bool = True):
+    """Engines for the raw variant in `raw_dir`, built like DIR's (`fused_record`: DIR's denoiser
+    engine record): same TensorRT flavour, precision and shapes; the raw graph has no combine."""
+    from samg.build.engine import BuildOptions, build_export
+    from samg.build.loader import CAPTURE_BUILD_FLAGS
+    from samg.build.profiles import request_from_profiles
+
+    capture_flags = CAPTURE_BUILD_FLAGS.get(fused_record.trt_flavour, ())
+    options = BuildOptions(flavour=fused_record.trt_flavour, precision=fused_record.precision,
+                           shapes=request_from_profiles(export_info.latent, fused_record.profiles),
+                           cuda_graph=bool(capture_flags) and set(capture_flags) <= set(fused_record.build_flags),
+                           quiet=quiet)
+    return build_export(raw_dir, options)
 
 
 def _diffusers_pipeline(export_dir: Path, export_info, sampler: str):
@@ -153,10 +185,13 @@ def run(args: argparse.Namespace) -> int:
     if not isinstance(export_info.combine, GuidanceCombineAttrs):
         raise SamgError(f"{export_dir} is a {export_info.mode} export: pass the fused export as DIR and a raw one "
                         "as --raw")
-    fused = Pipeline.load(export_dir, backend=args.backend, device=args.device)
-    null = Pipeline.load(export_dir, backend="null")
-    height, width, frames = fused.validate_size(args.height, args.width, None)
-    noise = np.random.default_rng(0).standard_normal(fused.latent_shape(1, height, width, frames)).astype(np.float32)
+    tensorrt = args.backend == "tensorrt"
+    if tensorrt:
+        if args.device != "cuda":
+            raise SamgError("--backend tensorrt runs on the GPU: add --device cuda")
+        fused_record = _engine_record(export_dir, "DIR")  # checked before the raw export is made
+        if args.raw:
+            _engine_record(Path(args.raw), "--raw")
     prompt = "a photo of a cat"
 
     with tempfile.TemporaryDirectory(prefix="samg-bench-") as tmp:
@@ -164,6 +199,13 @@ def run(args: argparse.Namespace) -> int:
         if raw_dir is None:
             print("samg bench: exporting the raw variant for the peers' row ...", file=sys.stderr)
             raw_dir = _export_raw(export_dir, export_info, Path(tmp))
+            if tensorrt:
+                print("samg bench: building the raw variant's TensorRT engines like DIR's ...", file=sys.stderr)
+                build_raw_engines(raw_dir, export_info, fused_record)
+        fused = Pipeline.load(export_dir, backend=args.backend, device=args.device)
+        null = Pipeline.load(export_dir, backend="null")
+        height, width, frames = fused.validate_size(args.height, args.width, None)
+        noise = np.random.default_rng(0).standard_normal(fused.latent_shape(1, height, width, frames)).astype(np.float32)
         raw = Pipeline.load(raw_dir, backend=args.backend, device=args.device)
         if raw.export.fused:
             raise SamgError(f"--raw {raw_dir} is not a raw export: export one with --guidance raw")

@@ -130,3 +130,30 @@ def test_bad_ranges_are_refused_with_the_flag_named():
     fixed = sd_latent(dynamic_resolution=False)
     with pytest.raises(SamgError, match="fixed at 512"):
         symbol_ranges(fixed, ShapeRequest(dynamic=True, max={"height": 1024}), 77)
+
+
+def test_request_from_a_denoiser_engines_profiles_rebuilds_the_same_shapes():
+    """`samg bench --backend tensorrt` builds the raw variant's engines from the fused engine's record."""
+    from samg.build.profiles import request_from_profiles
+
+    latent = sd_latent()
+    # static: latents [1, 4, 64, 96] at spatial factor 8 is 512x768 pixels, 77 tokens
+    static = {"latents": {"min": [1, 4, 64, 96], "opt": [1, 4, 64, 96], "max": [1, 4, 64, 96]},
+              "encoder_hidden_states": {"min": [2, 77, 768], "opt": [2, 77, 768], "max": [2, 77, 768]}}
+    request = request_from_profiles(latent, static)
+    assert request == ShapeRequest(dynamic=False, opt={"batch": 1, "height": 512, "width": 768, "tokens": 77})
+    dynamic = {"latents": {"min": [1, 4, 32, 48], "opt": [2, 4, 64, 96], "max": [4, 4, 128, 192]}}
+    request = request_from_profiles(latent, dynamic)
+    assert request == ShapeRequest(dynamic=True, min={"batch": 1, "height": 256, "width": 384},
+                                   opt={"batch": 2, "height": 512, "width": 768},
+                                   max={"batch": 4, "height": 1024, "width": 1536})
+    # and it gives back the engine's latents profile
+    ranges = symbol_ranges(latent, request, default_tokens=77)
+    assert denoiser_profiles(DENOISER_ONNX, ranges)["latents"] == dynamic["latents"]
+    # video [B, F, C, H, W] with 4x temporal compression: latent frames 4 are 13 pixel frames
+    video = Latent(layout="BFCHW", channels=16, spatial_factor=8, temporal_factor=4, height=480, width=720, frames=13,
+                   dynamic_resolution=False)
+    frames = request_from_profiles(video, {"latents": {k: [1, 4, 16, 60, 90] for k in ("min", "opt", "max")}})
+    assert frames.opt == {"batch": 1, "frames": 13, "height": 480, "width": 720}
+    with pytest.raises(SamgError, match="does not fit the layout BCHW"):
+        request_from_profiles(latent, {"latents": {k: [1, 4, 64] for k in ("min", "opt", "max")}})

@@ -53,7 +53,7 @@ _ALIGN = 256
 # guidance_combine.cu's `Shape`, passed by value: six int64 fields.
 SHAPE_FIELDS = ("outer", "channels", "inner", "height", "width", "positions")
 
-CUPY_PURPOSE = "to run the GuidanceCombine TensorRT plugin's kernels (CUDA 12 hosts: pip install cupy-cuda12x)"
+CUPY_PURPOSE = "to run the GuidanceCombine TensorRT plugin's kernels; on CUDA 12 hosts pip install cupy-cuda12x instead"
 # module name -> (plugin class, creator class, registered creator instance)
 _CLASSES: dict[str, tuple[type, type]] = {}
 _REGISTERED: dict[str, Any] = {}

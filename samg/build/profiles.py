@@ -196,3 +196,29 @@ def input_profiles(
             shape.append(ranges[symbol])
         profiles[name] = {key: [r[i] for r in shape] for i, key in enumerate(("min", "opt", "max"))}
     return profiles
+
+
+def request_from_profiles(latent: Latent, profiles: Mapping[str, Mapping[str, list[int] | tuple[int, ...]]]) -> ShapeRequest:
+    """The ShapeRequest that builds a denoiser engine with these profiles (an engine record's
+    `profiles`): batch, height, width, frames from `latents` (in the export's layout), tokens from
+    `encoder_hidden_states`. `samg bench` builds the raw variant's engines to match DIR's this way."""
+    latents = profiles.get("latents")
+    check(latents is not None, "the denoiser engine has no `latents` profile: rebuild it with `samg build`")
+    factor, temporal = latent.spatial_factor, latent.temporal_factor
+    to_pixels = {"B": ("batch", lambda v: v), "H": ("height", lambda v: v * factor),
+                 "W": ("width", lambda v: v * factor), "F": ("frames", lambda v: (v - 1) * temporal + 1)}
+    request: dict[str, dict[str, int]] = {"min": {}, "opt": {}, "max": {}}
+    for point in request:
+        dims = latents[point]
+        check(len(dims) == len(latent.layout), f"the `latents` profile {list(dims)} does not fit the layout "
+                                               f"{latent.layout}: rebuild the engine with `samg build`")
+        for axis, size in zip(latent.layout, dims):
+            if axis in to_pixels:
+                key, convert = to_pixels[axis]
+                request[point][key] = convert(size)
+        tokens = (profiles.get("encoder_hidden_states") or {}).get(point)
+        if tokens is not None and len(tokens) >= 2:
+            request[point]["tokens"] = tokens[1]
+    if request["min"] == request["opt"] == request["max"]:
+        return ShapeRequest(dynamic=False, opt=request["opt"])
+    return ShapeRequest(dynamic=True, **request)

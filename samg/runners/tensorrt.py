@@ -27,7 +27,7 @@ from samg.contract import ENGINES_DIR, read_engine_record, verify_engine
 from samg.errors import SamgError, check, require
 from samg.runners.base import GraphRunner, InputDecl
 
-CUPY_PURPOSE = "to run TensorRT engines (CUDA 12 hosts: pip install cupy-cuda12x)"
+CUPY_PURPOSE = "to run TensorRT engines; on CUDA 12 hosts pip install cupy-cuda12x instead"
 # CuPy has no bfloat16: device buffers of bfloat16 tensors are int16 (the same two bytes).
 DEVICE_BFLOAT16 = np.dtype(np.int16)
 
