@@ -326,9 +326,12 @@ def check_finite(name: str, array: Any, where: str = "") -> None:
     """Raise SamgError if `array` (numpy or anything np.asarray accepts) holds NaN or Inf."""
     a = np.asarray(array)
     if a.dtype.kind in "fc" and not np.isfinite(a).all():
-        bad = int(a.size - np.isfinite(a).sum())
-        at = f" {where}" if where else ""
-        raise SamgError(
-            f"non-finite values in {name}{at} ({bad} of {a.size}): lower the guidance scale, "
-            "check the model files, or run in float32"
-        )
+        raise nonfinite_error(name, int(a.size - np.isfinite(a).sum()), a.size, where)
+
+
+def nonfinite_error(name: str, bad: int, size: int, where: str = "") -> SamgError:
+    """check_finite's error for `bad` of `size` values non-finite (also raised for device tensors,
+    whose count is read after the loop)."""
+    at = f" {where}" if where else ""
+    return SamgError(f"non-finite values in {name}{at} ({bad} of {size}): lower the guidance scale, "
+                     "check the model files, or run in float32")

@@ -1,10 +1,18 @@
-"""A tiny array-namespace shim so each guidance rule has ONE code path for numpy and torch.
+"""A tiny array-namespace shim so the guidance rules and the sampling loop (samplers, denoiser)
+have ONE code path for numpy arrays and torch tensors on any device.
 
 `ops_for(x)` returns `NUMPY` for numpy arrays and `TORCH` for torch tensors. torch is never
 imported here: a tensor can only exist if the caller already imported torch, so we look it up in
 `sys.modules`. Every reduction keeps its dimensions (keepdims) so results broadcast back.
+(This shim rather than array-api-compat: the rules need a dozen operations, several with numpy's
+warning control or torch-only scalar handling, and no new dependency for the numpy-only install.)
 
-Only what the rules need is here; add an operation to both classes when a rule needs it.
+Scalars never become tensors: on torch a Python-float parameter is used as a float32 scalar
+(`param`), so a rule call copies nothing host -> device (and stays capturable in a CUDA graph);
+device-resident parameters are passed as tensors. `upload` / `to_host` are the loop's only
+transfers (noise and conditioning once per request, the final latents once).
+
+Only what the callers need is here; add an operation to both classes when one needs it.
 """
 
 from __future__ import annotations
@@ -108,6 +116,26 @@ class _NumpyOps:
     def float64(self, x):
         return np.asarray(x, dtype=np.float64)
 
+    # -- the sampling loop's placement and checks ------------------------------------------------
+    def upload(self, array, like):
+        """A host array where `like` lives: numpy arrays stay as they are."""
+        return np.asarray(array)
+
+    def upload_as(self, array, like):
+        """A host array in `like`'s dtype where `like` lives (numpy's astype)."""
+        return np.asarray(array).astype(like.dtype, copy=False)
+
+    def to_host(self, x):
+        return np.asarray(x)
+
+    def count_nonfinite(self, x) -> int:
+        """How many NaN/Inf values x holds, as a Python int (host arrays are checked at once)."""
+        return int(x.size - np.count_nonzero(np.isfinite(x))) if x.dtype.kind in "fc" else 0
+
+    def peak(self, x) -> float:
+        """max |x| as a Python float (0 for an empty array)."""
+        return float(np.abs(x).max(initial=0.0))
+
 
 class _TorchOps:
     name = "torch"
@@ -126,11 +154,16 @@ class _TorchOps:
         return x.to(dtype)
 
     def param(self, value, like):
+        """A tensor parameter (0-d or [B], already on the device) shaped [B, 1, ...]; a Python or numpy
+        scalar stays a float32 scalar (no tensor, no host -> device copy; torch computes `tensor op
+        scalar` in the tensor's float32, as with a float32 tensor); a host vector [B] is uploaded."""
         torch = self.torch
         if is_torch(value):
             t = value.to(device=like.device, dtype=torch.float32)
+        elif np.ndim(value) == 0:
+            return np.float32(value)
         else:
-            t = torch.as_tensor(np.asarray(value, dtype=np.float32), device=like.device)
+            t = torch.from_numpy(np.array(value, dtype=np.float32)).to(like.device)
         return _shape_param(t, like.shape)
 
     def sum(self, x, axes):
@@ -153,7 +186,10 @@ class _TorchOps:
         return x.abs().amax(dim=tuple(axes), keepdim=True)
 
     def quiet_divide(self, a, b):
-        """a / b (torch does not warn on Inf/Inf or overflow)."""
+        """a / b (torch does not warn on Inf/Inf or overflow). A scalar numerator is filled into a 0-d
+        tensor on b's device: `scalar / tensor` would be torch's reciprocal-then-multiply."""
+        if not is_torch(a):
+            a = b.new_full((), float(a), dtype=self.torch.float32)
         return a / b
 
     def std(self, x, axes, correction):
@@ -167,15 +203,26 @@ class _TorchOps:
 
     def where(self, cond, a, b):
         torch = self.torch
-        a = a if is_torch(a) else torch.as_tensor(a, dtype=torch.float32, device=cond.device)
-        b = b if is_torch(b) else torch.as_tensor(b, dtype=torch.float32, device=cond.device)
-        return torch.where(cond, a, b)
+        if not is_torch(a) and not is_torch(b):  # two scalars: a float32 tensor like cond, filled in place
+            return torch.where(cond, cond.new_full((), float(a), dtype=torch.float32), float(b))
+        # a scalar operand is passed as a scalar (torch.where takes one): no tensor made from it
+        return torch.where(cond, a if is_torch(a) else float(a), b if is_torch(b) else float(b))
 
     def maximum(self, a, b):
-        return self.torch.maximum(a, b)  # propagates NaN
+        """Elementwise max (propagates NaN); a scalar side (a float32 parameter) clamps instead."""
+        if not is_torch(b):
+            return a.clamp_min(float(b))
+        if not is_torch(a):
+            return b.clamp_min(float(a))
+        return self.torch.maximum(a, b)
 
     def minimum(self, a, b):
-        return self.torch.minimum(a, b)  # propagates NaN
+        """Elementwise min (propagates NaN); a scalar side (a float32 parameter) clamps instead."""
+        if not is_torch(b):
+            return a.clamp_max(float(b))
+        if not is_torch(a):
+            return b.clamp_max(float(a))
+        return self.torch.minimum(a, b)
 
     def concat(self, xs: Sequence, axis: int):
         return self.torch.cat(list(xs), dim=axis)
@@ -197,10 +244,45 @@ class _TorchOps:
         return x.sum(dim=tuple(axes), keepdim=True)
 
     def broadcast(self, x, like):
+        if not is_torch(x):  # a scalar parameter: filled on the device, not copied there
+            return like.new_full(tuple(like.shape), float(x), dtype=self.torch.float32)
         return x.expand(like.shape).clone()
 
     def float64(self, x):
         return x.to(self.torch.float64)
+
+    # -- the sampling loop's placement and checks ------------------------------------------------
+    def upload(self, array, like):
+        """A host array (its own dtype) as a tensor on `like`'s device: one copy. A tensor is moved
+        if it lives elsewhere."""
+        if is_torch(array):
+            return array.to(like.device)
+        host = np.asarray(array)
+        if not host.flags.writeable or not host.flags.c_contiguous:  # from_numpy shares (and warns on) read-only memory
+            host = np.ascontiguousarray(host).copy()
+        return self.torch.from_numpy(host).to(like.device)
+
+    def upload_as(self, array, like):
+        """A host array as a tensor of `like`'s dtype on its device: cast on the host first (the
+        rounding of numpy's astype, and no wider copy than needed)."""
+        if is_torch(array):
+            return array.to(device=like.device, dtype=like.dtype)
+        host = np.asarray(array)
+        if host.dtype.kind == "f" and like.dtype != self.torch.bfloat16:  # numpy has no bfloat16
+            host = host.astype(str(like.dtype).removeprefix("torch."), copy=False)
+        return self.upload(host, like).to(like.dtype)
+
+    def to_host(self, x):
+        return x.detach().cpu().numpy()
+
+    def count_nonfinite(self, x):
+        """How many NaN/Inf values x holds, as a 0-d int64 tensor on x's device (read it when needed:
+        reading it synchronises with the device)."""
+        return (~self.torch.isfinite(x)).sum()
+
+    def peak(self, x):
+        """max |x| as a 0-d tensor on x's device (0 for an empty tensor)."""
+        return x.abs().amax() if x.numel() else x.new_zeros(())
 
 
 NUMPY = _NumpyOps()
@@ -234,6 +316,11 @@ def ops_for(x: Any):
     if not ops.is_float(x):
         raise SamgError(f"guidance rules need floating-point predictions, got {x.dtype}: cast to float32")
     return ops
+
+
+def as_float32(x: Any):
+    """x as float32 in its own array type and place (numpy: np.asarray(x, np.float32))."""
+    return TORCH.f32(x) if is_torch(x) else np.asarray(x, dtype=np.float32)
 
 
 def check_pair(u: Any, c: Any, min_ndim: int = 2):

@@ -36,12 +36,10 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-import numpy as np
-
 from samg.errors import SamgError
 from samg.guidance import rules as _rules
 from samg.guidance import spatial as _spatial
-from samg.guidance._xp import check_pair
+from samg.guidance._xp import as_float32, check_pair
 from samg.guidance.apg import APGState, apg
 from samg.guidance.schedules import in_guidance_interval
 from samg.guidance.step import StepInputs, StepResult, applied_scales
@@ -156,11 +154,10 @@ class GuidanceRule:
         u, c = self.inputs_in_space(step)
         out = self(u, c, step=step.step, sigma=step.sigma, state=state, **params)
         if self.space == "x0":
-            return StepResult(np.asarray(out, np.float32))
+            return StepResult(as_float32(out))
         if self.returns_uncond:  # CFG++: x0 from the guided prediction, re-noise along u
-            return StepResult(step.to_x0(np.asarray(out.guided, np.float32)),
-                              renoise_x0=step.to_x0(np.asarray(out.uncond, np.float32)))
-        return StepResult(step.to_x0(np.asarray(out, np.float32)))
+            return StepResult(step.to_x0(as_float32(out.guided)), renoise_x0=step.to_x0(as_float32(out.uncond)))
+        return StepResult(step.to_x0(as_float32(out)))
 
     def gate(self, sigma, **params) -> float:
         """The rule's own gain on (w − 1) at this step's sigma: 1 unless the rule turns itself off."""

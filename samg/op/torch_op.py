@@ -6,6 +6,11 @@
 - Dynamo exporter (optional path): while `torch.export` traces, the call goes through the torch
   custom op `samg::guidance_combine`; pass `dynamo_translation_table()` as
   `custom_translation_table=` so it becomes one GuidanceCombine node.
+- Running (the torch runner, torch.compile, CUDA graphs): without autograd the call is the custom
+  op `samg::guidance_combine`, ONE op with a fake (meta) implementation, so torch.compile keeps it
+  whole and a CUDA graph captures it. Its CUDA kernel is plugins/cuda/guidance_combine.cu (compiled
+  by NVRTC through CuPy, samg.build.plugin) launched on torch's current stream; its CPU kernel is
+  the reference rule. Where gradients are needed the reference runs directly (differentiable).
 After either export, `samg.op.attach_function(model)` adds the body so any runtime can run it.
 """
 
@@ -14,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import warnings
+from typing import Any
 
 from samg.errors import check, require
 from samg.op.schema import (
@@ -57,20 +63,69 @@ def _export_function():
 
 
 @functools.cache
+def _cuda_launcher() -> Any:
+    """The compiled CUDA kernels (samg.build.plugin's CuPy launcher), or None where they cannot be
+    had (no CuPy, no CUDA headers): the CUDA op then runs the reference rule on the GPU, said once."""
+    from samg.errors import SamgError
+
+    try:
+        from samg.build import plugin
+
+        return plugin.shared_launcher()
+    except (SamgError, ImportError) as exc:
+        warnings.warn(f"samg::guidance_combine runs the reference rule on the GPU, not the CUDA kernel: {exc}",
+                      RuntimeWarning, stacklevel=3)
+        return None
+
+
+def _cuda_combine(u, c, scales, tau, sharpness, smooth, channel_axis):
+    """The op's CUDA kernel: guidance_combine.cu's kernels on torch's current stream, so the launch
+    orders with the surrounding torch work and is captured by a CUDA graph (compile it before a
+    capture: the first call compiles)."""
+    torch = require("torch", "for guidance_combine")
+    launcher = _cuda_launcher()
+    if launcher is None:
+        return _reference(u, c, scales, tau, sharpness, smooth, channel_axis)
+    from samg.build.plugin import workspace_bytes
+
+    u, c = u.contiguous(), c.contiguous()
+    scales = scales.to(torch.float32).contiguous()
+    out = torch.empty_like(u)
+    dims = tuple(u.shape)
+    workspace = torch.empty(workspace_bytes(dims, channel_axis), dtype=torch.uint8, device=u.device)
+    values = {"tau": tau, "sharpness": sharpness, "smooth": smooth, "channel_axis": channel_axis}
+    element = str(u.dtype).removeprefix("torch.")  # float32/float16/bfloat16 (checked by the caller): ELEMENT_TYPES' keys
+    with torch.cuda.device(u.device):
+        stream = torch.cuda.current_stream(u.device).cuda_stream
+        launcher.launch(values, dims, element, (u.data_ptr(), c.data_ptr(), scales.data_ptr()), out.data_ptr(),
+                        workspace.data_ptr(), stream)
+    return out
+
+
+@functools.cache
 def _custom_op():
-    """The torch custom op `samg::guidance_combine` for the dynamo exporter (registered once)."""
-    torch = require("torch", "to export GuidanceCombine")
+    """The torch custom op `samg::guidance_combine` (registered once): the reference on CPU (and
+    any device without its own kernel), the CUDA kernel on CUDA, a fake for tracing."""
+    torch = require("torch", "for the torch op samg::guidance_combine")
 
     # Explicit schema: the annotations would be strings here (postponed evaluation).
     @torch.library.custom_op(TORCH_OP_NAME, mutates_args=(), schema=_TORCH_OP_SCHEMA)
     def guidance_combine_op(u, c, scales, tau, sharpness, smooth, channel_axis):
         return _reference(u, c, scales, tau, sharpness, smooth, channel_axis)
 
+    guidance_combine_op.register_kernel("cuda")(_cuda_combine)
+
     @guidance_combine_op.register_fake
     def _(u, c, scales, tau, sharpness, smooth, channel_axis):
         return torch.empty_like(u)
 
     return guidance_combine_op
+
+
+def combine_op():
+    """The registered torch op `torch.ops.samg.guidance_combine` (u, c, scales, tau, sharpness,
+    smooth, channel_axis), registering it on first use."""
+    return _custom_op()
 
 
 def dynamo_translation_table() -> dict:
@@ -129,6 +184,7 @@ def guidance_combine(
             return _export_function().apply(u, c, scales.to(torch.float32), *args)
     _validate_tensors(torch, u, c, scales, smooth, channel_axis)
     scales = scales.to(torch.float32)
-    if torch.compiler.is_exporting():
-        return _custom_op()(u, c, scales, *args)
-    return _reference(u, c, scales, *args)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (u, c, scales))
+    if needs_grad and not torch.compiler.is_exporting():  # the op has no backward: the reference has
+        return _reference(u, c, scales, *args)
+    return _custom_op()(u, c, scales, *args)

@@ -76,7 +76,7 @@ class GraphRunner:
                     checked[name] = value
                     continue
                 value = np.asarray(value)
-            dtype, shape = np.dtype(value.dtype), tuple(value.shape)
+            dtype, shape = _dtype_of(value), tuple(value.shape)
             if _KINDS.get(dtype.kind) != _KINDS.get(decl.dtype.kind):
                 raise SamgError(f"{where} {name!r} has dtype {dtype}, the graph takes {decl.dtype}: "
                                 f"pass {_KINDS.get(decl.dtype.kind, decl.dtype)} values")
@@ -89,6 +89,15 @@ class GraphRunner:
                                     f"{want} ({list(decl.dims)}): pass the shape the graph declares")
             checked[name] = value.astype(decl.dtype) if isinstance(value, np.ndarray) and dtype != decl.dtype else value
         return checked
+
+
+def _dtype_of(value) -> np.dtype:
+    """The numpy dtype of a feed's elements; a torch tensor's by name (runners that take device
+    tensors cast them themselves; bfloat16, which numpy lacks, checks as float32: the same kind)."""
+    if type(value.dtype).__module__ == "torch":
+        name = str(value.dtype).removeprefix("torch.")
+        return np.dtype("float32" if name == "bfloat16" else name)
+    return np.dtype(value.dtype)
 
 
 # backend name -> "module:factory"; a factory takes (path, device=..., **opts) and returns a Runner.

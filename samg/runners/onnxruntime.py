@@ -1,12 +1,23 @@
-"""ONNX Runtime runner: CPU EP, or CUDA EP with IO binding (outputs stay on the GPU until read)."""
+"""ONNX Runtime runner: CPU EP, or CUDA EP with IO binding.
+
+Numpy feeds give numpy outputs (on CUDA: inputs copied in once, outputs allocated on the GPU by ORT
+and read back). Torch tensor feeds are bound where they live, through IO binding on their memory
+(`data_ptr`), and the outputs are written into torch tensors allocated beside them, so a sampling
+loop on the GPU never passes through the host (`tensor_device`; on CUDA by default when torch is
+installed). The same binding works for CPU tensors on the CPU EP. torch is imported only for that
+(never for numpy feeds).
+"""
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from samg.errors import SamgError, require
+from samg.guidance._xp import is_torch
 from samg.runners.base import GraphRunner, InputDecl
 
 # ONNX tensor type string -> numpy dtype of the graph's declared inputs.
@@ -22,7 +33,9 @@ _ORT_TYPES = {
 
 class OrtRunner(GraphRunner):
     def __init__(self, path: Path, device: str = "cpu", *, custom_op_library: str | None = None,
-                 threads: int | None = None, providers: list | None = None):
+                 threads: int | None = None, providers: list | None = None, device_tensors: bool | None = None):
+        """device_tensors: on CUDA, let the sampling loop hand this runner torch tensors on the GPU and
+        get tensors back (default: when torch is installed)."""
         ort = require("onnxruntime", "to run exported models")
         path = Path(path)
         if not path.is_file():
@@ -64,6 +77,14 @@ class OrtRunner(GraphRunner):
         }
         self.output_names = [o.name for o in self.session.get_outputs()]
         self._ort = ort
+        if device_tensors is None:
+            device_tensors = importlib.util.find_spec("torch") is not None
+        self._device_tensors = bool(device_tensors) and device == "cuda"
+
+    @property
+    def tensor_device(self) -> str | None:
+        """"cuda" when the loop may keep its arrays on the GPU as torch tensors (see the module doc)."""
+        return "cuda" if self._device_tensors else None
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:
@@ -76,6 +97,8 @@ class OrtRunner(GraphRunner):
                             "lower --height/--width, --frames or --num-images") from None
 
     def _session_run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if any(is_torch(v) for v in feeds.values()):
+            return self._run_on_tensors(feeds)
         if self.device != "cuda":
             outs = self.session.run(self.output_names, feeds, self._run_options)
             return dict(zip(self.output_names, outs))
@@ -90,3 +113,42 @@ class OrtRunner(GraphRunner):
             binding.bind_output(name, "cuda")
         self.session.run_with_iobinding(binding, self._run_options)
         return dict(zip(self.output_names, binding.copy_outputs_to_cpu()))
+
+    def _run_on_tensors(self, feeds: dict) -> dict:
+        """IO binding on torch tensors: each input bound where it lives (cast within its kind to the
+        graph's dtype on its device), each output written into a tensor allocated on the same device
+        (its shape from the inputs' named dims; an output whose dims the inputs do not name is
+        allocated by ORT and copied over). Outputs in the graph's dtypes."""
+        torch = sys.modules["torch"]
+        device = next(v.device for v in feeds.values() if is_torch(v))
+        where = ("cuda" if device.type == "cuda" else "cpu", device.index or 0)
+        binding = self.session.io_binding()
+        bound, sizes = [], {}  # the bound tensors live until the run is over; named dim -> size
+        for name, value in feeds.items():
+            decl = self.inputs[name]
+            tensor = value if is_torch(value) else torch.from_numpy(np.array(value))
+            tensor = tensor.to(device=device, dtype=_torch_dtype(torch, decl.dtype)).contiguous()
+            bound.append(tensor)
+            sizes.update({dim: size for dim, size in zip(decl.dims, tensor.shape) if isinstance(dim, str)})
+            binding.bind_input(name, *where, decl.dtype.type, tuple(tensor.shape), tensor.data_ptr())
+        outputs = {}
+        for out in self.session.get_outputs():
+            shape = [dim if isinstance(dim, int) else sizes.get(dim) for dim in out.shape]
+            dtype = np.dtype(_ORT_TYPES.get(out.type, np.float32))
+            if None in shape:
+                binding.bind_output(out.name, *where)
+                continue
+            outputs[out.name] = torch.empty(shape, dtype=_torch_dtype(torch, dtype), device=device)
+            binding.bind_output(out.name, *where, dtype.type, shape, outputs[out.name].data_ptr())
+        if device.type == "cuda":  # ORT runs on its own stream: the inputs torch wrote must be done
+            torch.cuda.current_stream(device).synchronize()
+        self.session.run_with_iobinding(binding, self._run_options)  # returns once ORT's work is done
+        if len(outputs) < len(self.output_names):  # rare (no denoiser output): read back, then placed
+            for name, value in zip(self.output_names, binding.copy_outputs_to_cpu()):
+                outputs.setdefault(name, torch.from_numpy(value).to(device))
+        return {name: outputs[name] for name in self.output_names}
+
+
+def _torch_dtype(torch, dtype: np.dtype):
+    """The torch dtype of a numpy dtype (the graph's declared element types all have one)."""
+    return getattr(torch, np.dtype(dtype).name)

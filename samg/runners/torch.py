@@ -1,6 +1,11 @@
-"""Torch reference runner: runs the export's own wrapper modules (samg.export.wrappers) in eager
-torch on the diffusers pipeline saved in the export's source/ folder, with the same inputs and
-outputs as the ONNX graph it stands for. Used to tell exporter bugs from runtime bugs."""
+"""Torch runner: runs the export's own wrapper modules (samg.export.wrappers) in eager torch on the
+diffusers pipeline the export came from, with the same inputs and outputs as the ONNX graph it
+stands for. On the CPU it is the float32 reference (to tell exporter bugs from runtime bugs); on
+CUDA it runs the denoiser and VAE in the export's dtype (or `dtype=` "float16"/"bfloat16"), the
+fused combine as the one torch op samg::guidance_combine (its CUDA kernel), and takes and returns
+device tensors (`tensor_device`), so the sampling loop stays on the GPU.
+
+Numpy feeds give numpy outputs; torch feeds give float32 torch outputs on the runner's device."""
 
 from __future__ import annotations
 
@@ -10,7 +15,14 @@ from pathlib import Path
 import numpy as np
 
 from samg.errors import SamgError, require
+from samg.guidance._xp import is_torch
 from samg.runners.base import GraphRunner, export_graph
+
+# Inputs that stay float32 whatever the model computes in (the export contract: timestep, guidance_scales).
+FLOAT32_INPUTS = ("timestep", "guidance_scales")
+# Graphs that compute in the export's (or the asked) dtype; the text encoders stay float32 (as exported).
+HALF_CAPABLE_ROLES = ("denoiser", "vae")
+COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
 
 
 def _load(export_dir: Path):
@@ -46,15 +58,27 @@ def _load_written(export_dir: Path, written):  # `written` (the manifest's stat)
 
 
 class TorchRunner(GraphRunner):
-    def __init__(self, path: Path, device: str = "cpu", **_opts):
-        self.torch = require("torch", "for the torch reference backend")
+    def __init__(self, path: Path, device: str = "cpu", *, dtype: str | None = None, **_opts):
+        """dtype: what the denoiser and VAE compute in (COMPUTE_DTYPES); default float32 on the CPU,
+        the export's dtype on CUDA. The text encoder computes in float32, as exported."""
+        self.torch = require("torch", "for the torch backend")
         from samg.export import wrappers
 
         self.path = Path(path)
-        # The modules compute in float32 whatever the export's dtype: float feeds are cast to it.
+        # Feeds are checked as float32 (numpy has no bfloat16) and cast to the compute dtype here.
         export, role, self.inputs, self.output_names = export_graph(self.path, float_dtype="float32")
+        if dtype is not None and dtype not in COMPUTE_DTYPES:
+            raise SamgError(f"the torch backend computes in {', '.join(COMPUTE_DTYPES)}, not {dtype!r}: "
+                            "pass one of those")
         spec, pipe, factor = _load(self.path.parent.resolve())
         self.device = "cuda" if device == "cuda" else "cpu"
+        if self.device == "cuda" and not self.torch.cuda.is_available():
+            raise SamgError("torch sees no CUDA GPU here: use --device cpu, or install a CUDA build of torch")
+        if role not in HALF_CAPABLE_ROLES:
+            dtype = "float32"
+        elif dtype is None:
+            dtype = export.dtype if self.device == "cuda" else "float32"
+        self.dtype = getattr(self.torch, dtype)
         if role == "denoiser":
             self.module = _denoiser_module(export, spec, pipe, factor)
         elif role == "text_encoder":
@@ -62,14 +86,41 @@ class TorchRunner(GraphRunner):
         else:
             self.module = wrappers.VaeDecoder(pipe.vae)
         self.module = self.module.eval().to(self.device)
+        if self.dtype != self.torch.float32:  # the source loads in float32 (and diffusers warns on any dtype move)
+            self.module = self.module.to(self.dtype)
+
+    @property
+    def graph_capturable(self) -> bool:
+        """A CUDA graph can capture this runner's calls (samg.runtime.graph_loop): torch on CUDA."""
+        return self.device == "cuda"
+
+    @property
+    def tensor_device(self) -> str | None:
+        """Where this runner takes and returns torch tensors for a loop that stays on the device
+        (samg.runtime.denoiser): "cuda" on a GPU; None on the CPU, where the loop keeps numpy."""
+        return "cuda" if self.device == "cuda" else None
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch = self.torch
-        args = [torch.from_numpy(np.ascontiguousarray(feeds[n])).to(self.device) for n in self.input_names]
+        args = [self._placed(name, feeds[name]) for name in self.input_names]
         with torch.no_grad():
             out = self.module(*args)
         outs = out if isinstance(out, (tuple, list)) else (out,)
+        if any(is_torch(v) for v in feeds.values()):  # tensors in, float32 tensors out (on this device)
+            return {n: o.float() for n, o in zip(self.output_names, outs)}
         return {n: o.float().cpu().numpy() for n, o in zip(self.output_names, outs)}
+
+    def _placed(self, name: str, value):
+        """A feed as a tensor on this runner's device, floats in the compute dtype (FLOAT32_INPUTS
+        stay float32); a tensor already there in that dtype is used as is."""
+        torch = self.torch
+        if not is_torch(value):
+            value = np.ascontiguousarray(value)
+            value = torch.from_numpy(value if value.flags.writeable else value.copy())
+        value = value.to(self.device)
+        if value.is_floating_point():
+            value = value.to(torch.float32 if name in FLOAT32_INPUTS else self.dtype)
+        return value
 
 
 def _denoiser_module(export, spec, pipe, factor: int):

@@ -274,18 +274,21 @@ class Pipeline:
             combine=self.export.combine, host_rule_attrs=self.export.host_rule_attrs, schedule=schedule,
             conditioning=conditioning, guidance=guidance, scale_schedule=scale_schedule, on_host_step=on_host_step,
         )
-        x = noise.astype(np.float32) * np.float32(schedule.init_noise_sigma)
+        # the loop runs where the runner computes: numpy here, or tensors on its GPU (one upload)
+        x = denoise.place(noise.astype(np.float32) * np.float32(schedule.init_noise_sigma))
         finite_sigmas = schedule.sigmas[np.isfinite(schedule.sigmas)]
         bound = LATENT_BOUND_FACTOR * (1.0 + float(finite_sigmas.max(initial=0.0)))
         bar = None
+        # The samplers refuse NaN/Inf; huge finite latents would decode to a flat image with exit 0.
+        # (On a GPU the check stays on the device until the loop ends: samplers.StepCheck.)
+        blown_up = samplers.StepCheck(
+            samplers.latent_peak, lambda peak: peak > bound,
+            lambda i, peak: SamgError(f"latents reached |x| = {peak:.3g} after step {i + 1}/{steps}, beyond the sane "
+                                      f"bound {bound:.3g} ({LATENT_BOUND_FACTOR:g} x (1 + sigma_max)): the model "
+                                      "output blew up; lower the guidance scale or check the model files"))
 
-        def after_step(i: int, x: np.ndarray, denoised: np.ndarray) -> None:
-            # The samplers refuse NaN/Inf; huge finite latents would decode to a flat image with exit 0.
-            peak = float(np.abs(x).max(initial=0.0))
-            if peak > bound:
-                raise SamgError(f"latents reached |x| = {peak:.3g} after step {i + 1}/{steps}, beyond the sane bound "
-                                f"{bound:.3g} ({LATENT_BOUND_FACTOR:g} x (1 + sigma_max)): the model output blew up; "
-                                "lower the guidance scale or check the model files")
+        def after_step(i: int, x, denoised) -> None:
+            blown_up(i, x)
             if bar is not None:
                 bar.update()
 
@@ -295,10 +298,11 @@ class Pipeline:
             bar = tqdm(total=steps, desc="sampling", unit="step", leave=False)
         try:
             x = sample_fn(denoise, x, schedule.sigmas, rng=rng, callback=after_step)
+            blown_up.finish()
         finally:
             if bar is not None:
                 bar.close()
-        return schedule.to_model_latents(x).astype(np.float32)
+        return samplers.to_host(schedule.to_model_latents(x)).astype(np.float32)
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """uint8 images [N, H, W, 3] (video: [N, F, H, W, 3]) from model-space latents."""

@@ -7,28 +7,94 @@ refuse it. `step` is the index of sigma in `sigmas`. A first sigma of inf
 (zero terminal SNR) is the limit the samplers take there: the variable holds x_VE / sigma = x_t, the
 noise direction (x - x0) / sigma is x itself, and every update is its sigma -> inf limit (as diffusers'
 DDIM at alpha_bar = 0). Each step checks the new latents for NaN/Inf and names the step.
+
+One code path for every array type: `x` may be a numpy array or a torch tensor on any device (the
+denoiser returns the same type); sigmas are host numbers, the updates plain arithmetic. On a device
+nothing returns to the host inside the loop: euler_a's noise is drawn on the host from the run's
+generator (the same sample on every device) and uploaded, and the finite check keeps its result on
+the device until the loop ends (`StepCheck`).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Union
+import sys
+from typing import Any, Callable, Union
 
 import numpy as np
 
 from samg.errors import SamgError
+from samg.guidance._xp import is_torch, ops_for
 from samg.guidance.step import StepResult
-from samg.io import check_finite
+from samg.io import nonfinite_error
 
-Denoise = Callable[[np.ndarray, float, int], Union[np.ndarray, StepResult]]
-Callback = Callable[[int, np.ndarray, np.ndarray], None]
-
-
-def _check(x: np.ndarray, i: int, n: int) -> None:
-    check_finite("latents", x, f"after step {i + 1}/{n}")
+Denoise = Callable[[Any, float, int], Union[Any, StepResult]]
+Callback = Callable[[int, Any, Any], None]
 
 
-def _denoised(result) -> tuple[np.ndarray, np.ndarray]:
+class StepCheck:
+    """A per-step check of the latents that names the first failing step, on any array type.
+
+    `measure(x)` gives a number: for host arrays a Python number, checked at once (the error is
+    raised at the failing step); for device tensors a 0-d tensor, compared on the device, where the
+    first failing step and its measure are kept. `finish()` reads them after the loop, so a
+    generation on a GPU synchronises once instead of once per step, and the check can be captured
+    in a CUDA graph. `error(step_index, measure)` builds the SamgError.
+    """
+
+    def __init__(self, measure: Callable[[Any], Any], fails: Callable[[Any], Any],
+                 error: Callable[[int, float], SamgError]):
+        self.measure, self.fails, self.error = measure, fails, error
+        self._step = self._value = None  # device: first failing step (-1: none yet) and its measure
+
+    def __call__(self, i: int, x) -> None:
+        value = self.measure(x)
+        if not is_torch(value):
+            if self.fails(value):
+                raise self.error(i, value)
+            return
+        torch = sys.modules["torch"]
+        if self._step is None:
+            self._step = torch.full((), -1, dtype=torch.int64, device=value.device)
+            self._value = torch.zeros((), dtype=torch.float64, device=value.device)
+        first = self.fails(value) & (self._step < 0)
+        self._step = torch.where(first, i, self._step)
+        self._value = torch.where(first, value.to(torch.float64), self._value)
+
+    def finish(self) -> None:
+        """Raise the first failure a device check kept (one read from the device); host checks have
+        raised already."""
+        if self._step is not None:
+            torch = sys.modules["torch"]
+            step, value = torch.stack([self._step.double(), self._value]).tolist()  # one read
+            if step >= 0:
+                raise self.error(int(step), value)
+
+
+def finite_check(x, steps: int) -> StepCheck:
+    """The samplers' check that the latents stay finite (named "latents after step i/n")."""
+    size = math.prod(x.shape)
+    return StepCheck(lambda v: ops_for(v).count_nonfinite(v), lambda bad: bad > 0,
+                     lambda i, bad: nonfinite_error("latents", int(bad), size, f"after step {i + 1}/{steps}"))
+
+
+def latent_peak(x):
+    """max |x|: a Python float for host arrays, a 0-d tensor on x's device for tensors (StepCheck)."""
+    return ops_for(x).peak(x)
+
+
+def to_host(x) -> np.ndarray:
+    """The loop's result as a numpy array (one copy from a device; host arrays as they are)."""
+    return ops_for(x).to_host(x)
+
+
+def host_noise(rng: np.random.Generator, like):
+    """Standard normal noise shaped like `like`, drawn on the host from `rng` (so a seed gives the
+    same sample on every device) and placed like it (one upload for a device tensor)."""
+    return ops_for(like).upload_as(rng.standard_normal(tuple(like.shape)), like)
+
+
+def _denoised(result) -> tuple[Any, Any]:
     """(x0, the x0 whose noise direction re-noises the next state) of a denoise call."""
     if isinstance(result, StepResult):
         return result.x0, (result.x0 if result.renoise_x0 is None else result.renoise_x0)
@@ -41,7 +107,7 @@ def renoise_unsupported(sampler: str) -> SamgError:
                      "use --sampler euler or ddim")
 
 
-def _x0_only(result, sampler: str) -> np.ndarray:
+def _x0_only(result, sampler: str):
     """x0 of a denoise call, for samplers that cannot re-noise along another direction."""
     x0, renoise = _denoised(result)
     if renoise is not x0:
@@ -49,24 +115,26 @@ def _x0_only(result, sampler: str) -> np.ndarray:
     return x0
 
 
-def _noise_direction(x: np.ndarray, x0: np.ndarray, sigma: float) -> np.ndarray:
+def _noise_direction(x, x0, sigma: float):
     """(x - x0) / sigma; at sigma = inf the variable already holds x / sigma and x0 / sigma is 0."""
     return x if math.isinf(sigma) else (x - x0) / sigma
 
 
-def sample_euler(denoise: Denoise, x: np.ndarray, sigmas: np.ndarray, *, callback: Callback | None = None,
-                 rng: np.random.Generator | None = None) -> np.ndarray:
+def sample_euler(denoise: Denoise, x, sigmas: np.ndarray, *, callback: Callback | None = None,
+                 rng: np.random.Generator | None = None):
     """Euler (first order, deterministic). With DDIM's sigmas this is DDIM (eta 0); with flow
     sigmas and a flow denoiser it is flow-matching Euler."""
     n = len(sigmas) - 1
+    check = finite_check(x, n)
     for i in range(n):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         denoised, renoise_x0 = _denoised(denoise(x, sigma, i))
         d = _noise_direction(x, renoise_x0, sigma)
         x = denoised + d * sigma_next  # == x + d*(sigma_next - sigma) when nothing re-noises differently
-        _check(x, i, n)
+        check(i, x)
         if callback is not None:
             callback(i, x, denoised)
+    check.finish()
     return x
 
 
@@ -85,11 +153,12 @@ def ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tupl
     return (sigma_to**2 - sigma_up**2) ** 0.5, sigma_up
 
 
-def sample_euler_ancestral(denoise: Denoise, x: np.ndarray, sigmas: np.ndarray, *, callback: Callback | None = None,
-                           rng: np.random.Generator | None = None, eta: float = 1.0) -> np.ndarray:
+def sample_euler_ancestral(denoise: Denoise, x, sigmas: np.ndarray, *, callback: Callback | None = None,
+                           rng: np.random.Generator | None = None, eta: float = 1.0):
     if rng is None:
         raise SamgError("euler_a needs a random generator: pass a seed")
     n = len(sigmas) - 1
+    check = finite_check(x, n)
     for i in range(n):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         denoised = _x0_only(denoise(x, sigma, i), "euler_a")
@@ -99,18 +168,20 @@ def sample_euler_ancestral(denoise: Denoise, x: np.ndarray, sigmas: np.ndarray, 
         else:
             x = x + (x - denoised) / sigma * (sigma_down - sigma)
         if sigma_up > 0:
-            x = x + rng.standard_normal(x.shape).astype(x.dtype) * sigma_up
-        _check(x, i, n)
+            x = x + host_noise(rng, x) * sigma_up
+        check(i, x)
         if callback is not None:
             callback(i, x, denoised)
+    check.finish()
     return x
 
 
-def sample_dpmpp_2m(denoise: Denoise, x: np.ndarray, sigmas: np.ndarray, *, callback: Callback | None = None,
-                    rng: np.random.Generator | None = None) -> np.ndarray:
+def sample_dpmpp_2m(denoise: Denoise, x, sigmas: np.ndarray, *, callback: Callback | None = None,
+                    rng: np.random.Generator | None = None):
     """DPM-Solver++ 2M (midpoint form; first order on the first step, and the final step to
     sigma 0 returns x0, as diffusers' DPMSolverMultistepScheduler with final_sigmas_type "zero")."""
     n = len(sigmas) - 1
+    check = finite_check(x, n)
     old_denoised = None
     h_last = None
     for i in range(n):
@@ -131,13 +202,14 @@ def sample_dpmpp_2m(denoise: Denoise, x: np.ndarray, sigmas: np.ndarray, *, call
             x = ratio * x - np.expm1(-h) * d
             h_last = h
         old_denoised = denoised
-        _check(x, i, n)
+        check(i, x)
         if callback is not None:
             callback(i, x, denoised)
+    check.finish()
     return x
 
 
-SAMPLERS: dict[str, Callable[..., np.ndarray]] = {
+SAMPLERS: dict[str, Callable[..., Any]] = {
     "euler": sample_euler,
     "euler_a": sample_euler_ancestral,
     "ddim": sample_ddim,
@@ -149,7 +221,7 @@ SAMPLERS: dict[str, Callable[..., np.ndarray]] = {
 DETERMINISTIC_FIRST_ORDER = ("euler", "ddim", "flow_euler")
 
 
-def get_sampler(name: str) -> Callable[..., np.ndarray]:
+def get_sampler(name: str) -> Callable[..., Any]:
     try:
         return SAMPLERS[name]
     except KeyError:
