@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import ctypes
+import glob
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -51,16 +53,54 @@ def test_cuda_kernel_compiles_for_ampere_ada_hopper(tmp_path):
     assert "samg_guidance_combine_cuda" in subprocess.run(["nm", str(obj)], capture_output=True, text=True).stdout
 
 
+# libcudart's names: the unversioned link exists only with a CUDA toolkit's development files;
+# NVIDIA's wheels and most runtimes ship the versioned library alone.
+CUDART_NAMES = ("libcudart.so", "libcudart.so.13", "libcudart.so.12")
+
+
+def _cudart_candidates(search_paths=None) -> list[str]:
+    """Library names and paths to try for libcudart, in order: the plain names (the loader's search
+    path), NVIDIA's wheels on sys.path (nvidia/cu13/lib, nvidia/cuda_runtime/lib), the toolkit."""
+    candidates = list(CUDART_NAMES)
+    for folder in sys.path if search_paths is None else search_paths:
+        candidates += sorted(glob.glob(f"{folder or '.'}/nvidia/*/lib/libcudart.so*"), reverse=True)
+    for lib in ("/usr/local/cuda/lib64", "/usr/local/cuda/targets/x86_64-linux/lib"):
+        candidates += sorted(glob.glob(f"{lib}/libcudart.so*"), reverse=True)
+    return candidates
+
+
 def _gpu_runtime():
+    """(libcudart, None) when a GPU can run the kernel, else (None, why): the skip says which part is missing."""
     try:
         ctypes.CDLL("libcuda.so.1")
-        cudart = ctypes.CDLL("libcudart.so")
-    except OSError:
-        return None
+    except OSError as exc:
+        return None, f"no NVIDIA driver on this machine ({exc})"
+    tried = []
+    for name in _cudart_candidates():
+        try:
+            cudart = ctypes.CDLL(name)
+            break
+        except OSError:
+            tried.append(name)
+    else:
+        return None, (f"libcudart not found (tried {', '.join(tried)}): pip install nvidia-cuda-runtime, or put the "
+                      "CUDA toolkit's lib64 on LD_LIBRARY_PATH")
     count = ctypes.c_int(0)
-    if cudart.cudaGetDeviceCount(ctypes.byref(count)) != 0 or count.value == 0:
-        return None
-    return cudart
+    status = cudart.cudaGetDeviceCount(ctypes.byref(count))
+    if status != 0 or count.value == 0:
+        return None, f"no usable NVIDIA GPU (cudaGetDeviceCount returned error {status}, {count.value} device(s))"
+    return cudart, None
+
+
+def test_cuda_runtime_lookup_covers_versioned_and_wheel_libraries(tmp_path):
+    wheel = tmp_path / "nvidia" / "cu13" / "lib"
+    wheel.mkdir(parents=True)
+    (wheel / "libcudart.so.13").write_bytes(b"")
+    candidates = _cudart_candidates([str(tmp_path)])
+    assert candidates[:3] == ["libcudart.so", "libcudart.so.13", "libcudart.so.12"]
+    assert str(wheel / "libcudart.so.13") in candidates
+    cudart, why = _gpu_runtime()
+    assert (cudart is None) == bool(why)  # a skip always says why
 
 
 class _Params(ctypes.Structure):
@@ -72,9 +112,9 @@ class _Params(ctypes.Structure):
 def gpu_kernel(tmp_path_factory):
     """(the kernel library built for this machine's GPU, libcudart): compiled once; skips without a GPU."""
     nvcc = _nvcc()
-    cudart = _gpu_runtime()
+    cudart, why = _gpu_runtime()
     if cudart is None:
-        pytest.skip("no NVIDIA GPU (the kernel is only compiled on this machine)")
+        pytest.skip(f"{why} (the kernel is only compiled on this machine)")
     library = tmp_path_factory.mktemp("cuda") / "libsamg_combine_cuda.so"
     subprocess.run([nvcc, "-std=c++17", "-O3", "-shared", "-Xcompiler", "-fPIC", "-arch=native",
                     str(samg.native.CUDA_SOURCE), "-o", str(library)], check=True)
