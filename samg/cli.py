@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "build": ("samg.build.cli", "build TensorRT engines from an export folder"),
     "bench": ("samg.bench", "side-by-side latency benchmarks (ratios measured in one run)"),
     "encode": ("samg.runtime.encode_cli", "encode prompts to conditioning tensors (.npy) for the C++ runtime"),
+    "serve": ("samg.serve.cli", "serve an export on NVIDIA Triton Inference Server (KServe v2 protocol, continuous batching)"),
 }
 
 

@@ -1,0 +1,220 @@
+"""Run `tritonserver` on a model repository: the command, its environment, readiness, a clean stop.
+
+The Python backend's stub embeds libpython and imports samg in its own process. It must load THIS
+interpreter's libpython (a pyenv Python beside a system one would otherwise get the system's, and
+fail with errors such as `'_thread.RLock' object has no attribute '_recursion_count'`), and see
+this interpreter's packages: the interpreter's LIBDIR goes first on LD_LIBRARY_PATH, and its
+sys.path (a virtual environment's included) into SAMG_SERVE_PATH, which the repository's model.py
+adds to the stub's sys.path (the stub does not read PYTHONPATH).
+
+Standard library only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Callable
+
+from samg.serve.install import TritonInstall
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_HTTP_PORT, DEFAULT_GRPC_PORT, DEFAULT_METRICS_PORT = 8000, 8001, 8002
+# Loading a model imports samg and opens its graphs: seconds for the bundled models, minutes for
+# big ones on a slow disk.
+DEFAULT_READY_TIMEOUT_S = 600.0
+# tritonserver waits this long for in-flight requests when stopped (its --exit-timeout-secs).
+EXIT_TIMEOUT_S = 30
+POLL_S = 0.2
+PATH_ENV = "SAMG_SERVE_PATH"  # read by the repository's model.py (samg.serve.repository.MODEL_PY)
+# Lines tritonserver logs as errors on a machine without a GPU or NVML, harmless there.
+HARMLESS_LOG = ("CudaDriverHelper", "NVML", "DCGM", "CUDA driver", "cuda driver", "GPU metrics",
+                "Unable to get number of CUDA devices", "pinned memory", "CUDA memory pool", "cudaGetDevice",
+                "Failed to initialize NVML")
+
+
+class ServerFailed(Exception):
+    """tritonserver exited or did not get ready: the message holds its error lines."""
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    host: str
+    http_port: int
+    grpc_port: int
+    metrics_port: int
+
+    @property
+    def http(self) -> str:
+        return f"{self.host}:{self.http_port}"
+
+    @property
+    def grpc(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.host}:{self.metrics_port}/metrics"
+
+    def client_host(self) -> str:
+        """The address a local client connects to (a wildcard bind is reached through loopback)."""
+        return "127.0.0.1" if self.host in ("0.0.0.0", "") else ("::1" if self.host == "::" else self.host)
+
+
+def free_port(host: str = DEFAULT_HOST) -> int:
+    """A port free on `host` now (for tests and benchmarks; another process could still take it)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def server_env(install: TritonInstall, base: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ if base is None else base)
+    libdir = sysconfig.get_config_var("LIBDIR")
+    if libdir:
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, env.get("LD_LIBRARY_PATH", "")) if p)
+    # samg's own folder first: an editable install is found through a .pth hook that plain path
+    # entries do not run
+    samg_root = str(Path(__file__).resolve().parents[2])
+    paths = [samg_root, *(p for p in sys.path if p and Path(p).is_dir())]
+    env[PATH_ENV] = os.pathsep.join(dict.fromkeys(paths))
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def server_command(install: TritonInstall, repository: Path, endpoints: Endpoints) -> list[str]:
+    return [
+        str(install.binary),
+        f"--model-repository={repository}",
+        f"--backend-directory={install.backend_dir}",
+        f"--http-address={endpoints.host}", f"--http-port={endpoints.http_port}",
+        f"--grpc-address={endpoints.host}", f"--grpc-port={endpoints.grpc_port}",
+        f"--metrics-address={endpoints.host}", f"--metrics-port={endpoints.metrics_port}",
+        "--allow-metrics=true", "--allow-gpu-metrics=false",
+        "--strict-readiness=true", "--model-control-mode=none", "--disable-auto-complete-config",
+        f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
+    ]
+
+
+def is_error_line(line: str) -> bool:
+    """A tritonserver log line worth showing: an error (E...) or a failed model, not the CPU-only noise."""
+    text = line.strip()
+    if not text or any(h in text for h in HARMLESS_LOG):
+        return False
+    return text.startswith("E") and text[1:5].isdigit() or "UNAVAILABLE" in text or text.startswith("error:")
+
+
+class TritonServer:
+    """One tritonserver process: `start()`, `wait_ready()`, `stop()`; or `with TritonServer(...)`.
+
+    Its log goes to `log_path`; `echo` (a callable) also gets every error line as it comes."""
+
+    def __init__(self, install: TritonInstall, repository: Path, endpoints: Endpoints, log_path: Path,
+                 echo: Callable[[str], None] | None = None):
+        self.install, self.repository, self.endpoints = install, Path(repository), endpoints
+        self.log_path = Path(log_path)
+        self.echo = echo
+        self.process: subprocess.Popen | None = None
+        self._reader: threading.Thread | None = None
+        self._errors: list[str] = []
+
+    def start(self) -> "TritonServer":
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "a", buffering=1)
+        # Its own process group: a Ctrl-C in the terminal reaches samg, which stops the server in order.
+        self.process = subprocess.Popen(
+            server_command(self.install, self.repository, self.endpoints), env=server_env(self.install),
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            errors="replace", start_new_session=True, cwd=self.install.stub_site)
+        self._reader = threading.Thread(target=self._read, args=(self.process.stdout, log), daemon=True)
+        self._reader.start()
+        return self
+
+    def _read(self, stream: IO[str], log: IO[str]) -> None:
+        with log:
+            for line in stream:
+                log.write(line)
+                if is_error_line(line):
+                    self._errors.append(line.rstrip())
+                    if self.echo is not None:
+                        self.echo(line.rstrip())
+
+    def errors(self) -> list[str]:
+        return list(self._errors)
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.process is None else self.process.pid
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def ready(self) -> bool:
+        url = f"http://{self.endpoints.client_host()}:{self.endpoints.http_port}/v2/health/ready"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                return response.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def wait_ready(self, timeout: float = DEFAULT_READY_TIMEOUT_S) -> None:
+        """Return once the server and every model are ready; ServerFailed if it exits or times out."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.running():
+                self._join_reader()
+                raise ServerFailed(self._failure(f"tritonserver exited with code {self.process.returncode}"))
+            if self.ready():
+                return
+            time.sleep(POLL_S)
+        raise ServerFailed(self._failure(f"tritonserver was not ready after {timeout:.0f} s"))
+
+    def _failure(self, what: str) -> str:
+        errors = [e for e in self._errors if "failed to load all models" not in e]
+        detail = errors[-1] if errors else "no error line"
+        return f"{what} ({detail[:600]}; full log: {self.log_path})"
+
+    def _join_reader(self) -> None:
+        if self._reader is not None:
+            self._reader.join(timeout=5)
+
+    def stop(self, timeout: float = EXIT_TIMEOUT_S + 10) -> int | None:
+        """SIGINT (tritonserver finishes in-flight requests and unloads the models), then SIGKILL."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._join_reader()
+        return self.process.returncode
+
+    def kill(self) -> None:
+        """SIGKILL the server and its model processes (the Python backend stubs are in its group)."""
+        if self.process is None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(10)
+        self._join_reader()
+
+    def __enter__(self) -> "TritonServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
