@@ -153,9 +153,10 @@ def encode_latent_stats(vae, images: torch.Tensor):
 
 
 def denoiser_step(unet, text_encoder, tokenizer, latents, prompts, alphas_cumprod, gen, opt, sched, params,
-                  ema_params, step: int, max_tokens: int = MAX_TOKENS):
-    """One optimiser step of the epsilon-prediction DDPM loss on (latents, prompts), then the EMA update
-    of `ema_params` towards `params`. Draws timesteps then noise from `gen`, in that order. Returns the loss."""
+                  ema_params, step: int, max_tokens: int = MAX_TOKENS, prediction_type: str = "epsilon"):
+    """One optimiser step of the DDPM loss (epsilon or v-prediction target) on (latents, prompts), then
+    the EMA update of `ema_params` towards `params`. Draws timesteps then noise from `gen`, in that
+    order. Returns the loss."""
     ids = tokenizer(prompts, padding="max_length", max_length=max_tokens, truncation=True, return_tensors="pt").input_ids
     cond = text_encoder(ids)[0]
     t = torch.randint(0, SCHEDULER["num_train_timesteps"], (len(latents),), generator=gen)
@@ -163,7 +164,8 @@ def denoiser_step(unet, text_encoder, tokenizer, latents, prompts, alphas_cumpro
     a = alphas_cumprod[t].view(-1, 1, 1, 1)
     noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
     pred = unet(noisy, t, encoder_hidden_states=cond).sample
-    loss = F.mse_loss(pred, noise)
+    target = noise if prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * latents  # v
+    loss = F.mse_loss(pred, target)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -218,12 +220,14 @@ def train_denoiser(unet, text_encoder, tokenizer, lat_mean, lat_std, scaling, sp
     return ema_unet, ema_text, done
 
 
-def save_pipeline(out: Path, tokenizer, text_encoder, vae, unet, training_info: dict) -> None:
+def save_pipeline(out: Path, tokenizer, text_encoder, vae, unet, training_info: dict,
+                  scheduler_config: dict | None = None) -> None:
+    """The diffusers StableDiffusionPipeline folder; `scheduler_config` replaces the SD 1.x Euler one."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 
-    scheduler = EulerDiscreteScheduler(
+    scheduler = EulerDiscreteScheduler(**(scheduler_config or dict(
         **SCHEDULER, prediction_type="epsilon", timestep_spacing="leading", steps_offset=1
-    )
+    )))
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,

@@ -76,7 +76,7 @@ class MaskTrace:
 
 
 def load_diffusers_pipeline(model_dir: Path):
-    """The samg-digits diffusers pipeline (float32, CPU), or a SamgError naming the fix."""
+    """The samg-digits or samg-shapes diffusers pipeline (float32, CPU), or a SamgError naming the fix."""
     from samg.errors import require
 
     require("torch", "to draw S-CFG masks")
@@ -84,6 +84,8 @@ def load_diffusers_pipeline(model_dir: Path):
     if not (Path(model_dir) / "model_index.json").is_file():
         raise SamgError(f"{model_dir} is not a diffusers pipeline folder: train it with scripts/train_digits.py "
                         "or pass --model-path")
+    import samg.bundled.positional_unet  # noqa: F401  (samg-shapes' UNet class, named by its model_index.json)
+
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(model_dir))
     pipe.set_progress_bar_config(disable=True)
     return pipe
