@@ -19,7 +19,7 @@ STAMPS := .make
 demo: $(STAMPS)/installed
 	$(PYTHON) -m samg demo $(DEMO_ARGS)
 
-test: $(STAMPS)/installed $(STAMPS)/native
+test: $(STAMPS)/installed $(STAMPS)/native $(STAMPS)/tritonserver
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 
 install: $(STAMPS)/installed
@@ -37,6 +37,13 @@ NATIVE_SOURCES := $(shell find plugins runtime/cpp third_party -type f \( -name 
 $(STAMPS)/native: $(STAMPS)/installed scripts/build_native.sh $(NATIVE_SOURCES)
 	@mkdir -p $(STAMPS)
 	bash scripts/build_native.sh
+	@touch $@
+
+# NVIDIA's tritonserver for the serving tests (tests/test_serve_triton.py): `samg serve
+# --install-triton` unpacks it from the nvidia-pytriton wheel into samg's cache (idempotent).
+$(STAMPS)/tritonserver: $(STAMPS)/installed samg/serve/install.py
+	@mkdir -p $(STAMPS)
+	$(PYTHON) -m samg serve --install-triton --quiet
 	@touch $@
 
 clean-stamps:

@@ -31,6 +31,7 @@ _EXTRA_FOR = {
     "cupy": "gpu",
     "sklearn": "dev",
     "matplotlib": "dev",
+    "tritonclient": "serve",
 }
 
 

@@ -17,6 +17,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from samg.errors import SamgError
+from samg.guidance.registry import DEFAULT_GUIDANCE_SCALE
+from samg.runtime.pipeline import DEFAULT_STEPS
 
 
 @dataclass(frozen=True)
@@ -31,9 +33,9 @@ INPUTS = (
     TensorSpec("prompt", "BYTES", True, "the prompt, UTF-8"),
     TensorSpec("negative_prompt", "BYTES", False, "the negative prompt (default empty)"),
     TensorSpec("guidance", "BYTES", False, "guidance rule: samg, cfg, ... (default: the export's first)"),
-    TensorSpec("guidance_scale", "FP32", False, "guidance scale W (default 7.5); spatial rules: w_max"),
+    TensorSpec("guidance_scale", "FP32", False, f"guidance scale W (default {DEFAULT_GUIDANCE_SCALE:g}); spatial rules: w_max"),
     TensorSpec("guidance_min", "FP32", False, "spatial rules: w_min (default (1 + W) / 2, as `samg generate --scale W`)"),
-    TensorSpec("num_inference_steps", "INT32", False, "sampling steps (default 30, at most the model's own)"),
+    TensorSpec("num_inference_steps", "INT32", False, f"sampling steps (default {DEFAULT_STEPS}, at most the model's own)"),
     TensorSpec("seed", "INT64", False, "noise seed, 0..2^63-1 (default: random, returned in `seed`)"),
     TensorSpec("height", "INT32", False, "image height in pixels (default: the export's)"),
     TensorSpec("width", "INT32", False, "image width in pixels (default: the export's)"),
