@@ -167,7 +167,7 @@ class SamgPipeline:
         return {
             "guidance": export.combine.rules[0] if export.combine is not None else "samg",
             "guidance_scale": DEFAULT_GUIDANCE_SCALE, "guidance_min": None, "guidance_schedule": "constant",
-            "num_inference_steps": min(DEFAULT_STEPS, self.pipeline.max_steps()),
+            "num_inference_steps": DEFAULT_STEPS,
             "sampler": samplers.default_sampler(export.prediction_type),
             "height": latent.height, "width": latent.width, "num_frames": latent.frames if latent.is_video else None,
             "num_images_per_prompt": 1, "output_type": "pil",
@@ -265,6 +265,8 @@ class SamgPipeline:
         """One keyword dict per prompt: a list gives one value per prompt, anything else is shared."""
         columns = {}
         for name, value in options.items():
+            if isinstance(value, np.ndarray) and value.ndim == 1:  # e.g. guidance_scale=np.linspace(...)
+                value = value.tolist()
             if isinstance(value, (list, tuple)):
                 if len(value) != n:
                     raise SamgError(f"{name}= has {len(value)} values for {n} prompt{'s' * (n != 1)}: pass one value "

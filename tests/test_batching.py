@@ -91,7 +91,8 @@ def test_mixed_batch_equals_each_alone_on_samg_digits(digits):
         assert_latents_match(latents.images[i:i + 1], want)
         assert_images_match(images.images[i:i + 1], want, reference)
     assert latents.seeds == [c[5] for c in MIXED]
-    assert max(stats["requests_per_call"]) == len(MIXED)  # the first steps of all five in one call
+    # requests join as their worker threads start, so how many share the first call is up to the OS
+    assert max(stats["requests_per_call"]) >= 2
     # every step of every request ran exactly once, in some call
     assert sum(k * v for k, v in stats["batch_sizes"].items()) == 2 * sum(c[4] for c in MIXED)
     assert stats["requests_done"] == 2 * len(MIXED) and stats["requests_failed"] == 0
@@ -112,7 +113,7 @@ def test_mixed_batch_equals_each_alone_on_tiny_sdxl(tiny_export):
         prompts, rules, scales, mins, steps, seeds, samplers_, negatives = (list(c) for c in zip(*cases))
         out = pipe(prompts, negative_prompt=negatives, guidance=rules, guidance_scale=scales, guidance_min=mins,
                    num_inference_steps=steps, seed=seeds, sampler=samplers_, output_type="latent")
-        assert max(pipe.stats()["requests_per_call"]) == len(cases)
+        assert max(pipe.stats()["requests_per_call"]) >= 2
     for i, want in enumerate(expected):
         assert_latents_match(out.images[i:i + 1], want)
 
@@ -168,7 +169,7 @@ def test_apg_keeps_momentum_per_request_on_a_raw_export(raw_export):
         out = pipe([c[0] for c in cases], guidance="apg", guidance_scale=[c[1] for c in cases],
                    guidance_options=[{"momentum": c[2]} for c in cases], num_inference_steps=[c[3] for c in cases],
                    seed=[c[4] for c in cases], sampler="euler", output_type="latent")
-        assert max(pipe.stats()["requests_per_call"]) == len(cases)
+        assert max(pipe.stats()["requests_per_call"]) >= 2
     for i, want in enumerate(expected):
         assert_latents_match(out.images[i:i + 1], want)
     # the check can fail: without momentum the first request lands elsewhere
@@ -183,14 +184,19 @@ def test_a_request_going_non_finite_fails_alone(raw_export):
     import samg
 
     folder, reference = raw_export
-    expected = alone(reference, "a dog", rule="cfg", scale=4.0, steps=6, seed=52, sampler="euler")
+    good_steps = 40
+    expected = alone(reference, "a dog", rule="cfg", scale=4.0, steps=good_steps, seed=52, sampler="euler")
     with samg.load(folder, max_wait_ms=PATIENT_WAIT_MS) as pipe:
+        good = pipe.submit(prompt="a dog", guidance="cfg", guidance_scale=4.0, num_inference_steps=good_steps,
+                           seed=52, output_type="latent")
+        deadline = time.monotonic() + 60
+        while pipe.stats()["denoiser_calls"] < 1:  # the good request is sampling: the bad one joins it
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
         # APG's momentum multiplies the running difference from the second step on: 1e39, a finite
         # number that passes every check, is beyond float32, so that step's x0 is Inf (no norm clipping).
         bad = pipe.submit(prompt="a cat", guidance="apg", guidance_scale=5.0, num_inference_steps=6, seed=51,
                           guidance_options={"momentum": 1e39, "norm_threshold": 0.0}, output_type="latent")
-        good = pipe.submit(prompt="a dog", guidance="cfg", guidance_scale=4.0, num_inference_steps=6, seed=52,
-                           output_type="latent")
         with pytest.raises(SamgError, match=r"non-finite values in latents after step 2/6"):
             bad.result(timeout=120)
         assert_latents_match(good.result(timeout=120).images, expected)
@@ -201,7 +207,7 @@ def test_a_request_going_non_finite_fails_alone(raw_export):
                  guidance_options=[{}, {"momentum": 1e39, "norm_threshold": 0.0}], output_type="latent")
         later = pipe.stats()
     assert stats["requests_failed"] == 1 and stats["requests_done"] == 1
-    assert stats["requests_per_call"].get(2, 0) >= 1  # they did share calls before the failure
+    assert stats["requests_per_call"].get(2, 0) >= 2  # both of the bad request's steps shared a call
     assert later["requests_failed"] == 2 and later["requests_done"] == 2 and later["in_flight"] == 0
 
 
