@@ -10,8 +10,9 @@ request's denoiser steps batched with the other requests' in flight (samg.runtim
 
 Every request runs its own sampler with its own guidance state in a worker thread; text encoding
 and VAE decoding happen there too, one request at a time per graph (not every backend's runner is
-thread-safe). A request's result does not depend on what it was batched with
-(docs/architecture.md, "Serving API and continuous batching").
+thread-safe). A request's result does not depend on what it was batched with: bit for bit with
+ONNX Runtime on CPU (measured; GPU kernels may round a larger batch differently in the last bits),
+docs/architecture.md, "Serving API and continuous batching".
 
 Keyword names and errors are the API's: a bad `guidance_scale=` is reported as `guidance_scale=`,
 not as the CLI's `--scale`; `api_wording` is the one place that maps the CLI's wording.
@@ -144,7 +145,8 @@ class SamgPipeline:
     Thread-safe: any number of threads may call `pipe(...)` and `pipe.submit(...)` at once. Every
     request runs in a worker thread with its own sampler and guidance state (APG's momentum
     included); its denoiser steps share graph calls with the other requests in flight, up to
-    `max_batch_size` images per call, and it gives what it gives alone (same seed, same result)."""
+    `max_batch_size` images per call, and it gives what it gives alone (same seed, same result;
+    see the module docstring on exactness)."""
 
     def __init__(self, pipeline: Pipeline, *, max_batch_size: int = 8, max_wait_s: float = DEFAULT_MAX_WAIT_S,
                  max_concurrent_requests: int | None = None):
@@ -288,8 +290,8 @@ class SamgPipeline:
         if n == 1:
             return [latents]
         counts = [one["num_images_per_prompt"] for one in per_prompt]
-        if not all(isinstance(c, int) and c >= 1 for c in counts):
-            return [None] * n  # the count itself is reported by its own check
+        if not all(isinstance(c, (int, np.integer)) and c >= 1 for c in counts):
+            return [None] * n  # plan() refuses the count itself, naming it
         arr = np.asarray(latents)
         if arr.ndim == 0 or arr.shape[0] != sum(counts):
             raise SamgError(f"latents= has shape {list(arr.shape)}, {sum(counts)} images along the first axis are "
@@ -321,11 +323,11 @@ class SamgPipeline:
                 scales = dict(w_min=guidance_min, w_max=DEFAULT_GUIDANCE_SCALE if guidance_scale is None else guidance_scale)
             if seed is None:
                 seed = secrets.randbelow(SEED_LIMIT)
+            negative = "" if negative_prompt is None else negative_prompt
             request = self.pipeline.plan(
-                prompt, "" if negative_prompt is None else negative_prompt, guidance=rule, **scales, guidance_options=guidance_options,
-                steps=num_inference_steps, sampler=sampler, karras=bool(karras), seed=seed, height=height,
-                width=width, frames=num_frames, num_images=num_images_per_prompt, output="latents",
-                schedule=guidance_schedule)
+                prompt, negative, guidance=rule, **scales, guidance_options=guidance_options, steps=num_inference_steps,
+                sampler=sampler, karras=bool(karras), seed=seed, height=height, width=width, frames=num_frames,
+                num_images=num_images_per_prompt, output="latents", schedule=guidance_schedule)
             self.engine.check_fits(request.num_images)
             noise = None if latents is None else self.pipeline.initial_noise(request, latents)
         return _Job(request, noise, output_type, time.perf_counter())
