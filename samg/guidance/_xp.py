@@ -253,14 +253,19 @@ class _TorchOps:
 
     # -- the sampling loop's placement and checks ------------------------------------------------
     def upload(self, array, like):
-        """A host array (its own dtype) as a tensor on `like`'s device: one copy. A tensor is moved
-        if it lives elsewhere."""
+        """A host array (its own dtype) as a tensor on `like`'s device: one copy. To a GPU the copy
+        goes through pinned memory, asynchronously (a pageable copy would make the host wait for
+        the device); torch keeps the pinned buffer until the copy is done. A tensor is moved if it
+        lives elsewhere."""
         if is_torch(array):
             return array.to(like.device)
         host = np.asarray(array)
         if not host.flags.writeable or not host.flags.c_contiguous:  # from_numpy shares (and warns on) read-only memory
             host = np.ascontiguousarray(host).copy()
-        return self.torch.from_numpy(host).to(like.device)
+        tensor = self.torch.from_numpy(host)
+        if like.device.type == "cuda":
+            return tensor.pin_memory().to(like.device, non_blocking=True)
+        return tensor.to(like.device)
 
     def upload_as(self, array, like):
         """A host array as a tensor of `like`'s dtype on its device: cast on the host first (the

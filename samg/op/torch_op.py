@@ -94,7 +94,7 @@ def _cuda_combine(u, c, scales, tau, sharpness, smooth, channel_axis):
     dims = tuple(u.shape)
     workspace = torch.empty(workspace_bytes(dims, channel_axis), dtype=torch.uint8, device=u.device)
     values = {"tau": tau, "sharpness": sharpness, "smooth": smooth, "channel_axis": channel_axis}
-    element = str(u.dtype).removeprefix("torch.")  # float32/float16/bfloat16 (checked by the caller): ELEMENT_TYPES' keys
+    element = str(u.dtype).removeprefix("torch.")  # float32/float16/bfloat16 (checked above): ELEMENT_TYPES' keys
     with torch.cuda.device(u.device):
         stream = torch.cuda.current_stream(u.device).cuda_stream
         launcher.launch(values, dims, element, (u.data_ptr(), c.data_ptr(), scales.data_ptr()), out.data_ptr(),
@@ -102,10 +102,14 @@ def _cuda_combine(u, c, scales, tau, sharpness, smooth, channel_axis):
     return out
 
 
+_OP_REGISTERED = False  # set by _custom_op
+
+
 @functools.cache
 def _custom_op():
     """The torch custom op `samg::guidance_combine` (registered once): the reference on CPU (and
     any device without its own kernel), the CUDA kernel on CUDA, a fake for tracing."""
+    global _OP_REGISTERED
     torch = require("torch", "for the torch op samg::guidance_combine")
 
     # Explicit schema: the annotations would be strings here (postponed evaluation).
@@ -119,6 +123,7 @@ def _custom_op():
     def _(u, c, scales, tau, sharpness, smooth, channel_axis):
         return torch.empty_like(u)
 
+    _OP_REGISTERED = True
     return guidance_combine_op
 
 
@@ -174,7 +179,10 @@ def guidance_combine(
     Returns `u + w(p)(c - u)` in the dtype of `u`. Exported by TorchScript as one
     `samg::GuidanceCombine` node (and by dynamo as one node with `dynamo_translation_table()`).
     """
-    torch = require("torch", "for guidance_combine")
+    try:  # a plain import (not `require`): torch.compile traces this function, and tensors mean torch is there
+        import torch
+    except ImportError:
+        torch = require("torch", "for guidance_combine")
     validate_attributes(tau=tau, sharpness=sharpness, smooth=smooth, channel_axis=channel_axis)
     args = (float(tau), float(sharpness), int(smooth), int(channel_axis))
     # The op's scales input is float32; a float32 tensor passes `.to` with no extra graph node.
@@ -187,4 +195,6 @@ def guidance_combine(
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (u, c, scales))
     if needs_grad and not torch.compiler.is_exporting():  # the op has no backward: the reference has
         return _reference(u, c, scales, *args)
-    return _custom_op()(u, c, scales, *args)
+    if not _OP_REGISTERED:  # once, outside any tracing in practice (compiled code then only reads the flag)
+        _custom_op()
+    return torch.ops.samg.guidance_combine.default(u, c, scales, *args)

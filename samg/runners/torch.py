@@ -78,14 +78,31 @@ class TorchRunner(GraphRunner):
             dtype = "float32"
         elif dtype is None:
             dtype = export.dtype if self.device == "cuda" else "float32"
-        self.dtype = getattr(self.torch, dtype)
         if role == "denoiser":
-            self.module = _denoiser_module(export, spec, pipe, factor)
+            module = _denoiser_module(export, spec, pipe, factor)
         elif role == "text_encoder":
-            self.module = wrappers.TextEncoder([getattr(pipe, te.encoder) for te in spec.text_encoders], spec)
+            module = wrappers.TextEncoder([getattr(pipe, te.encoder) for te in spec.text_encoders], spec)
         else:
-            self.module = wrappers.VaeDecoder(pipe.vae)
-        self.module = self.module.eval().to(self.device)
+            module = wrappers.VaeDecoder(pipe.vae)
+        self._take(module, dtype)
+
+    @classmethod
+    def for_module(cls, module, inputs: dict, output_names: list[str], *, device: str = "cpu",
+                   dtype: str = "float32", name: str = "denoiser.onnx") -> "TorchRunner":
+        """A runner over a module already built with a graph's inputs (`{name: InputDecl}`, in the
+        module's argument order) and outputs: the same feeds, casts and tensor handling as a runner
+        opened on an export folder (stand-in models in tests; embedding)."""
+        self = cls.__new__(cls)
+        self.torch = require("torch", "for the torch backend")
+        self.path, self.inputs, self.output_names = Path(name), dict(inputs), list(output_names)
+        self.device = "cuda" if device == "cuda" else "cpu"
+        self._take(module, dtype)
+        return self
+
+    def _take(self, module, dtype: str) -> None:
+        """Run `module`, in eval mode, on this runner's device in `dtype`."""
+        self.dtype = getattr(self.torch, dtype)
+        self.module = module.eval().to(self.device)
         if self.dtype != self.torch.float32:  # the source loads in float32 (and diffusers warns on any dtype move)
             self.module = self.module.to(self.dtype)
 

@@ -212,7 +212,8 @@ class GraphLoop:
         rule = den.rule
         params = host_rule_params(rule, den.guidance.options, scales[:, 0], scales[:, 1], den.host_rule_attrs)
         if rule.space == "x0":
-            return rule(self._to_x0(u, x, i, row), self._to_x0(c, x, i, row), step=i, state=self._state, **params).float()
+            u0, c0 = self._to_x0(u, x, i, row), self._to_x0(c, x, i, row)
+            return rule(u0, c0, step=i, state=self._state, **params).float()
         return self._to_x0(rule(u, c, step=i, state=self._state, **params).float(), x, i, row)
 
     def _to_x0(self, prediction, x, i: int, row):
