@@ -27,6 +27,15 @@ def _call_unet(model, x, t, cond: dict[str, torch.Tensor], extras: dict) -> torc
 
 def _sdxl_time_ids(x, cond, extras) -> torch.Tensor:
     """(original_size, crop (0, 0), target_size) in pixels from the latent size, like the pipeline."""
+    if not torch.jit.is_tracing():
+        # Eager (the torch backend): filled on text_embeds' device. The traced form below builds them
+        # on the host, which a CUDA model cannot take and a CUDA-graph capture refuses.
+        embeds = cond["text_embeds"]
+        height, width = x.shape[-2] * extras["spatial_factor"], x.shape[-1] * extras["spatial_factor"]
+        ids = embeds.new_zeros(embeds.shape[0], 6)
+        for column, size in ((0, height), (1, width), (4, height), (5, width)):
+            ids[:, column] = size
+        return ids
     shape = torch._shape_as_tensor(x)  # traced as a Shape node, so H and W stay dynamic
     height = shape[-2:-1] * extras["spatial_factor"]
     width = shape[-1:] * extras["spatial_factor"]
