@@ -404,7 +404,7 @@ class _StandInUNet(torch.nn.Module):
         self.nan_below = nan_below_timestep
 
     def forward(self, x, t, encoder_hidden_states, added_cond_kwargs=None, return_dict=False):
-        emb = self.proj(encoder_hidden_states.float().mean(1)).to(x.dtype)[:, :, None, None]
+        emb = self.proj(encoder_hidden_states.mean(1).to(self.proj.weight.dtype)).to(x.dtype)[:, :, None, None]
         phase = torch.cos(t.float() / 300.0).to(x.dtype)[:, None, None, None]
         out = torch.tanh(self.conv(x)) * 0.5 + 0.3 * x + emb * phase
         if self.nan_below is not None:
@@ -487,7 +487,8 @@ def test_a_loop_on_the_gpu_synchronises_once_and_matches_the_cpu(sampler):
             torch.cuda.set_sync_debug_mode("default")
     syncs = [w for w in caught if "synchroniz" in str(w.message)]
     assert len(syncs) == 1, [str(w.message) for w in syncs]  # the finite check's one read after the loop
-    np.testing.assert_allclose(on_gpu.cpu().numpy(), on_cpu, atol=3e-2)  # float16 model and combine
+    # float16 model and combine against float32: a few float16 roundings per step
+    np.testing.assert_allclose(on_gpu.cpu().numpy(), on_cpu, atol=0.03 * float(np.abs(on_cpu).max()))
 
 
 @pytest.mark.gpu

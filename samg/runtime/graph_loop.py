@@ -163,8 +163,7 @@ class GraphLoop:
         }
         self.graph = None
         self.captures = 0  # how many times a graph was captured (one per loop)
-        self._out = None
-        self._checks: tuple[StepCheck, ...] = ()
+        self._captured: tuple[Any, list[StepCheck]] | None = None  # the graph's output and checks
         self.load(x, denoiser)
 
     @staticmethod
@@ -224,9 +223,9 @@ class GraphLoop:
             return x / row["v_scale"][i] - row["v_coef"][i] * prediction
         return x - row["sigma"][i] * prediction
 
-    def _run(self):
-        """The loop over the buffers: a fresh rule state and fresh checks (their device state is
-        part of what a graph captures)."""
+    def _run(self) -> tuple[Any, tuple[StepCheck, ...]]:
+        """(final x, its checks): the loop over the buffers with a fresh rule state and fresh checks
+        (their device state is part of what a graph captures, read after each replay)."""
         self._state = APGState() if (self.denoiser.rule is not None and self.denoiser.rule.needs_state) else None
         x = self.buffers["x"]
         checks = [finite_check(x, self.plan.steps)]
@@ -235,18 +234,18 @@ class GraphLoop:
             checks.append(StepCheck(latent_peak, lambda peak: peak > bound, lambda i, peak: SamgError(
                 f"latents reached |x| = {peak:.3g} after step {i + 1}/{steps}, beyond the sane bound {bound:.3g}: "
                 "the model output blew up; lower the guidance scale or check the model files")))
-        self._checks = tuple(checks)
-        return run_buffered(self.plan, self._predict, x, self.buffers["coefficients"], checks=self._checks)
+        return run_buffered(self.plan, self._predict, x, self.buffers["coefficients"], checks=tuple(checks)), checks
 
-    def _finish(self, x):
-        for check in self._checks:
+    @staticmethod
+    def _finish(x, checks):
+        for check in checks:
             check.finish()
         return x.clone()
 
     def eager(self):
         """The loop over the buffers without a graph (the function a capture records)."""
         with self.torch.no_grad():
-            return self._finish(self._run())
+            return self._finish(*self._run())
 
     def replay(self):
         """The final sampler variable for the loaded values: capture on first use (after one eager
@@ -259,11 +258,11 @@ class GraphLoop:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side), torch.no_grad():
-                self._finish(self._run())  # warm-up: nothing may compile or allocate anew inside the capture
+                self._finish(*self._run())  # warm-up: nothing may compile or allocate anew inside the capture
             torch.cuda.current_stream().wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
             with torch.no_grad(), torch.cuda.graph(self.graph):
-                self._out = self._run()
+                self._captured = self._run()
             self.captures += 1
         self.graph.replay()
-        return self._finish(self._out)
+        return self._finish(*self._captured)
