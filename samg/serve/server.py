@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -25,7 +26,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Callable
+from typing import IO, Callable, Sequence
 
 from samg.serve.install import TritonInstall
 
@@ -42,6 +43,17 @@ PATH_ENV = "SAMG_SERVE_PATH"  # read by the repository's model.py (samg.serve.re
 HARMLESS_LOG = ("CudaDriverHelper", "NVML", "DCGM", "CUDA driver", "cuda driver", "GPU metrics",
                 "Unable to get number of CUDA devices", "pinned memory", "CUDA memory pool", "cudaGetDevice",
                 "Failed to initialize NVML")
+
+
+SHM_DIR = "/dev/shm"
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
 
 
 class ServerFailed(Exception):
@@ -93,10 +105,11 @@ def server_env(install: TritonInstall, base: dict[str, str] | None = None) -> di
     return env
 
 
-def server_command(install: TritonInstall, repository: Path, endpoints: Endpoints) -> list[str]:
+def server_command(install: TritonInstall, repositories: Sequence[Path], endpoints: Endpoints,
+                   shm_prefix: str) -> list[str]:
     return [
         str(install.binary),
-        f"--model-repository={repository}",
+        *(f"--model-repository={repository}" for repository in repositories),
         f"--backend-directory={install.backend_dir}",
         f"--http-address={endpoints.host}", f"--http-port={endpoints.http_port}",
         f"--grpc-address={endpoints.host}", f"--grpc-port={endpoints.grpc_port}",
@@ -104,6 +117,8 @@ def server_command(install: TritonInstall, repository: Path, endpoints: Endpoint
         "--allow-metrics=true", "--allow-gpu-metrics=false",
         "--strict-readiness=true", "--model-control-mode=none", "--disable-auto-complete-config",
         f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
+        # the Python backend's shared-memory regions named as this server's, so a killed server's are found
+        f"--backend-config=python,shm-region-prefix-name={shm_prefix}",
     ]
 
 
@@ -116,25 +131,28 @@ def is_error_line(line: str) -> bool:
 
 
 class TritonServer:
-    """One tritonserver process: `start()`, `wait_ready()`, `stop()`; or `with TritonServer(...)`.
+    """One tritonserver process on one or several model repositories: `start()`, `wait_ready()`,
+    `stop()`; or `with TritonServer(...)`.
 
     Its log goes to `log_path`; `echo` (a callable) also gets every error line as it comes."""
 
-    def __init__(self, install: TritonInstall, repository: Path, endpoints: Endpoints, log_path: Path,
+    def __init__(self, install: TritonInstall, repository: Path | Sequence[Path], endpoints: Endpoints, log_path: Path,
                  echo: Callable[[str], None] | None = None):
-        self.install, self.repository, self.endpoints = install, Path(repository), endpoints
+        self.install, self.endpoints = install, endpoints
+        self.repositories = [Path(repository)] if isinstance(repository, (str, os.PathLike)) else list(map(Path, repository))
         self.log_path = Path(log_path)
         self.echo = echo
         self.process: subprocess.Popen | None = None
         self._reader: threading.Thread | None = None
         self._errors: list[str] = []
+        self.shm_prefix = f"samg_serve_{os.getpid()}_{secrets.token_hex(4)}_"
 
     def start(self) -> "TritonServer":
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "a", buffering=1)
         # Its own process group: a Ctrl-C in the terminal reaches samg, which stops the server in order.
         self.process = subprocess.Popen(
-            server_command(self.install, self.repository, self.endpoints), env=server_env(self.install),
+            server_command(self.install, self.repositories, self.endpoints, self.shm_prefix), env=server_env(self.install),
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             errors="replace", start_new_session=True, cwd=self.install.stub_site)
         self._reader = threading.Thread(target=self._read, args=(self.process.stdout, log), daemon=True)
@@ -190,7 +208,8 @@ class TritonServer:
             self._reader.join(timeout=5)
 
     def stop(self, timeout: float = EXIT_TIMEOUT_S + 10) -> int | None:
-        """SIGINT (tritonserver finishes in-flight requests and unloads the models), then SIGKILL."""
+        """SIGINT (tritonserver finishes in-flight requests, waits for open client connections up
+        to EXIT_TIMEOUT_S, and unloads the models), then SIGKILL for whatever of it is left."""
         if self.process is None:
             return None
         if self.process.poll() is None:
@@ -199,12 +218,17 @@ class TritonServer:
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
-                self.kill()
-        self._join_reader()
+                pass
+        self._reap()
         return self.process.returncode
 
     def kill(self) -> None:
-        """SIGKILL the server and its model processes (the Python backend stubs are in its group)."""
+        """SIGKILL the server and its model processes at once (as a crash would)."""
+        self._reap()
+
+    def _reap(self) -> None:
+        """SIGKILL this server's process group (tritonserver and its Python backend stubs, which a
+        server exiting on its exit timeout leaves behind) and remove its shared-memory regions."""
         if self.process is None:
             return
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -212,6 +236,12 @@ class TritonServer:
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(10)
         self._join_reader()
+        deadline = time.monotonic() + 10  # the stubs die with the group; their regions go once they have
+        while _group_alive(self.process.pid) and time.monotonic() < deadline:
+            time.sleep(POLL_S)
+        for region in Path(SHM_DIR).glob(f"{self.shm_prefix}*"):
+            with contextlib.suppress(OSError):
+                region.unlink()
 
     def __enter__(self) -> "TritonServer":
         return self.start()
