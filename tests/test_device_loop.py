@@ -25,7 +25,7 @@ from samg.errors import SamgError  # noqa: E402
 from samg.runners.base import InputDecl  # noqa: E402
 from samg.runtime import samplers, schedules  # noqa: E402
 from samg.runtime.denoiser import Guidance, GuidedDenoiser  # noqa: E402
-from samg.runtime.graph_loop import GraphLoop  # noqa: E402
+from samg.runtime.graph_loop import GraphLoop, GraphLoops  # noqa: E402
 
 # numpy keeps the loop's host numbers (the model-input scale 1/sqrt(1 + σ²), DPM-Solver++'s
 # coefficients) as float64 scalars (NEP 50) where torch rounds them to float32 first: about one
@@ -371,6 +371,24 @@ def test_buffered_loop_at_infinite_sigma_and_for_flow_models(sampler, rule):
     np.testing.assert_allclose(buffered.numpy(), normal.numpy(), atol=BUFFERED_ATOL, rtol=0)
 
 
+def test_a_graph_is_keyed_by_structure_not_by_scales_prompts_or_latents():
+    runner = _stand_in_runner(fused=True)
+    x = torch.zeros((2, 4, 6, 6))
+
+    def key(guidance, steps=4, sampler="euler", cond_seed=1, latents=x):
+        schedule = schedules.make_schedule(SD, sampler, steps)
+        den = _denoiser(runner, guidance, schedule, _stand_in_conditioning(2, seed=cond_seed),
+                        combine=contract.GuidanceCombineAttrs())
+        return GraphLoop.key(den, sampler, latents)
+
+    base = key(Guidance("samg", 2.0, 6.0))
+    assert key(Guidance("samg", 1.5, 9.0), cond_seed=7, latents=x + 1) == base  # values live in buffers
+    assert key(Guidance("samg", 2.0, 6.0), steps=5) != base
+    assert key(Guidance("samg", 2.0, 6.0), sampler="dpmpp_2m") != base
+    assert key(Guidance("samg", 2.0, 6.0), latents=torch.zeros((1, 4, 6, 6))) != base
+    assert key(Guidance("cfg", 4.0, 4.0)) != base
+
+
 def test_graph_loop_refuses_what_it_cannot_capture():
     schedule = schedules.make_schedule(SD, "euler", 4)
     x = torch.zeros((2, 4, 6, 6))
@@ -504,14 +522,11 @@ def test_graph_replays_equal_the_eager_loop_for_two_scale_settings(sampler, fuse
     start = start * float(schedule.init_noise_sigma)
     settings = [Guidance(rule, 2.0, 6.0) if fused else Guidance(rule, 4.0, 4.0),
                 Guidance(rule, 1.5, 9.0) if fused else Guidance(rule, 7.0, 7.0)]
-    loop, results = None, []
+    loops, results = GraphLoops(), []
     for guidance in settings:
         den = _denoiser(runner, guidance, schedule, _stand_in_conditioning(2), combine=combine)
-        if loop is None:
-            loop = GraphLoop(den, sampler, start)
-        else:
-            loop.load(start, den)
-        replayed = loop.replay()
+        replayed = loops.sample(den, sampler, start)  # the first setting captures, the second replays
+        (loop,) = loops.loops.values()
         eager = loop.eager()
         # Same kernels; the combine kernel's energy sums are atomics (any order): float32 last bits.
         tolerance = 1e-5 if dtype == "float32" else 1e-2

@@ -266,3 +266,21 @@ class GraphLoop:
             self.captures += 1
         self.graph.replay()
         return self._finish(*self._captured)
+
+
+class GraphLoops:
+    """Captured loops by what they depend on (`GraphLoop.key`): the first request of a key makes
+    and captures its loop, every later one copies its values in and replays that capture."""
+
+    def __init__(self):
+        self.loops: dict[tuple, GraphLoop] = {}
+
+    def sample(self, denoiser: GuidedDenoiser, sampler: str, x, *, bound: float | None = None):
+        """The final sampler variable for this request (x: its initial latents on the GPU)."""
+        key = (GraphLoop.key(denoiser, sampler, x), bound)
+        loop = self.loops.get(key)
+        if loop is None:
+            loop = self.loops[key] = GraphLoop(denoiser, sampler, x, bound=bound)
+        else:
+            loop.load(x, denoiser)
+        return loop.replay()
