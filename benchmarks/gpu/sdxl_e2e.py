@@ -1,0 +1,531 @@
+"""Stage 3 of benchmarks/gpu/check.sh: a full-size SDXL on the GPU, samg's torch path against
+diffusers' own pipeline, in one run on the same weights.
+
+The model is SDXL base's architecture (UNet 2.6 B parameters, both CLIP text encoders, the VAE)
+with random float16 weights built from configs written out below: nothing is downloaded. The
+tokenizers are samg's tiny offline CLIP tokenizers (token ids only feed the embedding tables).
+
+samg's torch path is what `--backend torch --device cuda` runs, assembled in-process (a full SDXL
+export folder is gigabytes of ONNX): samg's export wrappers (samg.export.wrappers) in torch runners
+(samg.runners.torch.TorchRunner.for_module), the GuidedDenoiser, samg's Euler sampler on device
+tensors, and the whole-loop CUDA graph (samg.runtime.graph_loop) when that module is there.
+
+Rows, every one measured in the same run with interleaved repetitions (medians, interquartile
+ranges; ratios per repetition, as samg.bench):
+  step  one denoising step at 1024x1024 (UNet on batch 2 + guidance): SAMG through the fused op
+        samg::guidance_combine, CFG through the same op (equal scales), CFG on a raw graph
+        (u + w(c - u) in torch); eager and captured in a CUDA graph.
+  e2e   prompt to decoded image, 30 Euler steps at 1024x1024: diffusers StableDiffusionXLPipeline
+        eager fp16 (CFG), the same with torch.compile on the UNet (CFG), samg eager (SAMG), samg
+        whole-loop CUDA graph (SAMG).
+Targets: SAMG step <= 1.005x the CFG step (fused path, graphed); samg with the whole-loop graph
+>= 1.3x faster than diffusers eager end to end, and ahead of diffusers + torch.compile.
+
+Writes $STAGE_JSON after every phase (a timeout keeps what was measured).
+`--cpu-dry-run`: the same code on samg's tiny SDXL pipeline on the CPU, 3 steps at 64x64 (checks
+this script; no graphs, no compile, measures nothing).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+DEADLINE = float(os.environ.get("STAGE_DEADLINE", time.time() + 380))
+STAGE_JSON = os.environ.get("STAGE_JSON", "stage_sdxl-e2e.json")
+
+PROMPT = "a photograph of an astronaut riding a horse on the moon"
+W_MIN, W_MAX = 3.0, 7.5  # SAMG's range; CFG at W_MAX
+SAMPLER = "euler"
+TOKENS = 77
+COMPILE_MODE = os.environ.get("SDXL_E2E_COMPILE_MODE", "default")
+# The step target is checked against both CFG steps: the same fused graph at equal scales (the op
+# costs the same whatever the scales: this shows the noise floor) and the raw graph with CFG in torch
+# (what a pipeline without the op runs: the op's real cost).
+TARGETS = {"samg_step_over_fused_cfg_step": 1.005, "samg_step_over_raw_cfg_step": 1.005,
+           "diffusers_eager_over_samg_graph": 1.3, "diffusers_compiled_over_samg_graph": 1.0}
+
+# stabilityai/stable-diffusion-xl-base-1.0: unet/config.json (architecture keys)
+SDXL_UNET = dict(
+    act_fn="silu", addition_embed_type="text_time", addition_embed_type_num_heads=64, addition_time_embed_dim=256,
+    attention_head_dim=[5, 10, 20], block_out_channels=[320, 640, 1280], center_input_sample=False,
+    class_embed_type=None, class_embeddings_concat=False, conv_in_kernel=3, conv_out_kernel=3, cross_attention_dim=2048,
+    cross_attention_norm=None, down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    downsample_padding=1, dual_cross_attention=False, encoder_hid_dim=None, encoder_hid_dim_type=None,
+    flip_sin_to_cos=True, freq_shift=0, in_channels=4, layers_per_block=2, mid_block_only_cross_attention=None,
+    mid_block_scale_factor=1, mid_block_type="UNetMidBlock2DCrossAttn", norm_eps=1e-05, norm_num_groups=32,
+    num_attention_heads=None, num_class_embeds=None, only_cross_attention=False, out_channels=4,
+    projection_class_embeddings_input_dim=2816, resnet_out_scale_factor=1.0, resnet_skip_time_act=False,
+    resnet_time_scale_shift="default", sample_size=128, time_cond_proj_dim=None, time_embedding_act_fn=None,
+    time_embedding_dim=None, time_embedding_type="positional", timestep_post_act=None,
+    transformer_layers_per_block=[1, 2, 10], up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    upcast_attention=None, use_linear_projection=True,
+)
+# text_encoder/config.json (CLIP ViT-L/14) and text_encoder_2/config.json (OpenCLIP ViT-bigG/14)
+SDXL_TEXT_ENCODER = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                         max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768, vocab_size=49408)
+SDXL_TEXT_ENCODER_2 = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                           max_position_embeddings=77, hidden_act="gelu", projection_dim=1280, vocab_size=49408)
+# vae/config.json; force_upcast off so both sides decode in float16 (diffusers would otherwise move
+# the VAE to float32 and back on every call)
+SDXL_VAE = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+                up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[128, 256, 512, 512], layers_per_block=2,
+                latent_channels=4, norm_num_groups=32, sample_size=1024, scaling_factor=0.13025, force_upcast=False)
+
+
+class Settings:
+    def __init__(self, dry_run: bool):
+        self.dry_run = dry_run
+        self.device = "cpu" if dry_run else "cuda"
+        self.dtype = "float32" if dry_run else "float16"
+        self.size = 64 if dry_run else 1024
+        self.steps = 3 if dry_run else 30
+        self.step_reps, self.step_calls = (2, 1) if dry_run else (7, 5)
+        self.e2e_reps = 2 if dry_run else 3
+
+
+def left() -> float:
+    return DEADLINE - time.time()
+
+
+def save(result: dict) -> None:
+    temp = STAGE_JSON + ".tmp"
+    with open(temp, "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    os.replace(temp, STAGE_JSON)
+
+
+def synchronize(torch, s: Settings) -> None:
+    if s.device == "cuda":
+        torch.cuda.synchronize()
+
+
+# ------------------------------------------------------------------------------------------------
+# The model: diffusers' SDXL pipeline with random weights, and samg's runners over the same modules.
+
+
+def build_pipeline(torch, s: Settings):
+    import diffusers
+    import transformers
+
+    from samg.models.specs import get_spec
+    from samg.models.tiny import clip_tokenizer, tiny_sdxl
+
+    spec = get_spec("sdxl")
+    if s.dry_run:
+        pipe = tiny_sdxl(spec)
+    else:
+        torch.manual_seed(0)
+        tokenizer, tokenizer_2 = clip_tokenizer("<|endoftext|>"), clip_tokenizer("!")
+
+        def clip(config, tok, projection: bool):
+            ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+            cls = transformers.CLIPTextModelWithProjection if projection else transformers.CLIPTextModel
+            return cls(transformers.CLIPTextConfig(**config, **ids))
+
+        with torch.device(s.device):  # weights initialised on the GPU (seconds, not minutes)
+            unet = diffusers.UNet2DConditionModel(**SDXL_UNET)
+            text_encoder = clip(SDXL_TEXT_ENCODER, tokenizer, False)
+            text_encoder_2 = clip(SDXL_TEXT_ENCODER_2, tokenizer_2, True)
+            vae = diffusers.AutoencoderKL(**SDXL_VAE)
+        config = {k: v for k, v in spec.scheduler.items() if k != "kind"}
+        scheduler = diffusers.EulerDiscreteScheduler.from_config({**config, "prediction_type": spec.prediction_type})
+        pipe = diffusers.StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                                   tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet,
+                                                   scheduler=scheduler, force_zeros_for_empty_prompt=True,
+                                                   add_watermarker=False)
+    pipe = pipe.to(s.device, getattr(torch, s.dtype))
+    pipe.set_progress_bar_config(disable=True)
+    for module in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2, pipe.vae):
+        module.eval().requires_grad_(False)
+    return spec, pipe
+
+
+class Samg:
+    """samg's torch path over the pipeline's own modules (shared weights, no copies)."""
+
+    def __init__(self, torch, s: Settings, spec, pipe):
+        from samg.contract import DiscreteScheduler, GuidanceCombineAttrs
+        from samg.export import wrappers
+        from samg.runners.base import InputDecl
+        from samg.runners.torch import TorchRunner
+        from samg.runtime import schedules
+
+        self.torch, self.s, self.spec, self.pipe = torch, s, spec, pipe
+        f32, i64 = np.dtype(np.float32), np.dtype(np.int64)
+        self.attrs = GuidanceCombineAttrs(smooth=3)  # what `samg export` writes
+        factor = spec.spatial_factor
+        id_inputs = {te.tokenizer.replace("tokenizer", "input_ids"): InputDecl(i64, (None, TOKENS))
+                     for te in spec.text_encoders}
+        encoders = [getattr(pipe, te.encoder) for te in spec.text_encoders]
+        self.text = TorchRunner.for_module(wrappers.TextEncoder(encoders, spec), id_inputs, list(spec.conditioning),
+                                           device=s.device, dtype=s.dtype, name="text_encoder.onnx")
+        probe = self.text.run({name: np.zeros((1, TOKENS), np.int64) for name in id_inputs})
+        conditioning = {name: InputDecl(f32, (None, *np.shape(probe[name])[1:])) for name in spec.conditioning}
+        latent = {"latents": InputDecl(f32, (None, 4, None, None)), "timestep": InputDecl(f32, (None,))}
+        self.id_names = list(id_inputs)
+
+        def denoiser(fused: bool):
+            module = wrappers.Denoiser(pipe.unet, spec, fused=fused, combine=self.attrs.attributes(),
+                                       extras={"spatial_factor": factor})
+            inputs = {**latent, **conditioning, **({"guidance_scales": InputDecl(f32, (None, 2))} if fused else {})}
+            outputs = ["guided"] if fused else ["pred_uncond", "pred_cond"]
+            return TorchRunner.for_module(module, inputs, outputs, device=s.device, dtype=s.dtype, name="denoiser.onnx")
+
+        self.fused, self.raw = denoiser(True), denoiser(False)
+        self.vae = TorchRunner.for_module(wrappers.VaeDecoder(pipe.vae), {"latents": InputDecl(f32, (None, 4, None, None))},
+                                          ["images"], device=s.device, dtype=s.dtype, name="vae_decoder.onnx")
+        self.schedule = schedules.make_schedule(DiscreteScheduler.from_json(dict(spec.scheduler)), SAMPLER, s.steps)
+        self.scaling = spec.vae_scaling_factor
+        self.loop = None
+
+    def conditioning(self, prompt: str) -> dict:
+        """[2, ...] per conditioning input: zeros for the empty negative prompt (SDXL's
+        force_zeros_for_empty_prompt, as samg's pipeline and diffusers do), then the prompt."""
+        tokenizers = [getattr(self.pipe, te.tokenizer) for te in self.spec.text_encoders]
+        ids = {name: tok(prompt, padding="max_length", max_length=TOKENS, truncation=True,
+                         return_tensors="pt").input_ids.to(self.s.device)
+               for name, tok in zip(self.id_names, tokenizers)}
+        if self.s.device == "cpu":
+            ids = {name: v.numpy() for name, v in ids.items()}
+        encoded = self.text.run(ids)
+        return {name: _cat_zeros_first(self.torch, v) for name, v in encoded.items()}
+
+    def denoiser(self, conditioning: dict, rule: str):
+        """A GuidedDenoiser: rule "samg" or "cfg" through the fused op, "cfg-raw" on the raw graph."""
+        from samg.runtime.denoiser import Guidance, GuidedDenoiser
+
+        fused = rule != "cfg-raw"
+        name = "cfg" if rule.startswith("cfg") else "samg"
+        w_min = W_MIN if name == "samg" else W_MAX
+        return GuidedDenoiser(self.fused if fused else self.raw, prediction_type=self.spec.prediction_type,
+                              schedule=self.schedule, conditioning=conditioning, guidance=Guidance(name, w_min, W_MAX),
+                              combine=self.attrs if fused else None, host_rule_attrs=self.attrs)
+
+    def initial(self, denoiser, noise: np.ndarray):
+        return denoiser.place(noise) * float(self.schedule.init_noise_sigma)
+
+    def decode(self, latents):
+        return self.vae.run({"latents": latents / self.scaling})["images"]
+
+    def eager(self, noise: np.ndarray, rule: str = "samg"):
+        """Prompt to image with samg's sampler, step by step. Returns (latents, images)."""
+        from samg.runtime.samplers import get_sampler
+
+        den = self.denoiser(self.conditioning(PROMPT), rule)
+        latents = get_sampler(SAMPLER)(den, self.initial(den, noise), self.schedule.sigmas)
+        images = self.decode(latents)
+        synchronize(self.torch, self.s)
+        return latents, images
+
+    def graphed(self, noise: np.ndarray):
+        """Prompt to image with the whole sampling loop replayed from one CUDA graph (captured on the
+        first call). Returns (latents, images)."""
+        from samg.runtime.graph_loop import GraphLoop
+
+        den = self.denoiser(self.conditioning(PROMPT), "samg")
+        x = self.initial(den, noise)
+        if self.loop is None:
+            self.loop = GraphLoop(den, SAMPLER, x)
+        else:
+            self.loop.load(x, den)
+        latents = self.loop.replay()
+        images = self.decode(latents)
+        synchronize(self.torch, self.s)
+        return latents, images
+
+
+def _cat_zeros_first(torch, value):
+    if isinstance(value, np.ndarray):
+        return np.concatenate([np.zeros_like(value), value])
+    return torch.cat([torch.zeros_like(value), value])
+
+
+def diffusers_call(torch, s: Settings, pipe, noise: np.ndarray, output_type: str = "pt"):
+    latents = torch.from_numpy(noise).to(s.device, getattr(torch, s.dtype))
+    with torch.no_grad():
+        out = pipe(PROMPT, num_inference_steps=s.steps, guidance_scale=W_MAX, height=s.size, width=s.size,
+                   latents=latents, output_type=output_type)
+    synchronize(torch, s)
+    return out.images
+
+
+# ------------------------------------------------------------------------------------------------
+# Timing
+
+
+def spread_row(times: list[float]) -> dict:
+    from samg.bench import quartiles
+
+    q1, med, q3 = quartiles(times)
+    return {"ms": round(med * 1e3, 3), "iqr_ms": [round(q1 * 1e3, 3), round(q3 * 1e3, 3)], "reps": len(times)}
+
+
+def ratio_row(numerator: list[float], denominator: list[float]) -> dict:
+    from samg.bench import ratio_spread
+
+    r = ratio_spread(numerator, denominator)
+    return {"ratio": round(r["ratio"], 4), "iqr": [round(r["q1"], 4), round(r["q3"], 4)], "reps": r["reps"],
+            "resolved": r["resolved"]}
+
+
+def cuda_seconds(torch, s: Settings, fn, calls: int) -> float:
+    """Seconds per fn() over `calls` calls: CUDA events on the GPU, the wall clock on the CPU."""
+    if s.device != "cuda":
+        started = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        return (time.perf_counter() - started) / calls
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e-3 / calls
+
+
+def step_graph(torch, fn):
+    """fn captured in a CUDA graph (three warm-up calls on a side stream first); returns replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def per_step(torch, s: Settings, samg: Samg, noise: np.ndarray, result: dict) -> None:
+    """One denoising step at the first sigma: SAMG (fused op), CFG (fused op, equal scales), CFG on
+    the raw graph; eager and graphed; interleaved repetitions."""
+    conditioning = samg.conditioning(PROMPT)
+    sigma = float(samg.schedule.sigmas[0])
+    calls = {}
+    for rule in ("samg", "cfg", "cfg-raw"):
+        den = samg.denoiser(conditioning, rule)
+        x = samg.initial(den, noise)
+        calls[f"{rule} eager"] = (lambda den=den, x=x: den(x, sigma, 0))
+    rows = dict(calls)
+    errors = {}
+    if s.device == "cuda":
+        for name, fn in calls.items():
+            try:
+                rows[name.replace("eager", "graph")] = step_graph(torch, fn)
+            except Exception as exc:  # noqa: BLE001 - a row that cannot be captured is reported, not fatal
+                errors[name.replace("eager", "graph")] = f"{type(exc).__name__}: {exc}"[:300]
+    with torch.no_grad():
+        for fn in rows.values():  # warm-up
+            fn()
+        synchronize(torch, s)
+        times = {name: [] for name in rows}
+        for _ in range(s.step_reps):
+            if left() < 60:
+                break
+            for name, fn in rows.items():
+                times[name].append(cuda_seconds(torch, s, fn, s.step_calls))
+    step = {"rows": {name: spread_row(t) for name, t in times.items() if t}, "errors": errors}
+    ratios = {}
+    for mode in ("eager", "graph"):
+        for other in ("cfg-raw", "cfg"):
+            a, b = times.get(f"samg {mode}"), times.get(f"{other} {mode}")
+            if a and b:
+                ratios[f"samg / {other} ({mode})"] = ratio_row(a, b)
+    if times.get("samg eager") and times.get("samg graph"):
+        ratios["samg eager / samg graph"] = ratio_row(times["samg eager"], times["samg graph"])
+    step["ratios"] = ratios
+    result["step"] = step
+
+
+def end_to_end(torch, s: Settings, samg: Samg, pipe, noise: np.ndarray, result: dict) -> None:
+    rows = {"diffusers eager (CFG)": lambda: diffusers_call(torch, s, pipe, noise),
+            "samg eager (SAMG)": lambda: samg.eager(noise)}
+    notes, errors = {}, {}
+    e2e = {"rows": {}, "notes": notes, "errors": errors, "steps": s.steps, "size": s.size}
+    result["e2e"] = e2e
+    with torch.no_grad():
+        first = {}
+        for name, fn in list(rows.items()):  # warm-up, and the slowest row's time for the budget
+            started = time.perf_counter()
+            try:
+                first[name] = fn()
+            except Exception as exc:  # noqa: BLE001
+                errors[name] = f"{type(exc).__name__}: {exc}"[:400]
+                rows.pop(name)
+            e2e.setdefault("warmup_seconds", {})[name] = round(time.perf_counter() - started, 2)
+        save(result)
+        if s.device != "cuda":
+            notes["samg graph (SAMG)"] = "SKIP: CPU dry run (CUDA graphs need a GPU)"
+        else:
+            try:
+                import samg.runtime.graph_loop  # noqa: F401
+            except ImportError as exc:
+                notes["samg graph (SAMG)"] = f"SKIP: samg.runtime.graph_loop is not there ({exc})"
+            else:
+                try:
+                    started = time.perf_counter()
+                    graph_latents, _ = samg.graphed(noise)  # captures
+                    e2e.setdefault("warmup_seconds", {})["samg graph (SAMG)"] = round(time.perf_counter() - started, 2)
+                    eager_latents = first.get("samg eager (SAMG)", (None,))[0]
+                    if eager_latents is not None:
+                        diff = (graph_latents - eager_latents).abs().max() / eager_latents.abs().max()
+                        e2e["graph_vs_eager_max_rel_diff"] = float(diff)
+                    rows["samg graph (SAMG)"] = lambda: samg.graphed(noise)
+                except Exception as exc:  # noqa: BLE001
+                    errors["samg graph (SAMG)"] = f"{type(exc).__name__}: {exc}"[:400]
+        save(result)
+        one_round = sum(e2e.get("warmup_seconds", {}).get(n, 5.0) for n in rows) * s.e2e_reps
+        compile_room = left() - one_round - 30
+        if s.device != "cuda":
+            notes["diffusers + torch.compile (CFG)"] = "SKIP: CPU dry run"
+        elif compile_room < 150:
+            notes["diffusers + torch.compile (CFG)"] = f"SKIP: {compile_room:.0f} s left for its warm-up, under 150 s"
+        else:
+            eager_unet = pipe.unet
+            compiled = torch.compile(eager_unet, mode=None if COMPILE_MODE == "default" else COMPILE_MODE)
+
+            def compiled_call():
+                pipe.unet = compiled
+                try:
+                    return diffusers_call(torch, s, pipe, noise)
+                finally:
+                    pipe.unet = eager_unet
+
+            try:
+                started = time.perf_counter()
+                compiled_call()  # compiles
+                e2e.setdefault("warmup_seconds", {})["diffusers + torch.compile (CFG)"] = round(time.perf_counter() - started, 2)
+                rows["diffusers + torch.compile (CFG)"] = compiled_call
+                notes["diffusers + torch.compile (CFG)"] = f"torch.compile(unet, mode={COMPILE_MODE})"
+            except Exception as exc:  # noqa: BLE001
+                errors["diffusers + torch.compile (CFG)"] = f"{type(exc).__name__}: {exc}"[:400]
+        save(result)
+        times = {name: [] for name in rows}
+        for _ in range(s.e2e_reps):
+            for name, fn in rows.items():
+                if left() < 15:
+                    break
+                started = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - started)
+            e2e["rows"] = {name: spread_row(t) for name, t in times.items() if t}
+            save(result)
+    complete = {name: t for name, t in times.items() if len(t) == max(map(len, times.values()), default=0) and t}
+    ratios = {}
+    pairs = [("diffusers eager (CFG)", "samg graph (SAMG)"), ("diffusers + torch.compile (CFG)", "samg graph (SAMG)"),
+             ("diffusers eager (CFG)", "samg eager (SAMG)"), ("samg eager (SAMG)", "samg graph (SAMG)"),
+             ("diffusers eager (CFG)", "diffusers + torch.compile (CFG)")]
+    for a, b in pairs:
+        if a in complete and b in complete:
+            ratios[f"{a} / {b}"] = ratio_row(complete[a], complete[b])
+    e2e["ratios"] = ratios
+
+
+def check_against_diffusers(torch, s: Settings, samg: Samg, pipe, noise: np.ndarray, result: dict) -> None:
+    """Same math: samg's CFG (raw graph) latents against diffusers' CFG latents, same noise."""
+    ours, _ = samg.eager(noise, rule="cfg-raw")
+    theirs = diffusers_call(torch, s, pipe, noise, output_type="latent")
+    ours = torch.as_tensor(np.asarray(ours) if isinstance(ours, np.ndarray) else ours).to(theirs.device).float()
+    theirs = theirs.float()
+    result["cfg_latents_vs_diffusers_max_rel_diff"] = float((ours - theirs).abs().max() / theirs.abs().max())
+
+
+def verdict(result: dict) -> tuple[str, str]:
+    step, e2e = result.get("step", {}), result.get("e2e", {})
+    errors = {**step.get("errors", {}), **e2e.get("errors", {})}
+    parts, met = [], {}
+    step_ratios = step.get("ratios", {})
+    for key, other, label in (("samg_step_over_fused_cfg_step", "cfg", "fused-graph CFG"),
+                              ("samg_step_over_raw_cfg_step", "cfg-raw", "raw-graph CFG")):
+        mode = "graph" if f"samg / {other} (graph)" in step_ratios else "eager"
+        r = step_ratios.get(f"samg / {other} ({mode})")
+        if r:
+            met[key] = r["ratio"] <= TARGETS[key]
+            parts.append(f"step SAMG / {label} ({mode}) {r['ratio']} [IQR {r['iqr'][0]}-{r['iqr'][1]}]")
+    ratios = e2e.get("ratios", {})
+    for key, label in (("diffusers_eager_over_samg_graph", "diffusers eager (CFG) / samg graph (SAMG)"),
+                       ("diffusers_compiled_over_samg_graph", "diffusers + torch.compile (CFG) / samg graph (SAMG)")):
+        if label in ratios:
+            r = ratios[label]
+            met[key] = r["ratio"] >= TARGETS[key] if key.startswith("diffusers_eager") else r["ratio"] > TARGETS[key]
+            parts.append(f"{label.split(' (')[0]}/samg graph {r['ratio']} [IQR {r['iqr'][0]}-{r['iqr'][1]}]")
+    result["targets"] = {"goals": TARGETS, "met": met}
+    skipped = [f"{name}: {note}" for name, note in e2e.get("notes", {}).items() if note.startswith("SKIP")]
+    summary = "; ".join(parts) + (f"; targets met: {sum(met.values())}/{len(met)}" if met else "")
+    if skipped:
+        summary += "; " + "; ".join(skipped)
+    if errors:
+        return "FAIL", "; ".join(f"{k}: {v}" for k, v in errors.items())[:600] + ("; " + summary if summary else "")
+    if not parts:
+        return "FAIL", "nothing was measured"
+    return "PASS", summary
+
+
+def main(dry_run: bool) -> dict:
+    s = Settings(dry_run)
+    result: dict = {"status": "FAIL", "reason": "started, did not finish (see gpu_check.log)",
+                    "settings": {"device": s.device, "dtype": s.dtype, "size": s.size, "steps": s.steps,
+                                 "sampler": SAMPLER, "w_min": W_MIN, "w_max": W_MAX, "prompt": PROMPT}}
+    try:
+        import torch
+    except ImportError as exc:
+        return {"status": "SKIP", "reason": f"torch does not import ({exc})"}
+    if not dry_run and not torch.cuda.is_available():
+        return {"status": "SKIP", "reason": "torch sees no CUDA device"}
+    try:
+        import diffusers  # noqa: F401
+    except ImportError as exc:
+        return {"status": "SKIP", "reason": f"diffusers does not import ({exc}): carry its wheel "
+                                            "(bash benchmarks/gpu/prepare_carry.sh)"}
+    if not dry_run:
+        result["settings"]["gpu"] = torch.cuda.get_device_name(0)
+        from samg.build.plugin import shared_launcher
+
+        try:
+            shared_launcher()  # the op's CUDA kernel; without it the op falls back to the torch reference
+            result["settings"]["combine"] = "samg::guidance_combine CUDA kernel"
+        except Exception as exc:  # noqa: BLE001
+            result["settings"]["combine"] = f"reference rule in torch (kernel unavailable: {exc})"
+    save(result)
+    started = time.perf_counter()
+    spec, pipe = build_pipeline(torch, s)
+    result["build_seconds"] = round(time.perf_counter() - started, 1)
+    result["unet_parameters_billion"] = round(sum(p.numel() for p in pipe.unet.parameters()) / 1e9, 3)
+    samg = Samg(torch, s, spec, pipe)
+    noise = np.random.default_rng(0).standard_normal((1, 4, s.size // 8, s.size // 8)).astype(np.float32)
+    for phase, fn in (("step", lambda: per_step(torch, s, samg, noise, result)),
+                      ("e2e", lambda: end_to_end(torch, s, samg, pipe, noise, result)),
+                      ("check", lambda: check_against_diffusers(torch, s, samg, pipe, noise, result))):
+        if left() < 20:
+            result.setdefault("not_run", []).append(phase)
+            continue
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 - later phases still run
+            result.setdefault("phase_errors", {})[phase] = traceback.format_exc()[-1500:]
+            result.setdefault(phase, {}).setdefault("errors", {})[phase] = f"{type(exc).__name__}: {exc}"[:400]
+        save(result)
+    result["status"], result["reason"] = verdict(result)
+    if dry_run:
+        result["reason"] = "CPU dry run (tiny SDXL, nothing measured): " + result["reason"]
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        outcome = main(dry_run="--cpu-dry-run" in sys.argv[1:])
+    except Exception:  # noqa: BLE001 - the stage reports, the run goes on
+        outcome = {"status": "FAIL", "reason": traceback.format_exc()[-1500:]}
+    save(outcome)
+    print(outcome["status"], "-", outcome["reason"])
