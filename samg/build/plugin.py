@@ -7,7 +7,10 @@ plugin fields. An engine stores the plugin's name, namespace and fields but not 
 
 Build-time hooks (shapes, types, formats, workspace) need only TensorRT and numpy. `enqueue`
 launches the kernels of plugins/cuda/guidance_combine.cu (the one CUDA source of the op, shipped
-beside this module as guidance_combine.cu) compiled by NVRTC through CuPy, on TensorRT's stream.
+beside this module as guidance_combine.cu) on TensorRT's stream. NVRTC compiles them through CuPy
+once per process and GPU (`shared_launcher`), when an execution context takes the plugin
+(`attach_to_context`, `on_shape_change`), never in `enqueue`, which may run under CUDA-graph
+capture; the CUDA headers come from `cuda_include_dir` (NVRTC 13 has none built in).
 The plugin is Python (IPluginV3) because polygraphy only loads plugin libraries, and standard
 TensorRT's C++ headers are not available to build one.
 

@@ -62,21 +62,6 @@ def _is_torch_tensor(value: Any) -> bool:
     return torch is not None and isinstance(value, torch.Tensor)
 
 
-class _TorchFeed:
-    """A torch tensor as GraphRunner.checked_feeds sees it: its shape, and a numpy dtype of the same
-    kind (the check compares kinds; torch dtypes are no numpy dtypes). Passed through unchanged."""
-
-    def __init__(self, tensor):
-        self.tensor = tensor
-        self.shape = tuple(tensor.shape)
-        if tensor.dtype.is_floating_point:
-            self.dtype = np.dtype(np.float32)
-        elif tensor.dtype == sys.modules["torch"].bool:
-            self.dtype = np.dtype(np.bool_)
-        else:
-            self.dtype = np.dtype(np.int64)
-
-
 class TensorRTRunner(GraphRunner):
     """Runs one engine built by `samg build`: numpy in/out via `run`; CuPy arrays or torch CUDA
     tensors via `run_device` (outputs as torch tensors when any input was one, else CuPy arrays).
@@ -150,13 +135,7 @@ class TensorRTRunner(GraphRunner):
         self.cuda_graph = cuda_graph
         self._graphs: dict[tuple, tuple[Any, dict, dict]] = {}
 
-    # -- feeds -----------------------------------------------------------------------------------
-    def checked_feeds(self, feeds: dict) -> dict:
-        """GraphRunner's checks; torch tensors are checked by shape and dtype kind and kept as they are."""
-        stand_ins = {name: _TorchFeed(value) for name, value in feeds.items() if _is_torch_tensor(value)}
-        checked = super().checked_feeds({**feeds, **stand_ins})
-        return {name: value.tensor if isinstance(value, _TorchFeed) else value for name, value in checked.items()}
-
+    # -- feeds (GraphRunner.checked_feeds checks numpy, CuPy and torch feeds alike) -------------
     def _to_device(self, name: str, value):
         """A feed as a contiguous CuPy array of the engine's device dtype (on self.stream)."""
         cp, dtype = self.cp, self.dtypes[name]
