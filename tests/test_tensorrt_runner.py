@@ -86,13 +86,14 @@ def test_a_gpu_the_flavour_does_not_support_is_refused_in_one_line(engines, trt)
     if supported is None:
         pytest.skip("standard TensorRT builds for the GPU it runs on: no list to refuse from")
     # TensorRT-RTX 1.x builds for Turing, Ampere, Ada and Blackwell, not Hopper (sm_90: H100/H200)
-    assert {"sm_75", "sm_86", "sm_89"} <= set(supported) and "sm_90" not in supported
+    assert {"sm_75", "sm_86", "sm_89"} <= set(supported)
+    unsupported = next(c for c in ("sm_90", "sm_70", "sm_60") if c not in supported)
     _, _, built = engines
     with pytest.raises(SamgError) as refused:
-        TensorRTRunner(built[False].engine_path, device="cuda", gpu_capability="sm_90")
+        TensorRTRunner(built[False].engine_path, device="cuda", gpu_capability=unsupported)
     message = str(refused.value)
     assert "\n" not in message
-    assert f"{flavour_of(trt)} {trt.__version__} does not run on this GPU (compute capability sm_90)" in message
+    assert f"{flavour_of(trt)} {trt.__version__} does not run on this GPU (compute capability {unsupported})" in message
     assert f"it supports {', '.join(supported)}" in message
     check_gpu_supported(trt, "sm_89")  # supported: no error
     check_gpu_supported(trt, None)  # no GPU seen: the other checks speak
@@ -155,3 +156,16 @@ def test_torch_tensors_are_checked_like_arrays_and_kept_as_they_are():
         runner.checked_feeds({"latents": latents, "timestep": np.zeros(2, np.float32), "ids": ids.float()})
     with pytest.raises(SamgError, match=r"input 'latents' has shape \[2, 3, 8, 8\], the graph fixes dim 1 to 4"):
         runner.checked_feeds({"latents": torch.zeros(2, 3, 8, 8), "timestep": np.zeros(2, np.float32), "ids": ids})
+
+
+def test_cli_cuda_graph_flag_reaches_the_record(tmp_path, trt):
+    import subprocess
+    import sys
+
+    export = write_export(tmp_path / "export")
+    command = [sys.executable, "-m", "samg", "build", str(export), "--cuda-graph", "--quiet",
+               "--out", str(tmp_path / "engines"), "--cache-dir", str(tmp_path / "cache")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    record = json.loads((tmp_path / "engines" / "denoiser.engine.json").read_text())
+    assert record.get("build_flags", []) == list(CAPTURE_BUILD_FLAGS[flavour_of(trt)])
