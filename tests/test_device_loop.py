@@ -55,6 +55,7 @@ class Recording:
     def __init__(self, runner):
         self.runner = runner
         self.input_names, self.output_names = runner.input_names, runner.output_names
+        self.tensor_device = getattr(runner, "tensor_device", None)
         self.types: set[str] = set()
 
     def run(self, feeds):
@@ -117,6 +118,24 @@ def test_numpy_and_torch_tensors_give_the_same_generation(digits, kind, rule, w_
     assert isinstance(on_host, np.ndarray) and isinstance(on_tensors, torch.Tensor)
     assert recording.types == {"torch"}  # every feed and every output stayed a tensor
     np.testing.assert_allclose(on_tensors.numpy(), on_host, atol=LOOP_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_a_pipeline_whose_runner_takes_tensors_runs_its_loop_on_them(digits, backend):
+    from samg.runtime.pipeline import Pipeline
+
+    pipes, _, noise = digits
+    folder = pipes["fused"].export_dir
+    options = dict(guidance="samg", w_min=2.0, w_max=6.0, steps=STEPS, sampler="dpmpp_2m", num_images=2,
+                   latents=noise, output="latents")
+    on_host = Pipeline.load(folder, backend).__call__("a handwritten 4", **options)
+    tensors = Pipeline.load(folder, backend, device_tensors=True)
+    recording = Recording(tensors.runners["denoiser"])
+    tensors.runners["denoiser"] = recording
+    assert recording.runner.tensor_device == "cpu"
+    on_tensors = tensors("a handwritten 4", **options)
+    assert recording.types == {"torch"} and isinstance(on_tensors, np.ndarray)  # back on the host at the end
+    np.testing.assert_allclose(on_tensors, on_host, atol=LOOP_ATOL, rtol=0)
 
 
 def test_the_comparison_tells_a_different_scale_apart(digits):

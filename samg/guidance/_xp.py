@@ -163,7 +163,7 @@ class _TorchOps:
         elif np.ndim(value) == 0:
             return np.float32(value)
         else:
-            t = torch.from_numpy(np.array(value, dtype=np.float32)).to(like.device)
+            t = self.upload(np.asarray(value, dtype=np.float32), like)
         return _shape_param(t, like.shape)
 
     def sum(self, x, axes):

@@ -34,8 +34,8 @@ _ORT_TYPES = {
 class OrtRunner(GraphRunner):
     def __init__(self, path: Path, device: str = "cpu", *, custom_op_library: str | None = None,
                  threads: int | None = None, providers: list | None = None, device_tensors: bool | None = None):
-        """device_tensors: on CUDA, let the sampling loop hand this runner torch tensors on the GPU and
-        get tensors back (default: when torch is installed)."""
+        """device_tensors: let the sampling loop hand this runner torch tensors on its device and get
+        tensors back (default: on CUDA when torch is installed; True on the CPU binds CPU tensors)."""
         ort = require("onnxruntime", "to run exported models")
         path = Path(path)
         if not path.is_file():
@@ -78,13 +78,14 @@ class OrtRunner(GraphRunner):
         self.output_names = [o.name for o in self.session.get_outputs()]
         self._ort = ort
         if device_tensors is None:
-            device_tensors = importlib.util.find_spec("torch") is not None
-        self._device_tensors = bool(device_tensors) and device == "cuda"
+            device_tensors = device == "cuda" and importlib.util.find_spec("torch") is not None
+        self.device_tensors = bool(device_tensors)
 
     @property
     def tensor_device(self) -> str | None:
-        """"cuda" when the loop may keep its arrays on the GPU as torch tensors (see the module doc)."""
-        return "cuda" if self._device_tensors else None
+        """The device where the loop keeps its arrays as torch tensors for this runner (see the
+        module doc), None for numpy."""
+        return self.device if self.device_tensors else None
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:

@@ -58,9 +58,11 @@ def _load_written(export_dir: Path, written):  # `written` (the manifest's stat)
 
 
 class TorchRunner(GraphRunner):
-    def __init__(self, path: Path, device: str = "cpu", *, dtype: str | None = None, **_opts):
+    def __init__(self, path: Path, device: str = "cpu", *, dtype: str | None = None,
+                 device_tensors: bool | None = None, **_opts):
         """dtype: what the denoiser and VAE compute in (COMPUTE_DTYPES); default float32 on the CPU,
-        the export's dtype on CUDA. The text encoder computes in float32, as exported."""
+        the export's dtype on CUDA. The text encoder computes in float32, as exported.
+        device_tensors: the sampling loop hands this runner tensors on its device (default: on CUDA)."""
         self.torch = require("torch", "for the torch backend")
         from samg.export import wrappers
 
@@ -72,6 +74,7 @@ class TorchRunner(GraphRunner):
                             "pass one of those")
         spec, pipe, factor = _load(self.path.parent.resolve())
         self.device = "cuda" if device == "cuda" else "cpu"
+        self.device_tensors = self.device == "cuda" if device_tensors is None else bool(device_tensors)
         if self.device == "cuda" and not self.torch.cuda.is_available():
             raise SamgError("torch sees no CUDA GPU here: use --device cpu, or install a CUDA build of torch")
         if role not in HALF_CAPABLE_ROLES:
@@ -96,6 +99,7 @@ class TorchRunner(GraphRunner):
         self.torch = require("torch", "for the torch backend")
         self.path, self.inputs, self.output_names = Path(name), dict(inputs), list(output_names)
         self.device = "cuda" if device == "cuda" else "cpu"
+        self.device_tensors = self.device == "cuda"
         self._take(module, dtype)
         return self
 
@@ -114,8 +118,9 @@ class TorchRunner(GraphRunner):
     @property
     def tensor_device(self) -> str | None:
         """Where this runner takes and returns torch tensors for a loop that stays on the device
-        (samg.runtime.denoiser): "cuda" on a GPU; None on the CPU, where the loop keeps numpy."""
-        return "cuda" if self.device == "cuda" else None
+        (samg.runtime.denoiser): "cuda" on a GPU; None on the CPU (the loop keeps numpy) unless
+        device_tensors asked for CPU tensors."""
+        return self.device if self.device_tensors else None
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch = self.torch
