@@ -329,14 +329,57 @@ def test_load_from_8_clients_every_answer_is_its_own(two_model_server):
         assert_same_image(image, references[model].exact(request), f"{model} {request}")
         good += 1
     assert good == 32
-    metrics = urllib.request.urlopen(ep.metrics_url).read().decode()
-    calls = {}
-    for line in metrics.splitlines():
-        if line.startswith("samg_denoiser_calls_total{") and 'model="digits"' in line:
-            size = int(line.split('batch_size="')[1].split('"')[0])
-            calls[size] = calls.get(size, 0) + float(line.rsplit(" ", 1)[1])
+
+    def samples(metrics: str, name: str) -> dict[str, float]:
+        """{labels: value} of one metric of the digits model."""
+        return {line.split("{")[1].split("}")[0]: float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                if line.startswith(name + "{") and 'model="digits"' in line}
+
+    want_done = sum(1 for kind, model, *_ in plan if kind == "good" and model == "digits")
+    want_rejected = sum(1 for kind, model, *_ in plan if kind == "bad" and model == "digits")
+    deadline = time.monotonic() + 10  # samg's metrics follow pipe.stats() every second
+    while True:
+        metrics = urllib.request.urlopen(ep.metrics_url).read().decode()
+        done = sum(samples(metrics, "samg_requests_done_total").values())
+        if done >= want_done or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert done == want_done
+    assert sum(samples(metrics, "samg_requests_rejected_total").values()) == want_rejected
+    calls = {int(labels.split('batch_size="')[1].split('"')[0]): n
+             for labels, n in samples(metrics, "samg_denoiser_calls_total").items()}
     assert calls and max(calls) > 1, calls  # concurrent requests shared denoiser calls
     assert 'nv_inference_request_success{model="sdxl"' in metrics  # Triton's own metrics are there too
+
+
+def test_wrong_types_and_shapes_are_refused_naming_the_input(two_model_server):
+    import tritonclient.http as http
+
+    server, references, _ = two_model_server
+    client = http.InferenceServerClient(server.endpoints.http)
+
+    def tensor(name, data, datatype):
+        t = http.InferInput(name, list(data.shape), datatype)
+        t.set_data_from_numpy(data)
+        return t
+
+    prompt = tensor("prompt", np.array([b"a handwritten 1"], dtype=object), "BYTES")
+    cases = [
+        ([tensor("prompt", np.array([b"a", b"b"], dtype=object), "BYTES")], "prompt"),
+        ([prompt, tensor("guidance_scale", np.array([5.0]), "FP64")], "guidance_scale"),
+        ([prompt, tensor("seed", np.array([[1]], np.int64), "INT64")], "seed"),
+        ([prompt, tensor("steps", np.array([4], np.int32), "INT32")], "steps"),
+    ]
+    try:
+        for inputs, name in cases:
+            with pytest.raises(Exception) as err:
+                client.infer("digits", inputs)
+            assert name in str(err.value), str(err.value)
+        image, seed = _ask("http", server.endpoints, "digits", dict(prompt="a handwritten 1", seed=4, num_inference_steps=5))
+        assert_same_image(image, references["digits"].exact(dict(prompt="a handwritten 1", seed=4, num_inference_steps=5)),
+                          "after the refusals")
+    finally:
+        client.close()
 
 
 def test_matches_samg_generate_with_the_same_flags(two_model_server, digits_export, tmp_path):
@@ -403,6 +446,9 @@ def test_kill_mid_load_then_restart(triton, digits_export, tmp_path):
             assert_same_image(image, reference.exact(r), str(r))
     finally:
         restarted.stop()
+    # what serving added (the copied export's verified-stamp, model.py's bytecode) is samg's to replace
+    done = _samg(digits_export, "--repository-only", "--copy-export", "--out", tmp_path / "repo", "--quiet")
+    assert done.returncode == 0, done.stderr
 
 
 @pytest.mark.slow

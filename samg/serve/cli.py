@@ -120,11 +120,20 @@ def _entry(args: argparse.Namespace):
 def _write_only(args: argparse.Namespace) -> int:
     from samg.serve.repository import MODEL_NAME, write_repository
 
+    from samg.serve.install import TritonNotFound, find_tritonserver
+    from samg.serve.server import manual_command
+
     out = write_repository(args.out, args.export_dir, models=(_entry(args),), backend=args.backend, device=args.device,
                            copy_export=args.copy_export or args.kserve, kserve=args.kserve)
     if not args.quiet:
-        print(f"samg serve: wrote the Triton model repository {out} (model {MODEL_NAME!r}); run it with\n"
-              f"  tritonserver --model-repository {out.resolve()}", file=sys.stderr)
+        try:
+            install = find_tritonserver()
+        except TritonNotFound:
+            install = None
+        print(f"samg serve: wrote the Triton model repository {out} (model {MODEL_NAME!r}); serve it with\n"
+              f"  {manual_command(install, out)}\n"
+              "(NVIDIA's container: tritonserver --model-repository with samg installed, docs/serving.md)",
+              file=sys.stderr)
     return 0
 
 

@@ -185,12 +185,15 @@ def repository_files(folder: Path) -> set[str]:
     if not isinstance(marker, dict) or marker.get("format") != REPOSITORY_FORMAT:
         return set()
     files = {f for f in (marker.get("files") if isinstance(marker.get("files"), list) else []) if isinstance(f, str)}
-    # A copied export gets its verified-stamp when the server first reads it (samg.contract).
+    # What serving adds to samg's files: a copied export's verified-stamp (samg.contract) and the
+    # bytecode Python caches for model.py.
     from samg.contract import VERIFIED_STAMP
 
-    stamps = {f"{f.split(f'/{COPIED_EXPORT_DIR}/')[0]}/{COPIED_EXPORT_DIR}/{VERIFIED_STAMP}"
-              for f in files if f"/{COPIED_EXPORT_DIR}/" in f}
-    return {REPOSITORY_MARKER} | files | stamps
+    made = {f"{f.split(f'/{COPIED_EXPORT_DIR}/')[0]}/{COPIED_EXPORT_DIR}/{VERIFIED_STAMP}"
+            for f in files if f"/{COPIED_EXPORT_DIR}/" in f}
+    present = {p.relative_to(folder).as_posix() for p in Path(folder).glob(f"*/{VERSION}/__pycache__/model.*.pyc")}
+    made |= {p for p in present if f"{p.split('/')[0]}/{VERSION}/model.py" in files}
+    return {REPOSITORY_MARKER} | files | made
 
 
 def check_repository_out(out: Path) -> None:

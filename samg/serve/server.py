@@ -122,6 +122,23 @@ def server_command(install: TritonInstall, repositories: Sequence[Path], endpoin
     ]
 
 
+def manual_command(install: TritonInstall | None, repository: Path) -> str:
+    """A shell line that serves `repository` with `install` by hand (what TritonServer runs, less
+    samg's ports and log handling); plain `tritonserver --model-repository` when none is known."""
+    import shlex
+
+    repository = Path(repository).resolve()
+    if install is None or install.source == "PATH":
+        return f"tritonserver --model-repository {shlex.quote(str(repository))}"
+    line = shlex.join([str(install.binary), f"--model-repository={repository}", f"--backend-directory={install.backend_dir}"])
+    libdir = sysconfig.get_config_var("LIBDIR")
+    if libdir:
+        line = f"LD_LIBRARY_PATH={shlex.quote(libdir)} {line}"
+    if install.stub_site is not None:
+        line = f"cd {shlex.quote(str(install.stub_site))} && {line}"
+    return line
+
+
 def is_error_line(line: str) -> bool:
     """A tritonserver log line worth showing: an error (E...) or a failed model, not the CPU-only noise."""
     text = line.strip()

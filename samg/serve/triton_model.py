@@ -75,9 +75,9 @@ def check_backend_arrays(pb_utils: Any) -> None:
 class _Metrics:
     """samg's own metrics beside Triton's, updated from pipe.stats() by a background thread."""
 
-    def __init__(self, pb_utils: Any, pipe: Any, labels: dict[str, str]):
+    def __init__(self, pb_utils: Any, stats: Any, labels: dict[str, str]):
         fam = pb_utils.MetricFamily
-        self._pipe, self._labels = pipe, labels
+        self._stats, self._labels = stats, labels
         self._families = {
             "queue": fam("samg_queue_depth", "Requests submitted and waiting for a worker", fam.GAUGE),
             "in_flight": fam("samg_requests_in_flight", "Requests being encoded, sampled or decoded", fam.GAUGE),
@@ -88,9 +88,11 @@ class _Metrics:
                            fam.GAUGE),
             "done": fam("samg_requests_done_total", "Requests answered with an image", fam.COUNTER),
             "failed": fam("samg_requests_failed_total", "Requests that failed while generating", fam.COUNTER),
+            "rejected": fam("samg_requests_rejected_total", "Requests refused as bad (the error names the input)",
+                            fam.COUNTER),
         }
         self._gauges = {k: self._families[k].Metric(labels=labels) for k in ("queue", "in_flight", "waiting")}
-        self._counters = {k: self._families[k].Metric(labels=labels) for k in ("done", "failed")}
+        self._counters = {k: self._families[k].Metric(labels=labels) for k in ("done", "failed", "rejected")}
         self._latency = {q: self._families["latency"].Metric(labels={**labels, "stat": q})
                          for q in ("mean", "p50", "p90", "max")}
         self._calls: dict[int, Any] = {}
@@ -106,12 +108,13 @@ class _Metrics:
             self._seen[key] = total
 
     def update(self) -> None:
-        stats = self._pipe.stats()
+        stats = self._stats()
         self._gauges["queue"].set(stats.get("queue_depth", 0))
         self._gauges["in_flight"].set(stats.get("in_flight", 0))
         self._gauges["waiting"].set(stats.get("waiting_steps", 0))
         self._add("done", self._counters["done"], stats.get("requests_done", 0))
         self._add("failed", self._counters["failed"], stats.get("requests_failed", 0))
+        self._add("rejected", self._counters["rejected"], stats.get("requests_rejected", 0))
         for size, calls in (stats.get("batch_sizes") or {}).items():
             if size not in self._calls:
                 self._calls[size] = self._families["calls"].Metric(labels={**self._labels, "batch_size": str(size)})
@@ -153,10 +156,12 @@ class TritonPythonModel:
                          max_batch_size=settings["max_batch_size"])
         self.output = image_output_name(self.pipe.export.latent.is_video)
         self._send_lock = threading.Lock()
+        self._rejected = 0  # bad requests answered with an error (counted under _send_lock)
         self.logger = pb_utils.Logger
         self.metrics = None
         try:
-            self.metrics = _Metrics(pb_utils, self.pipe, {"model": args["model_name"], "version": str(args["model_version"])})
+            self.metrics = _Metrics(pb_utils, self.stats, {"model": args["model_name"],
+                                                           "version": str(args["model_version"])})
         except Exception as exc:  # a backend without custom metrics still serves
             self.logger.log_warn(f"samg: custom metrics unavailable: {exc}")
 
@@ -174,8 +179,18 @@ class TritonPythonModel:
         rows = parse_request(self._inputs(request), batched=self.batched)
         return [self.pipe.submit(output_type="np", **row) for row in rows]
 
-    def _error(self, exc: BaseException) -> Any:
+    def stats(self) -> dict[str, Any]:
+        """pipe.stats() and the bad requests this model refused."""
+        with self._send_lock:
+            rejected = self._rejected
+        return {**self.pipe.stats(), "requests_rejected": rejected}
+
+    def _error(self, exc: BaseException, *, rejected: bool = False) -> Any:
+        """The error response for `exc`; `rejected`: raised while checking the request."""
         if isinstance(exc, SamgError):
+            if rejected:
+                with self._send_lock:
+                    self._rejected += 1
             return self.pb.InferenceResponse(error=self.pb.TritonError(str(exc), self.pb.TritonError.INVALID_ARG))
         self.logger.log_error("samg: " + "".join(traceback.format_exception(exc)))
         return self.pb.InferenceResponse(error=self.pb.TritonError(f"internal error: {exc!r}"))
@@ -204,13 +219,13 @@ class TritonPythonModel:
                     pending.append(self._submit(request))
                 except BaseException as exc:
                     pending.append(exc)
-            return [self._error(p) if isinstance(p, BaseException) else self._answer(p) for p in pending]
+            return [self._error(p, rejected=True) if isinstance(p, BaseException) else self._answer(p) for p in pending]
         for request in requests:
             sender = request.get_response_sender()
             try:
                 futures = self._submit(request)
             except BaseException as exc:
-                self._send(sender, self._error(exc))
+                self._send(sender, self._error(exc, rejected=True))
                 continue
             future = futures[0]  # unbatched: one row
             future.add_done_callback(lambda f, sender=sender: self._send(sender, self._answer([f])))
