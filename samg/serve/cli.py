@@ -172,9 +172,8 @@ def _serve(args: argparse.Namespace) -> int:
         except ServerFailed as exc:
             keep_work = True
             raise SamgError(f"{exc}: fix the cause above and run samg serve again") from None
-        host = endpoints.client_host() if args.host in ("0.0.0.0", "::", "") else args.host
-        print(f"samg serve: model {MODEL_NAME!r} ready: HTTP http://{host}:{args.http_port}/v2/models/{MODEL_NAME}/infer"
-              f", gRPC {host}:{args.grpc_port}, metrics http://{host}:{args.metrics_port}/metrics"
+        print(f"samg serve: model {MODEL_NAME!r} ready: HTTP http://{endpoints.http}/v2/models/{MODEL_NAME}/infer"
+              f", gRPC {endpoints.grpc}, metrics {endpoints.metrics_url}"
               f"{' (on every interface)' if args.host in ('0.0.0.0', '::') else ''}; Ctrl-C stops it",
               file=sys.stderr, flush=True)
         code = server.process.wait()

@@ -126,7 +126,7 @@ def kserve_yaml(*, name: str = MODEL_NAME, max_batch_size: int = DEFAULT_MAX_BAT
 #     and upload that folder to object storage; put its address in storageUri below.
 #  2. Build an image of NVIDIA's tritonserver with samg installed and put it in `image` below:
 #       FROM {TRITON_CONTAINER}
-#       RUN pip install "samg[runtime]"      # onnxruntime-gpu instead of onnxruntime on GPUs
+#       RUN pip install "samg[runtime]" "numpy<2"   # the backend stub needs numpy 1.x; onnxruntime-gpu on GPUs
 #  3. kubectl apply -f kserve.yaml
 # Each replica runs one engine that batches up to {max_batch_size} concurrent requests' denoiser steps;
 # KServe adds replicas when the concurrency per replica passes scaleTarget (no batching across replicas).

@@ -69,19 +69,21 @@ class Endpoints:
 
     @property
     def http(self) -> str:
-        return f"{self.host}:{self.http_port}"
+        return f"{self.client_host()}:{self.http_port}"
 
     @property
     def grpc(self) -> str:
-        return f"{self.host}:{self.grpc_port}"
+        return f"{self.client_host()}:{self.grpc_port}"
 
     @property
     def metrics_url(self) -> str:
-        return f"http://{self.host}:{self.metrics_port}/metrics"
+        return f"http://{self.client_host()}:{self.metrics_port}/metrics"
 
     def client_host(self) -> str:
-        """The address a local client connects to (a wildcard bind is reached through loopback)."""
-        return "127.0.0.1" if self.host in ("0.0.0.0", "") else ("::1" if self.host == "::" else self.host)
+        """The address a local client connects to: a wildcard bind is reached through loopback, an
+        IPv6 address in brackets (host:port)."""
+        host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
+        return f"[{host}]" if ":" in host else host
 
 
 def free_port(host: str = DEFAULT_HOST) -> int:
@@ -196,7 +198,7 @@ class TritonServer:
         return self.process is not None and self.process.poll() is None
 
     def ready(self) -> bool:
-        url = f"http://{self.endpoints.client_host()}:{self.endpoints.http_port}/v2/health/ready"
+        url = f"http://{self.endpoints.http}/v2/health/ready"
         try:
             with urllib.request.urlopen(url, timeout=2) as response:
                 return response.status == 200
