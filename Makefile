@@ -40,11 +40,12 @@ $(STAMPS)/native: $(STAMPS)/installed scripts/build_native.sh $(NATIVE_SOURCES)
 	@touch $@
 
 # NVIDIA's tritonserver for the serving tests (tests/test_serve_triton.py): `samg serve
-# --install-triton` unpacks it from the nvidia-pytriton wheel into samg's cache (idempotent).
+# --install-triton` unpacks it from the nvidia-pytriton wheel into samg's cache (idempotent). Where
+# it cannot (no wheel for this Python), those tests skip saying why, and the next run tries again.
 $(STAMPS)/tritonserver: $(STAMPS)/installed samg/serve/install.py
 	@mkdir -p $(STAMPS)
-	$(PYTHON) -m samg serve --install-triton --quiet
-	@touch $@
+	@if $(PYTHON) -m samg serve --install-triton --quiet; then touch $@; \
+	else echo "tritonserver not installed: tests/test_serve_triton.py will skip its server tests"; fi
 
 clean-stamps:
 	rm -rf $(STAMPS)
