@@ -13,7 +13,6 @@ server's Python backend runs numpy 1.26 (samg.serve.install), whose float math m
 this process's in the last bits (measured: latents within 4e-6, images within one level).
 """
 
-import json
 import os
 import signal
 import subprocess
