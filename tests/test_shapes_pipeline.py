@@ -12,6 +12,7 @@ from samg.bundled import shapes as S
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("onnxruntime")
+import samg.bundled.positional_unet  # noqa: E402,F401  (the UNet class model_index.json names)
 
 if not (SAMG_SHAPES_DIR / "model_index.json").is_file():
     pytest.skip("the bundled samg-shapes model is missing: python scripts/train_shapes.py", allow_module_level=True)
