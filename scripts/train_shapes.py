@@ -81,6 +81,11 @@ def build_models(tokenizer):
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         block_out_channels=(32, 64, 64), layers_per_block=1, cross_attention_dim=64, attention_head_dim=8,
         norm_num_groups=16,
+        # diffusers' "text" addition embedding: the prompt, attention-pooled, joins the timestep
+        # embedding that modulates every ResNet block, a global path beside cross-attention (with the
+        # coordinates, "place it where x < -1/3" is a per-channel gate). Cross-attention alone had
+        # not bound position words after 1500 steps.
+        addition_embed_type="text", addition_embed_type_num_heads=8,
     )
     return text_encoder, vae, unet
 

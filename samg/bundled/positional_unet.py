@@ -47,8 +47,8 @@ class CoordinateConvIn(torch.nn.Module):
     def __init__(self, conv: torch.nn.Conv2d):
         super().__init__()
         self.conv = conv
+        # PyTorch's default init: the coordinates enter at about the scale of conv_in's own output
         self.project = torch.nn.Conv2d(2 + 4 * len(FREQUENCIES), conv.out_channels, kernel_size=1, bias=False)
-        torch.nn.init.normal_(self.project.weight, std=0.02)
 
     def forward(self, sample: torch.Tensor) -> torch.Tensor:
         coords = coordinate_features(sample.shape[-2], sample.shape[-1], sample.dtype, sample.device)
