@@ -14,6 +14,11 @@ thread-safe). A request's result does not depend on what it was batched with: bi
 ONNX Runtime on CPU (measured; GPU kernels may round a larger batch differently in the last bits),
 docs/architecture.md, "Serving API and continuous batching".
 
+Backpressure: at most `max_queue` requests wait for a worker; past that a submission fails at once
+with PipelineBusy ("busy: ..."), which a server answers as "unavailable, retry". A request may
+carry `is_cancelled` (a callable, e.g. a server's client-gone check): it is asked before the
+request starts and before each of its steps, and stops it with RequestCancelled.
+
 Keyword names and errors are the API's: a bad `guidance_scale=` is reported as `guidance_scale=`,
 not as the CLI's `--scale`; `api_wording` is the one place that maps the CLI's wording.
 """
@@ -25,20 +30,20 @@ import re
 import secrets
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from samg.contract import Export
+from samg.contract import ENGINES_DIR, Export
 from samg.errors import SamgError, require
 from samg.guidance.registry import DEFAULT_GUIDANCE_SCALE, RULES, SPATIAL_RULES
 from samg.rng import SEED_LIMIT
 from samg.runtime import samplers
-from samg.runtime.batching import DEFAULT_MAX_WAIT_S, BatchingEngine
+from samg.runtime.batching import DEFAULT_MAX_WAIT_S, LATENTS_INPUT, BatchingEngine, RequestCancelled
 from samg.runtime.denoiser import SCFG_RULE
 from samg.runtime.pipeline import DEFAULT_STEPS, MAX_IMAGES_PER_CALL, Pipeline, Request
 
@@ -47,6 +52,11 @@ OUTPUT_TYPES = ("pil", "np", "latent")
 # their prompts or decode their latents.
 WORKERS_PER_BATCH_SLOT = 2
 MAX_WAIT_MS_LIMIT = 1000.0  # a longer wait would only slow every request down
+# Requests that may wait for a worker before submissions are refused (PipelineBusy): a backlog
+# beyond this only grows every request's latency; clients should retry or go to another replica.
+DEFAULT_MAX_QUEUE = 64
+# close() waits this long for the requests already submitted; those still running then fail.
+DEFAULT_CLOSE_TIMEOUT_S = 600.0
 
 # The CLI flags Pipeline.plan and the rules name in their errors -> the API's keywords.
 CLI_FLAG_KEYWORDS = {
@@ -82,13 +92,17 @@ def api_wording(message: str) -> str:
     return _FLAG.sub(keyword, message)
 
 
+class PipelineBusy(SamgError):
+    """max_queue requests already wait for a worker: retry later (a server answers "unavailable")."""
+
+
 @contextmanager
 def _api_errors(prefix: str = "") -> Iterator[None]:
     """SamgErrors raised inside, reworded for the API (and prefixed, e.g. with the prompt's index)."""
     try:
         yield
-    except SamgError as exc:
-        raise SamgError(prefix + api_wording(str(exc))) from None
+    except SamgError as exc:  # of the same class: a caller may tell PipelineBusy or RequestCancelled apart
+        raise type(exc)(prefix + api_wording(str(exc))) from None
 
 
 @dataclass
@@ -128,6 +142,7 @@ class _Job:
     noise: np.ndarray | None  # the checked latents= argument; None: drawn from the seed by the worker
     output_type: str
     submitted: float  # time.perf_counter()
+    is_cancelled: Callable[[], bool] | None = None
 
 
 def _text(name: str, value: Any, *, optional: bool = False) -> Any:
@@ -146,18 +161,21 @@ class SamgPipeline:
     request runs in a worker thread with its own sampler and guidance state (APG's momentum
     included); its denoiser steps share graph calls with the other requests in flight, up to
     `max_batch_size` images per call, and it gives what it gives alone (same seed, same result;
-    see the module docstring on exactness)."""
+    see the module docstring on exactness). At most `max_queue` requests wait for a worker
+    (PipelineBusy beyond)."""
 
     def __init__(self, pipeline: Pipeline, *, max_batch_size: int = 8, max_wait_s: float = DEFAULT_MAX_WAIT_S,
-                 max_concurrent_requests: int | None = None):
+                 max_concurrent_requests: int | None = None, max_queue: int = DEFAULT_MAX_QUEUE):
         self.pipeline = pipeline
         self.engine = BatchingEngine(pipeline.runners["denoiser"], max_batch_size=max_batch_size, max_wait_s=max_wait_s)
         workers = max_concurrent_requests or WORKERS_PER_BATCH_SLOT * max_batch_size
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="samg-request")
         self._encode_lock, self._decode_lock = threading.Lock(), threading.Lock()
-        self._lock = threading.Lock()  # guards the counters and _closed
+        self.max_queue = int(max_queue)
+        self._lock = threading.Lock()  # guards the counters, _pending and _closed
         self._closed = False
-        self._queued = self._in_flight = self._done = self._failed = 0
+        self._pending: set[Future] = set()  # submitted, not finished: what close() waits for
+        self._queued = self._in_flight = self._done = self._failed = self._cancelled = 0
 
     @property
     def export(self) -> Export:
@@ -211,7 +229,7 @@ class SamgPipeline:
         if total > MAX_IMAGES_PER_CALL:
             raise SamgError(f"this call asks for {total} images, above the limit of {MAX_IMAGES_PER_CALL} per call: "
                             "split the prompts over several calls")
-        futures = [self._start(job) for job in jobs]  # all submitted before any is awaited: one batch
+        futures = self._start(jobs)  # all submitted (or none) before any is awaited: one batch
         bar = None
         if progress:
             from tqdm import tqdm
@@ -237,19 +255,40 @@ class SamgPipeline:
 
     def submit(self, prompt: str, **options: Any) -> "Future[SamgOutput]":
         """One request (the keywords of __call__, single values) without waiting: a Future of its
-        SamgOutput. Arguments are checked now (a SamgError raised here); failures while generating
-        (e.g. values going non-finite) are the Future's exception."""
-        unknown = sorted(set(options) - set(_REQUEST_KEYWORDS) - {"output_type", "latents"})
+        SamgOutput. Arguments are checked now (a SamgError raised here; PipelineBusy when max_queue
+        requests already wait); failures while generating (e.g. values going non-finite) are the
+        Future's exception. is_cancelled: a callable asked before the request starts and before
+        each step; once true, the request stops with RequestCancelled."""
+        return self.submit_many([{"prompt": prompt, **options}])[0]
+
+    def submit_many(self, requests: list[dict[str, Any]]) -> "list[Future[SamgOutput]]":
+        """Several requests (each a dict of submit's keywords, prompt included), all checked before
+        any starts: every one is submitted, or none is (a SamgError, "request[i]: ..." for the first
+        bad one)."""
+        jobs = []
+        for i, options in enumerate(requests):
+            with _api_errors(f"request[{i}]: " if len(requests) > 1 else ""):
+                jobs.append(self._submitted_job(**options))
+        return self._start(jobs)
+
+    def _submitted_job(self, prompt: Any = None, **options: Any) -> _Job:
+        unknown = sorted(set(options) - set(_REQUEST_KEYWORDS) - {"output_type", "latents", "is_cancelled"})
         if unknown:
             raise SamgError(f"unknown keyword {', '.join(unknown)}: submit takes prompt and "
-                            f"{', '.join(_REQUEST_KEYWORDS)}, output_type, latents")
+                            f"{', '.join(_REQUEST_KEYWORDS)}, output_type, latents, is_cancelled")
         text = self._prompts(prompt)
         if len(text) != 1:
             raise SamgError("submit takes one prompt: call submit once per prompt, or pipe([...]) for a list")
         for name, value in options.items():
             if isinstance(value, (list, tuple)):
                 raise SamgError(f"{name}= takes one value in submit (one request): call pipe([...]) for lists")
-        return self._start(self._job(text[0], **options))
+        is_cancelled = options.pop("is_cancelled", None)
+        if is_cancelled is not None and not callable(is_cancelled):
+            raise SamgError(f"is_cancelled= must be a callable returning True once the request should stop, got "
+                            f"{type(is_cancelled).__name__}")
+        job = self._job(text[0], **options)
+        job.is_cancelled = is_cancelled
+        return job
 
     # -- requests -------------------------------------------------------------------------------
     @staticmethod
@@ -332,18 +371,25 @@ class SamgPipeline:
             noise = None if latents is None else self.pipeline.initial_noise(request, latents)
         return _Job(request, noise, output_type, time.perf_counter())
 
-    def _start(self, job: _Job) -> "Future[SamgOutput]":
+    def _start(self, jobs: list[_Job]) -> "list[Future[SamgOutput]]":
+        """Submit every job or none (closed, or PipelineBusy past max_queue)."""
         with self._lock:
             if self._closed:
                 raise SamgError("this pipeline is closed: samg.load(...) it again to run more requests")
-            self._queued += 1
-            future = self._executor.submit(self._generate, job)
-        future.add_done_callback(self._forget_if_cancelled)
-        return future
+            if self._queued + len(jobs) > self.max_queue:
+                raise PipelineBusy(f"busy: {self._queued} requests already wait for a worker, {len(jobs)} more would "
+                                   f"pass max_queue={self.max_queue}: retry later, or load with a larger max_queue")
+            self._queued += len(jobs)
+            futures = [self._executor.submit(self._generate, job) for job in jobs]
+            self._pending.update(futures)
+        for future in futures:  # outside the lock: a finished future runs its callback at once
+            future.add_done_callback(self._forget)
+        return futures
 
-    def _forget_if_cancelled(self, future: Future) -> None:
-        if future.cancelled():
-            with self._lock:
+    def _forget(self, future: Future) -> None:
+        with self._lock:
+            self._pending.discard(future)
+            if future.cancelled():
                 self._queued -= 1
 
     def _generate(self, job: _Job) -> SamgOutput:
@@ -353,10 +399,13 @@ class SamgPipeline:
         try:
             with _api_errors():
                 out = self._run(job)
-        except BaseException:
+        except BaseException as exc:
             with self._lock:
                 self._in_flight -= 1
-                self._failed += 1
+                if isinstance(exc, RequestCancelled):
+                    self._cancelled += 1
+                else:
+                    self._failed += 1
             raise
         with self._lock:
             self._in_flight -= 1
@@ -368,8 +417,10 @@ class SamgPipeline:
         p, r = self.pipeline, job.request
         start = time.perf_counter()
         timings = {"queue": start - job.submitted}
+        if job.is_cancelled is not None and job.is_cancelled():
+            raise RequestCancelled("the request was cancelled (its client went away) before it started")
         # active from before encoding: requests submitted together take their first step together
-        with self.engine.request() as runner:
+        with self.engine.request(job.is_cancelled) as runner:
             with self._encode_lock:
                 cond = p.conditioning(r.prompt, r.negative_prompt, r.num_images)
             timings["encode"] = time.perf_counter() - start
@@ -403,19 +454,24 @@ class SamgPipeline:
         """The engine's metrics (batch_sizes {images per denoiser call: calls}, requests_per_call,
         denoiser_calls, waiting_steps, sampling, step_latency_s) and the requests':
         queue_depth (submitted, waiting for a worker), in_flight (being worked on), requests_done,
-        requests_failed."""
+        requests_failed, requests_cancelled."""
         stats = self.engine.stats()
         with self._lock:
             stats.update(queue_depth=self._queued, in_flight=self._in_flight, requests_done=self._done,
-                         requests_failed=self._failed)
+                         requests_failed=self._failed, requests_cancelled=self._cancelled)
         return stats
 
-    def close(self) -> None:
-        """Finish the requests already submitted, then release the workers (idempotent)."""
+    def close(self, timeout: float | None = DEFAULT_CLOSE_TIMEOUT_S) -> None:
+        """Refuse new requests and finish the ones already submitted, for up to `timeout` seconds
+        (None: no bound); requests still running then fail ("closed before this request
+        finished"). Then release the workers and the scheduler (idempotent)."""
         with self._lock:
             self._closed = True
-        self._executor.shutdown(wait=True)
-        self.engine.close()
+            pending = list(self._pending)
+        start = time.monotonic()
+        wait(pending, timeout)
+        self.engine.close(None if timeout is None else max(0.0, timeout - (time.monotonic() - start)))
+        self._executor.shutdown(wait=False)  # a request still queued fails at once: the engine is closed
 
     def __enter__(self) -> "SamgPipeline":
         return self
@@ -430,15 +486,29 @@ _REQUEST_KEYWORDS = ("negative_prompt", "guidance", "guidance_scale", "guidance_
                      "guidance_schedule", "karras")
 
 
+def engine_batch_limit(export_dir: str | Path) -> int | None:
+    """The most latents one call of the export's denoiser TensorRT engine takes (its build
+    record's `latents` profile), None when there is no engine (the runner names it missing)."""
+    from samg.contract import read_engine_record, read_export
+
+    export_dir = Path(export_dir)
+    engine = export_dir / ENGINES_DIR / f"{Path(read_export(export_dir, verify=False).denoiser.file).stem}.engine"
+    if not engine.is_file():
+        return None
+    profile = read_engine_record(engine).profiles.get(LATENTS_INPUT)
+    return None if profile is None else int(profile["max"][0])
+
+
 def load(export_dir: str | Path, backend: str = "onnxruntime", device: str = "cpu", max_batch_size: int = 8, *,
          max_wait_ms: float = DEFAULT_MAX_WAIT_S * 1000, max_concurrent_requests: int | None = None,
-         **runner_opts: Any) -> SamgPipeline:
+         max_queue: int = DEFAULT_MAX_QUEUE, **runner_opts: Any) -> SamgPipeline:
     """An export folder (written by `samg export`) loaded for serving (see SamgPipeline).
 
-    max_batch_size: the most images one denoiser call runs. max_wait_ms: how long a waiting step
-    waits for the other requests' steps before its call runs anyway (samg.runtime.batching).
-    max_concurrent_requests: worker threads (default 2 x max_batch_size). runner_opts go to the
-    backend (e.g. threads= for onnxruntime)."""
+    max_batch_size: the most images one denoiser call runs (with backend="tensorrt", at most the
+    engine profile's batch). max_wait_ms: how long a waiting step waits for the other requests'
+    steps before its call runs anyway (samg.runtime.batching). max_concurrent_requests: worker
+    threads (default 2 x max_batch_size). max_queue: requests that may wait for a worker before
+    submissions fail with PipelineBusy. runner_opts go to the backend (e.g. threads= for onnxruntime)."""
     if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, (int, np.integer)) \
             or not 1 <= max_batch_size <= MAX_IMAGES_PER_CALL:
         raise SamgError(f"max_batch_size= must be an integer in 1..{MAX_IMAGES_PER_CALL}, got {max_batch_size!r}: "
@@ -451,6 +521,14 @@ def load(export_dir: str | Path, backend: str = "onnxruntime", device: str = "cp
             max_concurrent_requests, (int, np.integer)) or max_concurrent_requests < 1):
         raise SamgError(f"max_concurrent_requests= must be a positive integer, got {max_concurrent_requests!r}: "
                         f"e.g. max_concurrent_requests={2 * int(max_batch_size)}")
+    if isinstance(max_queue, bool) or not isinstance(max_queue, (int, np.integer)) or max_queue < 0:
+        raise SamgError(f"max_queue= must be an integer >= 0, got {max_queue!r}: e.g. max_queue={DEFAULT_MAX_QUEUE}")
+    if backend == "tensorrt":  # a call above the engine's profile would fail every request in it, under load
+        limit = engine_batch_limit(export_dir)
+        if limit is not None and max_batch_size > limit:
+            raise SamgError(f"max_batch_size={max_batch_size} is above the {limit} latents the denoiser's TensorRT "
+                            f"engine takes (its profile): load with max_batch_size={limit}, or rebuild the engine "
+                            f"with `samg build DIR --dynamic --max batch={max_batch_size},...`")
     pipeline = Pipeline.load(export_dir, backend, device, **runner_opts)
     return SamgPipeline(pipeline, max_batch_size=int(max_batch_size), max_wait_s=max_wait_ms / 1000,
-                        max_concurrent_requests=max_concurrent_requests)
+                        max_concurrent_requests=max_concurrent_requests, max_queue=int(max_queue))

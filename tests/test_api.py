@@ -3,6 +3,8 @@ errors in the API's words, submit/close. Batching itself: tests/test_batching.py
 
 import subprocess
 import sys
+import threading
+import time
 from concurrent.futures import Future
 
 import numpy as np
@@ -180,7 +182,8 @@ def test_load_checks_its_arguments(digits_export):
     for kwargs, message in [(dict(max_batch_size=0), "max_batch_size= must be an integer in 1..64"),
                             (dict(max_batch_size=2.5), "max_batch_size= must be an integer"),
                             (dict(max_wait_ms=float("nan")), "max_wait_ms= must be a number of milliseconds"),
-                            (dict(max_concurrent_requests=0), "max_concurrent_requests= must be a positive integer")]:
+                            (dict(max_concurrent_requests=0), "max_concurrent_requests= must be a positive integer"),
+                            (dict(max_queue=-1), "max_queue= must be an integer >= 0")]:
         with pytest.raises(SamgError, match=message):
             samg.load(digits_export, **kwargs)
 
@@ -205,3 +208,87 @@ def test_load_checks_its_arguments(digits_export):
 ])
 def test_api_wording(cli, api):
     assert api_wording(cli) == api
+
+
+LONG_STEPS = 1000  # seconds of sampling on samg-digits: still running while the test acts on it
+
+
+def _wait_for(condition, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.002)
+
+
+def test_busy_past_max_queue_and_cancelled_requests_stop(digits_export):
+    """One worker, max_queue=1: a long request runs, one waits, the next is refused at once; the
+    long one stops at its next step once is_cancelled() is true, and the queued one then runs."""
+    import samg
+    from samg.api import PipelineBusy
+    from samg.runtime.batching import RequestCancelled
+
+    gone = threading.Event()
+    with samg.load(digits_export, max_concurrent_requests=1, max_queue=1) as pipe:
+        long = pipe.submit(prompt="a handwritten 1", num_inference_steps=LONG_STEPS, is_cancelled=gone.is_set,
+                           output_type="latent")
+        _wait_for(lambda: pipe.stats()["denoiser_calls"] >= 2, "the long request to sample")
+        queued = pipe.submit(prompt="a handwritten 2", num_inference_steps=STEPS, seed=3, output_type="latent")
+        with pytest.raises(PipelineBusy, match=r"^busy: 1 requests already wait for a worker, 1 more would pass "
+                                               r"max_queue=1: retry later"):
+            pipe.submit(prompt="a handwritten 3", num_inference_steps=STEPS)
+        with pytest.raises(PipelineBusy):  # a call's prompts go all together or not at all
+            pipe(["a handwritten 4", "a handwritten 5"], num_inference_steps=STEPS)
+        gone.set()
+        with pytest.raises(RequestCancelled, match="the request was cancelled"):
+            long.result(timeout=120)
+        assert queued.result(timeout=120).seeds == [3]
+        stats = pipe.stats()
+    assert stats["requests_cancelled"] == 1 and stats["requests_failed"] == 0 and stats["requests_done"] == 1
+    assert stats["denoiser_calls"] < LONG_STEPS  # it did not run to the end
+    # a request cancelled before a worker takes it never samples
+    with samg.load(digits_export) as pipe:
+        with pytest.raises(RequestCancelled, match="before it started"):
+            pipe.submit(prompt="a handwritten 6", is_cancelled=lambda: True).result(timeout=120)
+        assert pipe.stats()["denoiser_calls"] == 0
+
+
+def test_submit_many_checks_every_request_before_any_starts(digits):
+    pipe, _ = digits
+    before = pipe.stats()["requests_done"] + pipe.stats()["requests_failed"]
+    with pytest.raises(SamgError, match=r"^request\[1\]: num_inference_steps= must be an integer in 1\.\.1000"):
+        pipe.submit_many([dict(prompt="a handwritten 1", num_inference_steps=STEPS),
+                          dict(prompt="a handwritten 2", num_inference_steps=0)])
+    with pytest.raises(SamgError, match="is_cancelled= must be a callable"):
+        pipe.submit(prompt="a", is_cancelled=True)
+    time.sleep(0.2)
+    stats = pipe.stats()
+    assert stats["requests_done"] + stats["requests_failed"] == before and stats["in_flight"] == 0
+
+
+def test_tensorrt_max_batch_size_is_checked_against_the_engine_profile(digits_export, tmp_path):
+    """The engine's build record says its largest latents batch: a larger max_batch_size is refused
+    at load, before TensorRT is touched (no GPU needed), by samg.load and by samg serve."""
+    import hashlib
+    import shutil
+
+    import samg
+    from samg.contract import ENGINES_DIR, EngineRecord, write_engine_record
+
+    folder = tmp_path / "export"
+    shutil.copytree(digits_export, folder)
+    engine = folder / ENGINES_DIR / "denoiser.engine"
+    engine.parent.mkdir()
+    engine.write_bytes(b"not a real engine")
+    write_engine_record(engine, EngineRecord(
+        key="0123abcd", component="denoiser", onnx_sha256=("sha256:" + "0" * 64,), trt_flavour="tensorrt",
+        trt_version="10.9.0", compute_capability="sm_90", precision="fp16", combine="plugin",
+        profiles={"latents": {"min": (1, 4, 4, 4), "opt": (2, 4, 4, 4), "max": (4, 4, 4, 4)}},
+        inputs=("latents",), outputs=("guided",), plugins=(), engine_bytes=17,
+        engine_sha256="sha256:" + hashlib.sha256(b"not a real engine").hexdigest()))
+    with pytest.raises(SamgError, match=r"max_batch_size=8 is above the 4 latents the denoiser's TensorRT engine "
+                                        r"takes \(its profile\): load with max_batch_size=4"):
+        samg.load(folder, backend="tensorrt", device="cuda", max_batch_size=8)
+    done = subprocess.run([sys.executable, "-m", "samg", "serve", str(folder), "--backend", "tensorrt", "--device", "cuda",
+                           "--max-batch-size", "8"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--max-batch-size 8 is above the 4 latents" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1

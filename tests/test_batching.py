@@ -10,6 +10,7 @@ whose GEMM kernels block a larger batch differently may round differently in the
 
 import threading
 import time
+from contextlib import ExitStack
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("tokenizers")
 
 from samg.errors import SamgError  # noqa: E402
+from samg.runners.base import Runner  # noqa: E402
 
 # float32 rounding (~1e-7 relative per op) compounded over <= 12 steps stays far below this; a wrong
 # slice, layout or rule state moves latents by O(1).
@@ -28,6 +30,11 @@ TIE_EPS = 0.01
 # Tests that count shared calls wait generously for the other requests' steps: on a loaded CI
 # machine a thread may not run for longer than the default few ms, and a call would fire early.
 PATIENT_WAIT_MS = 500
+# The engine tests below hold every request's slot before any step, so each call fires only once
+# all of them wait (the policy: every active request has a step waiting); this max_wait is a bound
+# for a broken test, never reached when it works.
+HOLD_S = 60.0
+JOIN_S = 120  # a request thread of these tests finishes in seconds
 
 
 def alone(pipeline, prompt, *, rule, scale, w_min=None, steps, seed, sampler, num_images=1, height=None,
@@ -255,13 +262,18 @@ def test_many_threads_calling_at_once(digits):
         except BaseException as exc:  # reported below: a failure in a thread must fail the test
             errors.append(exc)
 
-    with samg.load(folder, max_batch_size=4) as pipe:
+    pipe = samg.load(folder, max_batch_size=4)
+    try:
         workers = [threading.Thread(target=client, args=(t, pipe)) for t in range(threads)]
         for w in workers:
             w.start()
+        deadline = time.monotonic() + 300
         for w in workers:
-            w.join(timeout=300)
+            w.join(timeout=max(0.0, deadline - time.monotonic()))
+        assert not any(w.is_alive() for w in workers), "a client hung"
         stats = pipe.stats()
+    finally:
+        pipe.close(timeout=30)  # bounded: a hung request fails instead of hanging the test
     assert not errors and len(results) == threads * per_thread
     assert max(stats["batch_sizes"]) <= 4
     assert stats["requests_done"] == threads * per_thread and stats["in_flight"] == 0 and stats["queue_depth"] == 0
@@ -269,3 +281,188 @@ def test_many_threads_calling_at_once(digits):
         want = alone(reference, f"a handwritten {t}", rule=rule, scale=4.0, steps=steps, seed=seeds[t, k],
                      sampler="euler")
         assert_images_match(images, want, reference)
+
+
+# -- the engine directly: layout, failures, close ----------------------------------------------------
+def test_combine_feeds_and_split_outputs_by_hand():
+    from samg.runtime.batching import _step, combine_feeds, split_outputs
+
+    def feeds(latent_rows, negative_rows, prompt_rows):
+        return {"latents": np.array(latent_rows, np.float32)[:, None],
+                "timestep": np.array(latent_rows, np.float32),
+                "encoder_hidden_states": np.array(negative_rows + prompt_rows, np.float32)[:, None, None]}
+
+    # request A: 2 images, request B: 1 image; conditioning labelled -k (negative) / +k (prompt)
+    a, b = _step(feeds([10, 11], [-1, -2], [1, 2])), _step(feeds([20], [-3], [3]))
+    call = combine_feeds([a, b])
+    assert call["latents"][:, 0].tolist() == [10, 11, 20] and call["timestep"].tolist() == [10, 11, 20]
+    assert call["encoder_hidden_states"].ravel().tolist() == [-1, -2, -3, 1, 2, 3]  # uncond-first for the call
+    out_a, out_b = split_outputs({"guided": np.array([[100], [101], [200]])}, [2, 1])
+    assert out_a["guided"].ravel().tolist() == [100, 101] and out_b["guided"].ravel().tolist() == [200]
+    with pytest.raises(RuntimeError, match=r"output 'guided' with shape \[2, 1\] for a call of 3 images"):
+        split_outputs({"guided": np.array([[100], [101]])}, [2, 1])
+    with pytest.raises(RuntimeError, match="returned float32, not a dict of outputs"):
+        split_outputs(np.float32(0), [2, 1])
+
+
+class SpoiledCall(Runner):
+    """The real denoiser runner; call number `on_call` (1-based) gives `spoil(its real outputs)`."""
+
+    def __init__(self, runner, on_call: int, spoil):
+        self.runner, self.on_call, self.spoil = runner, on_call, spoil
+        self.input_names, self.output_names = runner.input_names, runner.output_names
+        self.calls = 0
+
+    def run(self, feeds):
+        outputs = self.runner.run(feeds)
+        self.calls += 1
+        return self.spoil(outputs) if self.calls == self.on_call else outputs
+
+
+def _raise(outputs):
+    raise RuntimeError("injected fault")
+
+
+SPOILS = {  # spoiled output -> the words every request of that call fails with
+    "raises": (_raise, "the batched denoiser call failed: RuntimeError: injected fault"),
+    "truncated": (lambda outputs: {k: v[:-1] for k, v in outputs.items()}, "returned output 'guided' with shape [5, "),
+    "scalar": (lambda outputs: np.float32(0), "returned float32, not a dict of outputs"),
+}
+
+
+def run_held_together(pipeline, engine, cases, steps):
+    """Each case (prompt, negative, images, seed, rule, scale) sampled through its own request of
+    `engine`, all slots taken before any step: every call holds one step of each. Returns final
+    latents or the exception, per case."""
+    results = [None] * len(cases)
+
+    def sample(i, runner):
+        prompt, negative, images, seed, rule, scale = cases[i]
+        try:
+            r = pipeline.plan(prompt, negative, guidance=rule, scale=scale, steps=steps, seed=seed, num_images=images,
+                              sampler="euler", output="latents")
+            results[i] = pipeline.sample(pipeline.conditioning(r.prompt, r.negative_prompt, r.num_images),
+                                         pipeline.initial_noise(r), guidance=r.guidance, sampler=r.sampler,
+                                         steps=r.steps, rng=np.random.default_rng(r.seed), runner=runner)
+        except Exception as exc:  # noqa: BLE001 -- the test checks which
+            results[i] = exc
+
+    with ExitStack() as stack:
+        runners = [stack.enter_context(engine.request()) for _ in cases]
+        threads = [threading.Thread(target=sample, args=(i, r)) for i, r in enumerate(runners)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(JOIN_S)
+        assert not any(t.is_alive() for t in threads)
+    return results
+
+
+# prompt, negative prompt, images, seed, rule, scale: several images each, every negative different
+HELD = [("a handwritten 3", "a handwritten 8", 2, 71, "samg", 6.0), ("a handwritten 5", "", 1, 72, "cfg", 3.0),
+        ("a handwritten 0", "a handwritten 6", 3, 73, "samg", 4.0)]
+
+
+@pytest.mark.parametrize("guidance", ["fused", "scfg"])
+def test_requests_held_together_share_every_call_and_match_alone(digits, tiny_export, guidance):
+    """Multi-image requests with different negatives in ONE call each step (made certain, not left
+    to the OS); each equals Pipeline.__call__ alone. S-CFG graphs hold 2B-row attention inside."""
+    from samg.runtime.batching import BatchingEngine
+    from samg.runtime.pipeline import Pipeline
+
+    reference = digits[1] if guidance == "fused" else Pipeline.load(tiny_export("digits", "scfg"))
+    cases = HELD if guidance == "fused" else [c[:4] + ("scfg", c[5]) for c in HELD]
+    steps = 4
+    engine = BatchingEngine(reference.runners["denoiser"], max_batch_size=8, max_wait_s=HOLD_S)
+    try:
+        results = run_held_together(reference, engine, cases, steps)
+        stats = engine.stats()
+    finally:
+        engine.close(timeout=10)
+    assert stats["requests_per_call"] == {3: steps} and stats["batch_sizes"] == {6: steps}
+    for (prompt, negative, images, seed, rule, scale), got in zip(cases, results):
+        assert isinstance(got, np.ndarray), got
+        assert_latents_match(got, alone(reference, prompt, rule=rule, scale=scale, steps=steps, seed=seed,
+                                        sampler="euler", num_images=images, negative=negative))
+
+
+@pytest.mark.parametrize("spoil", list(SPOILS))
+def test_a_failed_shared_call_fails_every_request_in_it_and_the_engine_goes_on(digits, spoil):
+    from samg.runtime.batching import BatchingEngine
+
+    _, reference = digits
+    spoil_fn, words = SPOILS[spoil]
+    runner = SpoiledCall(reference.runners["denoiser"], on_call=2, spoil=spoil_fn)
+    engine = BatchingEngine(runner, max_batch_size=8, max_wait_s=HOLD_S)
+    try:
+        failed = run_held_together(reference, engine, HELD, steps=4)
+        # the scheduler lives on: a request after the failed call runs normally
+        after, = run_held_together(reference, engine, HELD[1:2], steps=4)
+    finally:
+        start = time.monotonic()
+        engine.close(timeout=10)
+        assert time.monotonic() - start < 10
+    for exc in failed:
+        assert isinstance(exc, RuntimeError) and words in str(exc), exc
+    assert engine.stats()["requests_per_call"] == {3: 2, 1: 4}  # the failed call was the last of the three
+    prompt, negative, images, seed, rule, scale = HELD[1]
+    assert_latents_match(after, alone(reference, prompt, rule=rule, scale=scale, steps=4, seed=seed, sampler="euler",
+                                      num_images=images, negative=negative))
+
+
+def test_close_is_bounded_and_fails_the_steps_still_to_run(digits):
+    from samg.runtime.batching import BatchingEngine
+
+    _, reference = digits
+    engine = BatchingEngine(reference.runners["denoiser"], max_batch_size=8, max_wait_s=HOLD_S)
+    r = reference.plan("a handwritten 1", steps=2, output="latents")
+    feeds = {"latents": reference.initial_noise(r), "timestep": np.array([999.0], np.float32),
+             "guidance_scales": np.array([[2.0, 4.0]], np.float32),
+             **reference.conditioning(r.prompt, r.negative_prompt, 1)}
+    outcome = []
+    with engine.request() as runner, engine.request():  # the second never steps: the first's step waits
+        waiter = threading.Thread(target=lambda: outcome.append(_try(runner.run, feeds)))
+        waiter.start()
+        deadline = time.monotonic() + JOIN_S
+        while engine.stats()["waiting_steps"] < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        start = time.monotonic()
+        engine.close(timeout=0.5)
+        assert time.monotonic() - start < 5
+        waiter.join(JOIN_S)
+        assert isinstance(outcome[0], SamgError) and "closed before this request finished" in str(outcome[0])
+        with pytest.raises(SamgError, match="closed before this request finished"):
+            runner.run(feeds)
+    with pytest.raises(SamgError, match="this pipeline is closed"):
+        with engine.request():
+            pass
+
+
+def _try(fn, *args):
+    try:
+        return fn(*args)
+    except Exception as exc:  # noqa: BLE001 -- returned for the test to check
+        return exc
+
+
+def test_a_spoiled_call_through_samg_load_fails_its_requests_and_close_returns(digits):
+    from samg.api import SamgPipeline
+    from samg.runtime.pipeline import Pipeline
+
+    folder, reference = digits
+    served = Pipeline.load(folder)
+    served.runners["denoiser"] = SpoiledCall(served.runners["denoiser"], on_call=1, spoil=SPOILS["truncated"][0])
+    pipe = SamgPipeline(served, max_batch_size=8)
+    try:
+        with pytest.raises(RuntimeError, match=r"returned output 'guided' with shape \[1, "):
+            pipe("a handwritten 4", num_images_per_prompt=2, num_inference_steps=3, seed=5, output_type="latent")
+        out = pipe("a handwritten 4", num_inference_steps=3, seed=5, guidance="cfg", guidance_scale=3.0,
+                   output_type="latent")
+    finally:
+        start = time.monotonic()
+        pipe.close(timeout=10)
+        assert time.monotonic() - start < 10
+    assert_latents_match(out.images, alone(reference, "a handwritten 4", rule="cfg", scale=3.0, steps=3, seed=5,
+                                           sampler="euler"))
+    assert pipe.stats()["requests_failed"] == 1 and pipe.stats()["requests_done"] == 1

@@ -30,7 +30,10 @@ front (`check_fits`), not split: it would wait alone anyway and splitting buys n
 
 Failures: a request whose values go non-finite raises SamgError in its own thread (the samplers
 check every step) and leaves; the others go on. An error of a combined call itself (the runner
-failing) reaches every request in that call.
+raising, or returning outputs without one row per image) reaches every request in that call, and
+the scheduler goes on with the next. Should the scheduler thread itself ever stop, every waiting
+and later step fails with the reason instead of waiting forever. `close(timeout)` is bounded: steps
+of requests still running after it fail ("closed before this request finished").
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ import time
 from collections import Counter, deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -53,6 +56,13 @@ from samg.runners.base import Runner
 DEFAULT_MAX_WAIT_S = 0.005
 LATENCY_WINDOW = 1000  # the most recent call latencies kept for stats()
 LATENTS_INPUT = "latents"  # the denoiser input whose rows are the step's images (the contract's name)
+# After close()'s wait, how long the scheduler thread may take to notice the stop (a runner call
+# that never returns is abandoned: the thread is a daemon).
+STOP_JOIN_S = 5.0
+
+
+class RequestCancelled(SamgError):
+    """The request's is_cancelled() turned true (its client went away): it stopped before its next step."""
 
 
 @dataclass(eq=False)
@@ -97,16 +107,35 @@ def combine_feeds(steps: list[_Step]) -> dict[str, Any]:
     return out
 
 
+def split_outputs(outputs: Any, images: list[int]) -> list[dict[str, Any]]:
+    """Each step's rows of one call's outputs ([sum(images), ...] each); RuntimeError naming the
+    output when the runner did not return one row per image (sliced anyway, a short output would
+    hand the last requests short or empty results)."""
+    total = sum(images)
+    if not isinstance(outputs, dict):
+        raise RuntimeError(f"the denoiser runner returned {type(outputs).__name__}, not a dict of outputs")
+    for name, value in outputs.items():
+        shape = list(getattr(value, "shape", None) or [])
+        if shape[:1] != [total]:
+            raise RuntimeError(f"the denoiser runner returned output {name!r} with shape {shape} for a call of "
+                               f"{total} images: one row per image expected")
+    ends = np.cumsum(images)
+    return [{name: value[end - n:end] for name, value in outputs.items()} for n, end in zip(images, ends)]
+
+
 class RequestRunner:
     """The Runner one request's GuidedDenoiser calls: each `run` is one step, batched with the
-    waiting steps of the other requests."""
+    waiting steps of the other requests. `is_cancelled` (a callable) is asked before every step."""
 
-    def __init__(self, engine: "BatchingEngine"):
+    def __init__(self, engine: "BatchingEngine", is_cancelled: Callable[[], bool] | None = None):
         self._engine = engine
+        self._is_cancelled = is_cancelled
         self.input_names = list(engine.runner.input_names)
         self.output_names = list(engine.runner.output_names)
 
     def run(self, feeds: dict[str, Any]) -> dict[str, Any]:
+        if self._is_cancelled is not None and self._is_cancelled():
+            raise RequestCancelled("the request was cancelled (its client went away)")
         return self._engine.run_step(feeds)
 
 
@@ -123,6 +152,8 @@ class BatchingEngine:
         self._active = 0  # requests inside request()
         self._free_since = time.monotonic()  # when the scheduler last finished a call
         self._closed = False
+        self._stopped: str | None = None  # why the scheduler stopped: every step fails with it
+        self._running: list[_Step] = []  # the steps of the call in progress
         # metrics, read by stats()
         self._batch_sizes: Counter[int] = Counter()  # images per call -> calls
         self._requests_per_call: Counter[int] = Counter()
@@ -138,14 +169,17 @@ class BatchingEngine:
                             f"at most {self.max_batch_size} images per request, or load with a larger max_batch_size")
 
     @contextmanager
-    def request(self) -> Iterator[RequestRunner]:
-        """Register one generation for its sampling loop; its steps go through the runner yielded."""
+    def request(self, is_cancelled: Callable[[], bool] | None = None) -> Iterator[RequestRunner]:
+        """Register one generation for its sampling loop; its steps go through the runner yielded
+        (RequestCancelled before a step once `is_cancelled()` is true)."""
         with self._cond:
             if self._closed:
                 raise SamgError("this pipeline is closed: load it again to run more requests")
+            if self._stopped is not None:
+                raise SamgError(self._stopped)
             self._active += 1
         try:
-            yield RequestRunner(self)
+            yield RequestRunner(self, is_cancelled)
         finally:
             with self._cond:
                 self._active -= 1
@@ -156,14 +190,16 @@ class BatchingEngine:
         step = _step(feeds)
         self.check_fits(step.images)
         with self._cond:
+            if self._stopped is not None:
+                raise SamgError(self._stopped)
             self._waiting.append(step)
             self._cond.notify_all()
-        step.done.wait()
+        step.done.wait()  # set by the call that runs it, or by _stop
         if step.error is not None:  # a fresh exception per request: one object raised in several threads would share a traceback
             err = step.error
             if isinstance(err, SamgError):
-                raise SamgError(str(err)) from err
-            raise RuntimeError(f"the batched denoiser call failed: {err!r}") from err
+                raise type(err)(str(err)) from err
+            raise RuntimeError(f"the batched denoiser call failed: {type(err).__name__}: {err}") from err
         assert step.outputs is not None
         return step.outputs
 
@@ -189,37 +225,56 @@ class BatchingEngine:
         return call
 
     def _serve(self) -> None:
-        while True:
-            with self._cond:
-                call = self._take_call()
-                while call is None:
-                    if self._closed and not self._active and not self._waiting:
-                        return
-                    timeout = max(0.0, self._deadline() - time.monotonic()) if self._waiting else None
-                    self._cond.wait(timeout)
+        reason = "the batching engine stopped: load the pipeline again"
+        try:
+            while True:
+                with self._cond:
                     call = self._take_call()
-            self._run_call(call)
+                    while call is None:
+                        if self._stopped is not None or (self._closed and not self._active and not self._waiting):
+                            return
+                        timeout = max(0.0, self._deadline() - time.monotonic()) if self._waiting else None
+                        self._cond.wait(timeout)
+                        call = self._take_call()
+                    self._running = call
+                self._run_call(call)
+        except BaseException as exc:  # a bug of the engine itself: named to every request, never a silent hang
+            reason = f"the batching engine stopped on an internal error ({type(exc).__name__}: {exc}): load the pipeline again"
+            raise
+        finally:
+            self._stop(reason)
 
     def _run_call(self, call: list[_Step]) -> None:
+        """One denoiser call for `call`'s steps; each step gets its rows, or the call's error."""
         start = time.perf_counter()
         try:
-            outputs, error = self.runner.run(combine_feeds(call)), None
+            results = [(out, None) for out in split_outputs(self.runner.run(combine_feeds(call)),
+                                                              [s.images for s in call])]
         except BaseException as exc:  # handed to the requests of this call; the scheduler goes on
-            outputs, error = None, exc
+            results = [(None, exc)] * len(call)
         latency = time.perf_counter() - start
         with self._cond:
             self._free_since = time.monotonic()
             self._batch_sizes[sum(s.images for s in call)] += 1
             self._requests_per_call[len(call)] += 1
             self._latencies.append(latency)
-        row = 0
-        for s in call:
-            if outputs is None:
-                s.error = error
-            else:
-                s.outputs = {name: value[row:row + s.images] for name, value in outputs.items()}
-            row += s.images
-            s.done.set()
+            self._running = []
+            for s, (outputs, error) in zip(call, results):
+                if not s.done.is_set():  # not failed by _stop meanwhile
+                    s.outputs, s.error = outputs, error
+                    s.done.set()
+
+    def _stop(self, reason: str) -> None:
+        """From now on every step fails with `reason`: those waiting, the call in progress, later ones."""
+        with self._cond:
+            if self._stopped is None:
+                self._stopped = reason
+            for s in self._waiting + self._running:
+                if not s.done.is_set():
+                    s.error = SamgError(self._stopped)
+                    s.done.set()
+            self._waiting = []
+            self._cond.notify_all()
 
     # -- metrics and shutdown -------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -243,8 +298,13 @@ class BatchingEngine:
         return stats
 
     def close(self, timeout: float | None = None) -> None:
-        """Refuse new requests, let the active ones finish, stop the scheduler thread."""
+        """Refuse new requests, let the active ones finish (for up to `timeout` seconds; None: no
+        bound), then stop the scheduler thread. Steps still to run after the timeout fail with
+        "closed before this request finished"."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
         self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._stop("the pipeline was closed before this request finished")
+            self._thread.join(STOP_JOIN_S)
