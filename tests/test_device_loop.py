@@ -553,3 +553,194 @@ def test_graph_replays_equal_the_eager_loop_for_two_scale_settings(sampler, fuse
         results.append(replayed)
     assert loop.captures == 1  # the second setting replayed the first capture
     assert (results[0] - results[1]).abs().max() > 0.05  # and the scales did change the result
+
+
+# ----------------------------------------------- GPU runners asked for on a machine whose torch has no CUDA
+
+
+@pytest.mark.skipif(CUDA, reason="checks a CPU build of torch")
+def test_onnxruntime_on_cuda_with_a_cpu_torch_keeps_the_loop_on_numpy(digits):
+    """`--backend onnxruntime --device cuda` with a CPU torch (this project's own install: onnxruntime-gpu
+    beside a CPU torch) runs its loop on numpy, as before the device loop; asking for device tensors
+    there is one line."""
+    from samg.runners.onnxruntime import OrtRunner
+
+    pipes, cond, noise = digits
+    pipe = pipes["fused"]
+    graph = pipe.export_dir / "denoiser.onnx"
+    # device "cuda" with the CPU EP named: the runner asks for CUDA, this torch cannot place tensors there
+    runner = OrtRunner(graph, device="cuda", providers=["CPUExecutionProvider"])
+    assert runner.tensor_device is None
+    guidance = Guidance("samg", 2.0, 6.0)
+    den = _denoiser(runner, guidance, pipe.make_schedule(guidance, "euler", STEPS, False), cond,
+                    combine=pipe.export.combine)
+    assert den.place(noise) is noise  # no torch.empty(device="cuda"): it raised "Torch not compiled with CUDA"
+    with pytest.raises(SamgError) as refused:
+        OrtRunner(graph, device="cuda", providers=["CPUExecutionProvider"], device_tensors=True)
+    assert "\n" not in str(refused.value)
+    assert str(refused.value).startswith("device_tensors=True on CUDA needs torch with CUDA")
+
+
+@pytest.mark.skipif(CUDA, reason="checks a CPU build of torch")
+def test_tensorrt_runner_options_are_one_line_errors(digits):
+    """Options the TensorRT runner does not take, and device tensors without a CUDA torch, are refused
+    in one line through Pipeline.load (before any engine or GPU is touched)."""
+    from samg.runners.tensorrt import TensorRTRunner
+    from samg.runtime.pipeline import Pipeline
+
+    folder = digits[0]["fused"].export_dir
+    with pytest.raises(SamgError, match=r"^the TensorRT backend takes no option 'dtype': drop it"):
+        Pipeline.load(folder, "tensorrt", "cuda", dtype="float16")
+    with pytest.raises(SamgError, match=r"^device_tensors=True needs torch with CUDA .*: install a CUDA build"):
+        Pipeline.load(folder, "tensorrt", "cuda", device_tensors=True)
+    runner = TensorRTRunner.__new__(TensorRTRunner)  # what tensor_device reads (an engine needs a GPU)
+    runner.device_tensors = None
+    assert runner.tensor_device is None  # the default: tensors only where torch has CUDA
+
+
+# ------------------------------------------------------------ the whole-loop CUDA graph as a pipeline option
+
+
+def _stand_in_pipeline(runner, *, fused: bool):
+    """A Pipeline over a stand-in runner: what Pipeline.sample reads of an export (scheduler, combine,
+    prediction type) without an export folder (the GPU machine has no exporter)."""
+    from types import SimpleNamespace
+
+    from samg.runtime.pipeline import Pipeline
+
+    export = SimpleNamespace(scheduler=SD, combine=contract.GuidanceCombineAttrs() if fused else None,
+                             host_rule_attrs=contract.GuidanceCombineAttrs(), latent=None,
+                             prediction_type="epsilon")
+    return Pipeline(None, export, {"denoiser": runner}, [])
+
+
+def test_cuda_graph_is_refused_in_one_line_where_it_cannot_run(digits, tmp_path):
+    import subprocess
+    import sys
+
+    pipes, cond, noise = digits
+    fused, raw = pipes["fused"], pipes["raw"]
+    on_the_cpu = "--cuda-graph needs the torch backend on a CUDA device: pass --backend torch --device cuda, " \
+                 "or drop --cuda-graph"
+    with pytest.raises(SamgError) as refused:
+        fused("a handwritten 4", steps=2, cuda_graph=True)  # the torch backend, on the CPU
+    assert str(refused.value) == on_the_cpu
+    with pytest.raises(SamgError) as refused:
+        fused.sample(cond, noise, guidance=Guidance("samg", 2.0, 6.0), sampler="euler", steps=2, cuda_graph=True)
+    assert str(refused.value) == on_the_cpu
+    with pytest.raises(SamgError, match=r"^--cuda-graph runs the deterministic samplers \(euler, ddim, flow_euler, "
+                                        r"dpmpp_2m\), not 'euler_a': pass --sampler euler, or drop --cuda-graph$"):
+        fused.check_cuda_graph(Guidance("samg", 2.0, 6.0), "euler_a", capturable=True)
+    with pytest.raises(SamgError, match=r"^guidance 'cfgpp' reads host values during a step, so --cuda-graph"):
+        raw.check_cuda_graph(Guidance("cfgpp", 0.5, 0.5), "euler", capturable=True)
+    raw.check_cuda_graph(Guidance("apg", 4.0, 4.0), "dpmpp_2m", capturable=True)  # capturable: no error
+
+    out = tmp_path / "x.png"
+    result = subprocess.run([sys.executable, "-m", "samg", "generate", str(fused.export_dir), "--prompt", "a 4",
+                             "--cuda-graph", "--quiet", "--out", str(out)], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2 and result.stderr.strip() == f"samg generate: error: {on_the_cpu}"
+    assert not out.exists()
+
+
+class _Diverging:
+    """A runner passed through whose guided output is scaled up from one timestep down (the latents
+    blow up) and is NaN from a later one, to see which failure a loop names."""
+
+    def __init__(self, runner, *, tensor_device, huge_below: float, nan_below: float):
+        self.runner, self.tensor_device = runner, tensor_device
+        self.input_names, self.output_names = runner.input_names, runner.output_names
+        self.huge_below, self.nan_below = huge_below, nan_below
+
+    def run(self, feeds):
+        outs = dict(self.runner.run(feeds))
+        t = float(feeds["timestep"][0])
+        factor = float("nan") if t < self.nan_below else 1e7 if t < self.huge_below else 1.0
+        outs["guided"] = outs["guided"] * factor
+        return outs
+
+
+def test_a_blow_up_before_a_nan_is_named_alike_on_the_host_and_on_tensors(digits):
+    """The host loop stops at the blow-up; a loop on tensors reads both checks after its end and must
+    name the same (earlier) step, not the later NaN."""
+    pipes, cond, noise = digits
+    pipe = pipes["fused"]
+    guidance = Guidance("samg", 2.0, 6.0)
+    schedule = pipe.make_schedule(guidance, "euler", STEPS, False)
+    timesteps = [schedule.timestep_for(float(s)) for s in schedule.sigmas[:-1]]
+    huge_below, nan_below = (timesteps[2] + timesteps[3]) / 2, (timesteps[5] + timesteps[6]) / 2  # steps 4 and 7
+    messages = {}
+    for where in (None, "cpu"):
+        runner = _Diverging(pipe.runners["denoiser"], tensor_device=where, huge_below=huge_below, nan_below=nan_below)
+        with pytest.raises(SamgError) as failed:
+            pipe.sample(cond, noise, guidance=guidance, sampler="euler", steps=STEPS, runner=runner)
+        messages[where] = str(failed.value)
+    assert messages[None].startswith("latents reached |x| = ") and f"after step 4/{STEPS}," in messages[None]
+    assert messages["cpu"] == messages[None]
+
+    # the buffered loop (what a CUDA graph captures) finishes its checks the same way
+    runner = _Diverging(pipe.runners["denoiser"], tensor_device="cpu", huge_below=huge_below, nan_below=nan_below)
+    den = _denoiser(runner, guidance, schedule, cond, combine=pipe.export.combine)
+    x = torch.from_numpy(noise * np.float32(schedule.init_noise_sigma))
+    with pytest.raises(SamgError, match=rf"after step 4/{STEPS}, beyond the sane bound"):
+        GraphLoop(den, "euler", x, bound=1e3).eager()
+
+
+@pytest.mark.skipif(CUDA, reason="where CUDA works the kernels may compile")
+def test_the_ops_cuda_kernel_falls_back_to_the_reference_once_where_it_cannot_be_had(tmp_path):
+    """The op's CUDA kernel function, where its kernels cannot be compiled (here: no CuPy, or CuPy
+    without a usable GPU or driver, and CUDA_PATH/CUDA_HOME pointing at a folder without headers),
+    computes the reference rule and says so once on stderr, without a traceback; the failure is kept."""
+    import os
+    import subprocess
+    import sys
+
+    from samg.build.loader import gpu_compute_capability
+
+    if gpu_compute_capability() is not None:
+        pytest.skip("a CUDA driver sees a GPU here: the kernels might compile and launch on CPU memory")
+    script = (
+        "import torch\n"
+        "from samg.op import torch_op\n"
+        "from samg.guidance import samg_v1\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "u, c = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)\n"
+        "scales = torch.tensor([[2.0, 6.0], [3.0, 3.0]])\n"
+        "calls = [torch_op._cuda_combine(u, c, scales, 1.0, 4.0, 3, 1) for _ in range(2)]\n"
+        "expected = samg_v1(u, c, scales[:, 0], scales[:, 1], tau=1.0, sharpness=4.0, smooth=3)\n"
+        "print(all(torch.equal(out, expected) for out in calls), torch_op.cuda_kernel_problem(0) is not None)\n"
+    )
+    no_headers = tmp_path / "cuda"
+    (no_headers / "include").mkdir(parents=True)
+    env = {**os.environ, "CUDA_PATH": str(no_headers), "CUDA_HOME": str(no_headers), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["True", "True"]
+    notes = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(notes) == 1, notes  # said once for two calls and the question after them
+    assert notes[0].startswith("samg: samg::guidance_combine runs the reference rule on cuda:0, not its CUDA kernel (")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("fused", [True, False])
+def test_pipeline_cuda_graph_equals_the_loop_without_it_and_replays_for_new_values(fused):
+    runner = _stand_in_runner(fused=fused, device="cuda", dtype="float32")
+    pipe = _stand_in_pipeline(runner, fused=fused)
+    rule = "samg" if fused else "apg"
+    settings = [(Guidance(rule, 2.0, 6.0) if fused else Guidance(rule, 4.0, 4.0), 1, 4),
+                (Guidance(rule, 1.5, 9.0) if fused else Guidance(rule, 7.0, 7.0), 7, 5)]
+    results = []
+    for guidance, cond_seed, noise_seed in settings:
+        cond = _stand_in_conditioning(2, seed=cond_seed)
+        noise = np.random.default_rng(noise_seed).standard_normal((2, 4, 16, 16)).astype(np.float32)
+        options = dict(guidance=guidance, sampler="dpmpp_2m", steps=6)
+        plain = pipe.sample(cond, noise, **options)
+        graphed = pipe.sample(cond, noise, cuda_graph=True, **options)
+        assert isinstance(graphed, np.ndarray) and graphed.dtype == np.float32
+        # the same kernels; the combine's energy sums are float32 atomics (any order)
+        np.testing.assert_allclose(graphed, plain, rtol=1e-4, atol=1e-4 * float(np.abs(plain).max()))
+        results.append(graphed)
+    (loop,) = pipe.graph_loops.loops.values()
+    assert loop.captures == 1  # the second request replayed the first one's capture
+    assert np.abs(results[0] - results[1]).max() > 0.05

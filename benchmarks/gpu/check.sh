@@ -6,7 +6,8 @@
 #
 # Stages, each printed as one line "STAGE <n> <name>: PASS|FAIL|SKIP - <reason>"; a failure never
 # stops the run:
-#   1 pytest-gpu   python -m pytest -m gpu (every test marked gpu)
+#   1 pytest-gpu   benchmarks/gpu/pytest_gpu.py: python -m pytest -m gpu over the test files that hold
+#                  GPU tests, and the kernels' NVRTC compile tests (tests/test_tensorrt_nvrtc.py)
 #   2 kernel       benchmarks/gpu/kernel_check.py: the GuidanceCombine CUDA kernel against the
 #                  reference (fp32/fp16/bf16; SDXL batch 1/2/8, SD3, video; CFG, zero delta, NaN)
 #                  and its time against a device-to-device copy of the same bytes
@@ -15,7 +16,8 @@
 #                  end to end at 1024x1024, 30 steps
 # Without a CUDA device every stage is a SKIP that says so, and the run still exits 0.
 #
-# Results: $OUT/gpu_check.json (the summary and every stage's details) and $OUT/gpu_check.log
+# Results: $OUT/gpu_check.json (the summary, the versions of the GPU, driver, CUDA, torch, CuPy, NVRTC,
+# diffusers, ..., and every stage's details) and $OUT/gpu_check.log
 # (everything printed); OUT defaults to benchmarks/gpu/out. Nothing here uses the network.
 # Carried wheels (benchmarks/gpu/prepare_carry.sh puts them in benchmarks/gpu/.carry/whl) are
 # installed into a scratch folder first, each only when its module is not found already.
@@ -30,7 +32,7 @@ while [[ $# -gt 0 ]]; do
   case "$1" in
     --budget) BUDGET="$2"; shift 2 ;;
     --budget=*) BUDGET="${1#*=}"; shift ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
     *) echo "check.sh: unknown argument $1 (use --budget SECONDS)" >&2; exit 2 ;;
   esac
 done
@@ -96,6 +98,48 @@ PY
 GPU="${GPU:-no CUDA: the probe printed nothing (see $LOG)}"
 say "check.sh: ${GPU#ok }"
 
+# -- versions the results table cites: GPU, driver, CUDA, torch, CuPy, NVRTC, diffusers, ... -------
+VERSIONS="$WORK/versions.json"
+"$PY" - "$VERSIONS" <<'PY' 2>>"$LOG" || echo '{}' >"$VERSIONS"
+import importlib.metadata, json, platform, subprocess, sys
+
+versions = {"python": platform.python_version()}
+for dist in ("numpy", "torch", "diffusers", "transformers", "huggingface-hub", "safetensors", "onnxruntime",
+             "onnxruntime-gpu", "tensorrt-rtx-cu13", "nvidia-cuda-nvrtc", "nvidia-cuda-runtime"):
+    try:
+        versions[dist] = importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        pass  # not installed: absent from the record
+try:
+    smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                         capture_output=True, text=True, timeout=20)
+    if smi.returncode == 0 and smi.stdout.strip():
+        name, driver = [part.strip() for part in smi.stdout.splitlines()[0].split(",", 1)]
+        versions.update(gpu=name, driver=driver)
+except (OSError, subprocess.SubprocessError, ValueError):
+    pass
+try:
+    import torch
+
+    versions["torch_cuda"] = torch.version.cuda
+    if torch.cuda.is_available():
+        versions.setdefault("gpu", torch.cuda.get_device_name(0))
+        versions["cudnn"] = torch.backends.cudnn.version()
+except Exception as exc:  # noqa: BLE001 - a record, not a check
+    versions["torch_error"] = f"{type(exc).__name__}: {exc}"[:200]
+try:
+    import cupy
+
+    versions["cupy"] = cupy.__version__
+    versions["nvrtc"] = ".".join(map(str, cupy.cuda.nvrtc.getVersion()))
+    versions["cuda_runtime"] = cupy.cuda.runtime.runtimeGetVersion()
+    versions["cuda_driver_api"] = cupy.cuda.runtime.driverGetVersion()  # the CUDA version the driver supports
+except Exception as exc:  # noqa: BLE001 - no CuPy, or no driver: what was read is kept
+    versions.setdefault("cupy_error", f"{type(exc).__name__}: {exc}"[:200])
+json.dump(versions, open(sys.argv[1], "w"), default=str)
+PY
+say "check.sh: versions $(cat "$VERSIONS")"
+
 # -- stages ---------------------------------------------------------------------------------------
 declare -a NAMES=()
 write_stage() {  # write_stage NAME STATUS REASON: a stage's JSON when the stage wrote none itself
@@ -147,6 +191,10 @@ run_stage 3 sdxl-e2e 400 "$PY" "$HERE/sdxl_e2e.py"
 "$PY" - "$WORK" "$SUMMARY" "$GPU" "$BUDGET" "$(( $(date +%s) - T0 ))" "${NAMES[@]}" <<'PY' 2>>"$LOG" || say "check.sh: could not write $SUMMARY"
 import json, os, platform, sys, time
 work, summary, gpu, budget, took, names = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), sys.argv[6:]
+try:
+    versions = json.load(open(os.path.join(work, "versions.json")))
+except (OSError, ValueError) as exc:
+    versions = {"error": f"unreadable versions record: {exc}"}
 stages = {}
 for name in names:
     try:
@@ -154,7 +202,7 @@ for name in names:
     except (OSError, ValueError) as exc:
         stages[name] = {"status": "FAIL", "reason": f"unreadable stage result: {exc}"}
 result = {"generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "host": platform.node(),
-          "gpu": gpu.removeprefix("ok "), "budget_seconds": budget, "seconds": took,
+          "gpu": gpu.removeprefix("ok "), "versions": versions, "budget_seconds": budget, "seconds": took,
           "status": {name: stages[name].get("status") for name in names}, "stages": stages}
 temp = summary + ".tmp"
 with open(temp, "w") as f:

@@ -5,8 +5,9 @@
 #
 # The lent H200's image (python 3.12, torch 2.11+cu130, CuPy 14, nvidia-cuda-nvrtc/-runtime wheels,
 # ml-dtypes, transformers, huggingface-hub, safetensors, pillow, regex, pytest) has no diffusers;
-# diffusers' only other missing requirement there is importlib_metadata. TensorRT is not carried:
-# TensorRT-RTX does not run on compute capability 9.0, and its library alone is over 64 MiB.
+# diffusers' metadata also names importlib_metadata, which it imports only on Python < 3.8
+# (diffusers/utils/import_utils.py), so it is not carried. TensorRT is not carried: TensorRT-RTX
+# does not run on compute capability 9.0, and its library alone is over 64 MiB.
 #
 #   bash benchmarks/gpu/prepare_carry.sh
 set -euo pipefail
@@ -19,7 +20,9 @@ mkdir -p "$WHEELS"
 
 # The versions this project is tested with (what `pip install -e ".[all]"` put here).
 version() { "$PY" -c "import importlib.metadata as m; print(m.version('$1'))"; }
-WANTED=("diffusers==$(version diffusers)" "importlib_metadata==$(version importlib_metadata)")
+WANTED=("diffusers==$(version diffusers)")
+# wheels this script carried before and no longer does (a stale one would be installed on the GPU host)
+rm -f "$WHEELS"/importlib_metadata-*.whl
 for requirement in "${WANTED[@]}"; do
   name="${requirement%%==*}"
   rm -f "$WHEELS/$name"-*.whl  # one version of each: two would stop the install there

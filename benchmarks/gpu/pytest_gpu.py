@@ -1,6 +1,13 @@
-"""Stage 1 of benchmarks/gpu/check.sh: `python -m pytest -m gpu`, summarized into $STAGE_JSON.
+"""Stage 1 of benchmarks/gpu/check.sh: the GPU tests and the kernels' NVRTC compile tests,
+summarized into $STAGE_JSON.
 
-PASS: the run succeeded and at least one test ran; SKIP: every selected test skipped (their reasons
+Two pytest runs over named files (collecting the whole suite would import every test module on an
+image this project never ran on, where one ImportError would stop the stage before any GPU test):
+  gpu    python -m pytest -m gpu GPU_TEST_FILES
+  nvrtc  python -m pytest NVRTC_TEST_FILES   (no GPU needed, but libnvrtc, which the GPU host has)
+both with --continue-on-collection-errors, so a module that does not import costs only its own tests.
+
+PASS: both runs succeeded and at least one test ran; SKIP: every selected test skipped (their reasons
 are listed); FAIL otherwise, naming the first failure. Every case's outcome is in the JSON.
 """
 
@@ -17,6 +24,10 @@ from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+# The test files holding tests marked gpu, and the kernels' compile tests that need libnvrtc only.
+GPU_TEST_FILES = ("tests/test_device_loop.py", "tests/test_native_cuda.py", "tests/test_tensorrt_gpu.py")
+NVRTC_TEST_FILES = ("tests/test_tensorrt_nvrtc.py",)
+RUNS = {"gpu": ["-m", "gpu", *GPU_TEST_FILES], "nvrtc": list(NVRTC_TEST_FILES)}
 
 
 def cases_of(junit: Path) -> list[dict]:
@@ -47,27 +58,45 @@ def verdict(returncode, cases: list[dict]) -> tuple[str, str]:
     return "FAIL", f"pytest exit status {returncode}; {tally}{where}"
 
 
+def combined_returncode(returncodes: list) -> int | str:
+    """One pytest exit status for several runs: the first failing one ("timeout" included), else 0
+    when any run ran tests, else 5 (no tests collected)."""
+    failing = [code for code in returncodes if code not in (0, 5)]
+    if failing:
+        return failing[0]
+    return 0 if 0 in returncodes else 5
+
+
 def main() -> dict:
     deadline = float(os.environ.get("STAGE_DEADLINE", time.time() + 140))
+    started = time.time()
+    outputs, returncodes, cases, commands = [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
-        junit = Path(tmp) / "junit.xml"
-        command = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-rfEs",
-                   f"--junitxml={junit}"]
-        started = time.time()
-        try:
-            done = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
-                                  timeout=max(10.0, deadline - time.time()))
-            output, returncode = done.stdout + done.stderr, done.returncode
-        except subprocess.TimeoutExpired as exc:
-            output = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-            returncode = "timeout"
-        print(output[-20000:])
-        cases = cases_of(junit) if junit.is_file() else []
+        for name, selection in RUNS.items():
+            junit = Path(tmp) / f"junit-{name}.xml"
+            command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEs",
+                       "--continue-on-collection-errors", f"--junitxml={junit}", *selection]
+            commands.append(" ".join(command[1:]))
+            try:
+                done = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
+                                      timeout=max(10.0, deadline - time.time()))
+                output, returncode = done.stdout + done.stderr, done.returncode
+            except subprocess.TimeoutExpired as exc:
+                output = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+                returncode = "timeout"
+            print(f"---- pytest run {name}: exit status {returncode}\n{output[-20000:]}")
+            outputs.append(output)
+            returncodes.append(returncode)
+            cases += [{**case, "run": name} for case in (cases_of(junit) if junit.is_file() else [])]
+            if returncode == "timeout":
+                break
+    returncode = combined_returncode(returncodes)
     status, reason = verdict(returncode, cases)
     if returncode == "timeout":
         status, reason = "FAIL", f"pytest timed out; {reason}"
-    return {"status": status, "reason": reason, "command": " ".join(command[1:]), "returncode": returncode,
-            "seconds": round(time.time() - started, 1), "cases": cases, "tail": output[-3000:]}
+    tail = "\n".join(output[-1500:] for output in outputs)
+    return {"status": status, "reason": reason, "commands": commands, "returncodes": returncodes,
+            "seconds": round(time.time() - started, 1), "cases": cases, "tail": tail}
 
 
 if __name__ == "__main__":

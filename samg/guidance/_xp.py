@@ -260,8 +260,10 @@ class _TorchOps:
         if is_torch(array):
             return array.to(like.device)
         host = np.asarray(array)
-        if not host.flags.writeable or not host.flags.c_contiguous:  # from_numpy shares (and warns on) read-only memory
-            host = np.ascontiguousarray(host).copy()
+        if not host.flags.c_contiguous:
+            host = np.ascontiguousarray(host)  # a new, writeable array
+        elif not host.flags.writeable:  # from_numpy shares (and warns on) read-only memory
+            host = host.copy()
         tensor = self.torch.from_numpy(host)
         if like.device.type == "cuda":
             return tensor.pin_memory().to(like.device, non_blocking=True)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 import warnings
 from typing import Any
 
@@ -62,28 +63,44 @@ def _export_function():
     return GUIDANCE_COMBINE.export_function(_reference)
 
 
-@functools.cache
-def _cuda_launcher() -> Any:
-    """The compiled CUDA kernels (samg.build.plugin's CuPy launcher), or None where they cannot be
-    had (no CuPy, no CUDA headers): the CUDA op then runs the reference rule on the GPU, said once."""
-    from samg.errors import SamgError
+# device index -> why the op's CUDA kernels could not be had there (absent: they are, or not asked yet)
+_KERNEL_PROBLEMS: dict[int, str] = {}
 
+
+@functools.cache
+def _cuda_launcher(device_index: int = 0) -> Any:
+    """The compiled CUDA kernels for one GPU (samg.build.plugin's CuPy launcher, compiled and loaded
+    on that device), or None where they cannot be had: no CuPy, no CUDA headers, no libnvrtc, an
+    NVRTC compile error, no usable device. The CUDA op then runs the reference rule on the GPU, said
+    once on stderr. Cached either way: a failed compile is not retried on every call (nor inside a
+    CUDA-graph capture, which it would break)."""
     try:
         from samg.build import plugin
 
-        return plugin.shared_launcher()
-    except (SamgError, ImportError) as exc:
-        warnings.warn(f"samg::guidance_combine runs the reference rule on the GPU, not the CUDA kernel: {exc}",
-                      RuntimeWarning, stacklevel=3)
+        cp = require("cupy", "for the CUDA kernel of samg::guidance_combine (pip install cupy-cuda13x, or cupy-cuda12x "
+                            "on CUDA 12)")
+        with cp.cuda.Device(device_index):  # the launcher's module is loaded on the current device
+            return plugin.shared_launcher()
+    except Exception as exc:  # noqa: BLE001 - any failure to get the kernels means the reference runs instead
+        problem = " ".join(f"{type(exc).__name__}: {exc}".split())[:500]
+        _KERNEL_PROBLEMS[device_index] = problem
+        print(f"samg: samg::guidance_combine runs the reference rule on cuda:{device_index}, not its CUDA kernel "
+              f"({problem})", file=sys.stderr)
         return None
+
+
+def cuda_kernel_problem(device_index: int = 0) -> str | None:
+    """Why the op's CUDA kernels cannot run on GPU `device_index` (trying to get them once), or
+    None when they can."""
+    return None if _cuda_launcher(device_index) is not None else _KERNEL_PROBLEMS.get(device_index, "unknown")
 
 
 def _cuda_combine(u, c, scales, tau, sharpness, smooth, channel_axis):
     """The op's CUDA kernel: guidance_combine.cu's kernels on torch's current stream, so the launch
     orders with the surrounding torch work and is captured by a CUDA graph (compile it before a
-    capture: the first call compiles)."""
+    capture: the first call on a GPU compiles)."""
     torch = require("torch", "for guidance_combine")
-    launcher = _cuda_launcher()
+    launcher = _cuda_launcher(u.device.index or 0)
     if launcher is None:
         return _reference(u, c, scales, tau, sharpness, smooth, channel_axis)
     from samg.build.plugin import workspace_bytes

@@ -12,6 +12,7 @@ numpy feeds to the declared dtype within a kind (float32 latents to a float16 gr
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -89,6 +90,16 @@ class GraphRunner:
                                     f"{want} ({list(decl.dims)}): pass the shape the graph declares")
             checked[name] = value.astype(decl.dtype) if isinstance(value, np.ndarray) and dtype != decl.dtype else value
         return checked
+
+
+def torch_has_cuda() -> bool:
+    """Whether torch is installed and sees a CUDA GPU (a CPU build of torch has none): where a
+    runner on CUDA may keep the sampling loop in torch tensors. Imports torch only if installed."""
+    if importlib.util.find_spec("torch") is None:
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
 
 
 def _dtype_of(value) -> np.dtype:

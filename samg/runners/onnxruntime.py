@@ -4,13 +4,13 @@ Numpy feeds give numpy outputs (on CUDA: inputs copied in once, outputs allocate
 and read back). Torch tensor feeds are bound where they live, through IO binding on their memory
 (`data_ptr`), and the outputs are written into torch tensors allocated beside them, so a sampling
 loop on the GPU never passes through the host (`tensor_device`; on CUDA by default when torch is
-installed). The same binding works for CPU tensors on the CPU EP. torch is imported only for that
-(never for numpy feeds).
+installed with CUDA: a CPU build of torch keeps the loop on numpy). The same binding works for CPU
+tensors on the CPU EP. torch is imported only for that (never for numpy feeds). ONNX Runtime runs on
+its own stream, so each call waits for torch's work first: one synchronization per step.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -18,7 +18,7 @@ import numpy as np
 
 from samg.errors import SamgError, require
 from samg.guidance._xp import is_torch
-from samg.runners.base import GraphRunner, InputDecl
+from samg.runners.base import GraphRunner, InputDecl, torch_has_cuda
 
 # ONNX tensor type string -> numpy dtype of the graph's declared inputs.
 _ORT_TYPES = {
@@ -35,7 +35,8 @@ class OrtRunner(GraphRunner):
     def __init__(self, path: Path, device: str = "cpu", *, custom_op_library: str | None = None,
                  threads: int | None = None, providers: list | None = None, device_tensors: bool | None = None):
         """device_tensors: let the sampling loop hand this runner torch tensors on its device and get
-        tensors back (default: on CUDA when torch is installed; True on the CPU binds CPU tensors)."""
+        tensors back (default: on CUDA when torch is installed with CUDA; True on the CPU binds CPU
+        tensors, True on CUDA needs torch with CUDA)."""
         ort = require("onnxruntime", "to run exported models")
         path = Path(path)
         if not path.is_file():
@@ -77,14 +78,19 @@ class OrtRunner(GraphRunner):
         }
         self.output_names = [o.name for o in self.session.get_outputs()]
         self._ort = ort
-        if device_tensors is None:
-            device_tensors = device == "cuda" and importlib.util.find_spec("torch") is not None
-        self.device_tensors = bool(device_tensors)
+        if device_tensors and device == "cuda" and not torch_has_cuda():
+            raise SamgError("device_tensors=True on CUDA needs torch with CUDA (the sampling loop keeps torch "
+                            "tensors on the GPU), and this torch has none: install a CUDA build of torch, or drop "
+                            "device_tensors (the loop runs on numpy)")
+        self.device_tensors = device_tensors  # None: decided when the loop first asks (tensor_device)
 
     @property
     def tensor_device(self) -> str | None:
         """The device where the loop keeps its arrays as torch tensors for this runner (see the
-        module doc), None for numpy."""
+        module doc), None for numpy. The default is decided here, not when the runner is made, so
+        a CPU runner never imports torch."""
+        if self.device_tensors is None:
+            self.device_tensors = self.device == "cuda" and torch_has_cuda()
         return self.device if self.device_tensors else None
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

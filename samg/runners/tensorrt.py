@@ -5,10 +5,23 @@ plugin's kernels). Importing this module imports neither TensorRT nor the builde
 
     runner = TensorRTRunner("out/sdxl/engines/denoiser.engine", device="cuda")
     outputs = runner.run({"latents": ..., "timestep": ..., ...})          # numpy in, numpy out
-    outputs = runner.run_device({"latents": torch_cuda_tensor, ...})      # torch in, torch out
+    outputs = runner.run({"latents": torch_cuda_tensor, ...})             # torch in, torch out
+    outputs = runner.run_device({"latents": cupy_array, ...})             # CuPy in, CuPy out
+
+Torch CUDA tensors are bound where they live (DLPack) and the outputs come back as torch tensors on
+the GPU, so the sampling loop stays on the device (`tensor_device`, "cuda" where torch has CUDA; the
+loop then uploads the noise and conditioning once). Each call synchronizes its own stream before it
+returns (one synchronization per step): the outputs' memory is CuPy's, and torch cannot order its
+later reads and CuPy's reuse of that memory by itself.
 
 The engine is deserialized by polygraphy; running stays ours (polygraphy's TrtRunner has no CUDA
 graph replay and does not hand back device arrays).
+
+TODO(first RTX-class GPU): TensorRT-RTX >= 1.2 has built-in CUDA graphs (IRuntimeConfig, with
+dynamic shapes), a one-line switch that may replace `cuda_graph=True`'s own capture; and check
+whether engines built with REQUIRE_USER_ALLOCATION need `context.set_device_memory` or a
+`temporary_allocator` from the runner, which supplies neither today. Neither can be checked on a
+CPU or on an H200 (TensorRT-RTX does not run on compute capability 9.0).
 
 bfloat16 tensors: numpy has no bfloat16, so `run` takes and returns them as float32 (converted
 through ml_dtypes on the host); on the device they are 16-bit buffers (CuPy has no bfloat16 either),
@@ -25,7 +38,7 @@ import numpy as np
 
 from samg.contract import ENGINES_DIR, read_engine_record, verify_engine
 from samg.errors import SamgError, check, require
-from samg.runners.base import GraphRunner, InputDecl
+from samg.runners.base import GraphRunner, InputDecl, torch_has_cuda
 
 CUPY_PURPOSE = "to run TensorRT engines; on CUDA 12 hosts pip install cupy-cuda12x instead"
 # CuPy has no bfloat16: device buffers of bfloat16 tensors are int16 (the same two bytes).
@@ -62,21 +75,33 @@ def _is_torch_tensor(value: Any) -> bool:
     return torch is not None and isinstance(value, torch.Tensor)
 
 
+def _check_torch_cuda(asked: str) -> None:
+    check(torch_has_cuda(), f"{asked} needs torch with CUDA (the sampling loop keeps torch tensors on the GPU), and "
+                            "this torch has none: install a CUDA build of torch, or drop it (the loop runs on numpy)")
+
+
 class TensorRTRunner(GraphRunner):
-    """Runs one engine built by `samg build`: numpy in/out via `run`; CuPy arrays or torch CUDA
-    tensors via `run_device` (outputs as torch tensors when any input was one, else CuPy arrays).
+    """Runs one engine built by `samg build`: numpy in/out via `run` (torch CUDA tensors in, torch
+    tensors out); CuPy arrays or torch CUDA tensors via `run_device` (outputs as torch tensors when
+    any input was one, else CuPy arrays).
 
     The engine's build record is checked first (samg.contract.verify_engine: hash, TensorRT
     flavour/version, GPU), then that the flavour runs on this GPU, the GuidanceCombine plugin is
     registered (and its kernels compiled) when the engine holds it, then the engine is deserialized.
     `cuda_graph=True` captures one CUDA graph per input-shape signature and replays it (TensorRT-RTX
     engines must be built with `samg build --cuda-graph`). `gpu_capability`: this GPU's "sm_XY"
-    (default: asked from the CUDA driver).
+    (default: asked from the CUDA driver). `device_tensors`: the sampling loop hands this runner torch
+    CUDA tensors and gets tensors back (default: when torch has CUDA; False keeps the loop on numpy).
     """
 
     def __init__(self, path: str | Path, device: str = "cuda", *, cuda_graph: bool = False, device_id: int = 0,
-                 gpu_capability: str | None = None):
+                 gpu_capability: str | None = None, device_tensors: bool | None = None, **unknown):
+        check(not unknown, f"the TensorRT backend takes no option {', '.join(map(repr, unknown))}: drop it "
+                           "(its options: cuda_graph, device_id, gpu_capability, device_tensors)")
         check(device == "cuda", f"the TensorRT backend runs on the GPU only, not device={device!r}: use --device cuda")
+        if device_tensors:
+            _check_torch_cuda("device_tensors=True")
+        self.device_tensors = device_tensors
         path = Path(path)
         if path.suffix == ".onnx":
             path = path.parent / ENGINES_DIR / f"{path.stem}.engine"
@@ -134,6 +159,15 @@ class TensorRTRunner(GraphRunner):
         self.stream = cp.cuda.Stream(non_blocking=True)
         self.cuda_graph = cuda_graph
         self._graphs: dict[tuple, tuple[Any, dict, dict]] = {}
+
+    @property
+    def tensor_device(self) -> str | None:
+        """Where the sampling loop keeps its arrays as torch tensors for this runner: "cuda" where
+        torch has CUDA (unless device_tensors=False), None for numpy. Asked lazily: a loop that
+        never reads it never imports torch."""
+        if self.device_tensors is None:
+            self.device_tensors = torch_has_cuda()
+        return "cuda" if self.device_tensors else None
 
     # -- feeds (GraphRunner.checked_feeds checks numpy, CuPy and torch feeds alike) -------------
     def _to_device(self, name: str, value):
@@ -198,17 +232,26 @@ class TensorRTRunner(GraphRunner):
     def run_device(self, feeds: dict) -> dict:
         """CuPy arrays, torch CUDA tensors or numpy arrays in; stays on the GPU. Outputs are torch
         tensors when any input was a torch tensor, CuPy arrays otherwise."""
-        as_torch = any(_is_torch_tensor(v) for v in feeds.values())
-        outputs = self._device_run(self.checked_feeds(feeds))
-        return {name: self._to_torch(name, a) for name, a in outputs.items()} if as_torch else outputs
+        return self._device_outputs(self.checked_feeds(feeds), cupy_out=True)
+
+    def _device_outputs(self, feeds: dict, *, cupy_out: bool) -> dict:
+        """Run on checked feeds: torch tensors out when any feed was one, else CuPy arrays
+        (`cupy_out`) or numpy arrays."""
+        outputs = self._device_run(feeds)
+        if any(_is_torch_tensor(v) for v in feeds.values()):
+            return {name: self._to_torch(name, a) for name, a in outputs.items()}
+        if cupy_out:
+            return outputs
+        return {name: self._to_host(name, a) for name, a in outputs.items()}
 
     def _device_run(self, feeds: dict) -> dict:
+        """The outputs as CuPy arrays, complete when this returns (self.stream synchronized)."""
         with self.stream:
             inputs = {n: self._to_device(n, feeds[n]) for n in self.input_names}
             if not self.cuda_graph:
                 outputs = self._bind(inputs)
                 self._execute()
-                self.stream.synchronize()
+                self.stream.synchronize()  # after the run: the outputs are written
                 return outputs
             return self._run_graph(inputs)
 
@@ -230,8 +273,11 @@ class TensorRTRunner(GraphRunner):
         for name, array in inputs.items():
             static_inputs[name][...] = array
         graph.launch(self.stream)
+        # the copies out of the graph's buffers are queued on self.stream too: wait for them, not
+        # only for the graph (a reader on another stream would otherwise see them unwritten)
+        copies = {n: a.copy() for n, a in outputs.items()}
         self.stream.synchronize()
-        return {n: a.copy() for n, a in outputs.items()}
+        return copies
 
     def _capturable(self) -> bool:
         """TensorRT's own answer where it has one (TensorRT-RTX: is_stream_capturable)."""
@@ -254,5 +300,4 @@ class TensorRTRunner(GraphRunner):
         return self.stream.end_capture()
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        outputs = self._device_run(feeds)
-        return {name: self._to_host(name, array) for name, array in outputs.items()}
+        return self._device_outputs(feeds, cupy_out=False)

@@ -112,8 +112,9 @@ class TorchRunner(GraphRunner):
 
     @property
     def graph_capturable(self) -> bool:
-        """A CUDA graph can capture this runner's calls (samg.runtime.graph_loop): torch on CUDA."""
-        return self.device == "cuda"
+        """A CUDA graph can capture this runner's calls (samg.runtime.graph_loop): torch on CUDA,
+        taking the loop's device tensors."""
+        return self.device == "cuda" and self.device_tensors
 
     @property
     def tensor_device(self) -> str | None:

@@ -75,6 +75,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--backend", choices=tuple(BACKENDS), default="onnxruntime")
     p.add_argument("--device", choices=DEVICES, default="cpu")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="run the whole sampling loop as one CUDA graph, captured once and replayed "
+                        "(--backend torch --device cuda; deterministic samplers)")
     p.add_argument("--fps", type=int, default=8, help="video output frame rate")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--out", required=True, help="output .png, or .gif/.mp4 for video")
@@ -151,9 +154,14 @@ def run(args: argparse.Namespace) -> int:
         sampler=args.sampler, karras=args.karras, seed=args.seed, height=args.height, width=args.width,
         frames=args.frames, num_images=args.num_images, schedule=args.schedule,
     )
-    Pipeline(Path(args.export_dir), export, {}, []).plan(args.prompt, args.negative_prompt, **request)
+    planner = Pipeline(Path(args.export_dir), export, {}, [])
+    planned = planner.plan(args.prompt, args.negative_prompt, **request)
+    cuda_graph = getattr(args, "cuda_graph", False)
+    if cuda_graph:  # the torch runner captures on CUDA (TorchRunner.graph_capturable)
+        planner.check_cuda_graph(planned.guidance, planned.sampler,
+                                 capturable=(args.backend, args.device) == ("torch", "cuda"))
     pipe = Pipeline.load(args.export_dir, backend=args.backend, device=args.device)
-    images = pipe(args.prompt, args.negative_prompt, progress=not args.quiet, **request)
+    images = pipe(args.prompt, args.negative_prompt, progress=not args.quiet, cuda_graph=cuda_graph, **request)
     write_output(images, out, fps=args.fps)
     if not args.quiet:
         print(f"samg generate: wrote {out}", file=sys.stderr)

@@ -35,7 +35,7 @@ from samg.guidance.apg import APGState
 from samg.guidance.registry import GuidanceRule
 from samg.guidance.step import x0_from_prediction
 from samg.runtime.denoiser import GuidedDenoiser, host_rule_params
-from samg.runtime.samplers import StepCheck, finite_check, latent_peak
+from samg.runtime.samplers import StepCheck, finish_checks, finite_check, latent_peak
 
 # Samplers whose steps draw no randomness, so a replay is the whole generation.
 GRAPH_SAMPLERS = ("euler", "ddim", "flow_euler", "dpmpp_2m")
@@ -141,8 +141,10 @@ class GraphLoop:
     and returns the final sampler variable; `eager()` runs the same loop without the graph.
     `key(...)` names what a graph depends on, for a cache of loops."""
 
-    def __init__(self, denoiser: GuidedDenoiser, sampler: str, x, *, bound: float | None = None):
-        """bound: stop with the pipeline's error when |latents| exceeds it (checked on the device)."""
+    def __init__(self, denoiser: GuidedDenoiser, sampler: str, x, *, bound: float | None = None,
+                 bound_error: Callable[[int, float], SamgError] | None = None):
+        """bound: stop with an error when |latents| exceeds it (checked on the device);
+        bound_error(step_index, peak): that error (default: a message naming the bound)."""
         self.torch = require("torch", "for the whole-loop CUDA graph")
         if not capturable_rule(denoiser.rule) and not denoiser.fused:
             raise SamgError(f"guidance {denoiser.guidance.rule!r} reads host values during a step, so the whole-loop "
@@ -150,6 +152,7 @@ class GraphLoop:
         self.plan = LoopPlan.of(sampler, denoiser.prediction_type, denoiser.schedule.sigmas)
         self.denoiser = denoiser
         self.bound = bound
+        self.bound_error = bound_error
         device = x.device
         placed = denoiser.placed_feeds(x)
         torch = self.torch
@@ -231,15 +234,15 @@ class GraphLoop:
         checks = [finite_check(x, self.plan.steps)]
         if self.bound is not None:
             bound, steps = self.bound, self.plan.steps
-            checks.append(StepCheck(latent_peak, lambda peak: peak > bound, lambda i, peak: SamgError(
+            error = self.bound_error or (lambda i, peak: SamgError(
                 f"latents reached |x| = {peak:.3g} after step {i + 1}/{steps}, beyond the sane bound {bound:.3g}: "
-                "the model output blew up; lower the guidance scale or check the model files")))
+                "the model output blew up; lower the guidance scale or check the model files"))
+            checks.append(StepCheck(latent_peak, lambda peak: peak > bound, error))
         return run_buffered(self.plan, self._predict, x, self.buffers["coefficients"], checks=tuple(checks)), checks
 
     @staticmethod
     def _finish(x, checks):
-        for check in checks:
-            check.finish()
+        finish_checks(checks)  # the earliest failing step, as the normal loop names it
         return x.clone()
 
     def eager(self):
@@ -275,12 +278,15 @@ class GraphLoops:
     def __init__(self):
         self.loops: dict[tuple, GraphLoop] = {}
 
-    def sample(self, denoiser: GuidedDenoiser, sampler: str, x, *, bound: float | None = None):
-        """The final sampler variable for this request (x: its initial latents on the GPU)."""
+    def sample(self, denoiser: GuidedDenoiser, sampler: str, x, *, bound: float | None = None,
+               bound_error: Callable[[int, float], SamgError] | None = None):
+        """The final sampler variable for this request (x: its initial latents on the GPU). bound,
+        bound_error: GraphLoop's; the error of the loop's first request is the one its graph keeps
+        (a message may depend on the bound and the steps, both part of the key, nothing else)."""
         key = (GraphLoop.key(denoiser, sampler, x), bound)
         loop = self.loops.get(key)
         if loop is None:
-            loop = self.loops[key] = GraphLoop(denoiser, sampler, x, bound=bound)
+            loop = self.loops[key] = GraphLoop(denoiser, sampler, x, bound=bound, bound_error=bound_error)
         else:
             loop.load(x, denoiser)
         return loop.replay()

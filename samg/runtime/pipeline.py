@@ -144,6 +144,7 @@ class Pipeline:
         self.tokenizers = tokenizers
         self.latent = export.latent
         self.prediction_type = export.prediction_type
+        self.graph_loops = None  # the captured loops of `cuda_graph=True` generations, made on first use
 
     @classmethod
     def load(cls, export_dir: str | Path, backend: str = "onnxruntime", device: str = "cpu",
@@ -259,18 +260,42 @@ class Pipeline:
         probe = np.random.default_rng(0).standard_normal((2, 1, *shape[1:])).astype(np.float32)
         rule(probe[0], probe[1], step=0, sigma=sigma, state=rule.new_state(), **params)
 
+    def check_cuda_graph(self, guidance: Guidance, sampler: str, *, capturable: bool) -> None:
+        """SamgError unless the whole-loop CUDA graph can run this generation: a runner a CUDA graph
+        can capture (`capturable`: the torch backend on CUDA), a deterministic sampler, and guidance
+        computed in the graph or by a rule that reads no host value during a step
+        (samg.runtime.graph_loop). Reads only the export: a CLI checks before loading the models."""
+        from samg.runtime.graph_loop import GRAPH_SAMPLERS, capturable_rule
+
+        if not capturable:
+            raise SamgError("--cuda-graph needs the torch backend on a CUDA device: pass --backend torch --device cuda, "
+                            "or drop --cuda-graph")
+        if sampler not in GRAPH_SAMPLERS:
+            raise SamgError(f"--cuda-graph runs the deterministic samplers ({', '.join(GRAPH_SAMPLERS)}), not "
+                            f"{sampler!r}: pass --sampler {GRAPH_SAMPLERS[0]}, or drop --cuda-graph")
+        if self.export.combine is None and not capturable_rule(guidance.host_rule()):
+            raise SamgError(f"guidance {guidance.rule!r} reads host values during a step, so --cuda-graph cannot "
+                            "capture it: drop --cuda-graph")
+
     def sample(self, conditioning: dict[str, np.ndarray], noise: np.ndarray, *, guidance: Guidance,
                sampler: str, steps: int, karras: bool = False, rng: np.random.Generator | None = None,
                progress: bool = False, scale_schedule: Callable | None = None,
-               on_host_step: Callable | None = None, runner: Runner | None = None) -> np.ndarray:
+               on_host_step: Callable | None = None, runner: Runner | None = None,
+               cuda_graph: bool = False) -> np.ndarray:
         """Sample from standard normal `noise`; returns latents in the model's space (float32).
         `on_host_step(rule, inputs, params)`: see GuidedDenoiser (benchmarks measure scale maps there).
         `runner`: the denoiser runner this generation calls (default this pipeline's; the serving API
-        passes one that batches its steps with other generations', samg.runtime.batching)."""
+        passes one that batches its steps with other generations', samg.runtime.batching).
+        `cuda_graph`: run all steps as one CUDA graph (samg.runtime.graph_loop), captured by the first
+        generation of its shape, steps, sampler and rule and replayed by the later ones, whatever their
+        prompts, scales and noise (check_cuda_graph says where it runs)."""
         schedule = self.make_schedule(guidance, sampler, steps, karras)
         sample_fn = samplers.get_sampler(sampler)
+        runner = self.runners["denoiser"] if runner is None else runner
+        if cuda_graph:
+            self.check_cuda_graph(guidance, sampler, capturable=getattr(runner, "graph_capturable", False))
         denoise = GuidedDenoiser(
-            self.runners["denoiser"] if runner is None else runner, prediction_type=self.prediction_type,
+            runner, prediction_type=self.prediction_type,
             combine=self.export.combine, host_rule_attrs=self.export.host_rule_attrs, schedule=schedule,
             conditioning=conditioning, guidance=guidance, scale_schedule=scale_schedule, on_host_step=on_host_step,
         )
@@ -281,11 +306,15 @@ class Pipeline:
         bar = None
         # The samplers refuse NaN/Inf; huge finite latents would decode to a flat image with exit 0.
         # (On a GPU the check stays on the device until the loop ends: samplers.StepCheck.)
-        blown_up = samplers.StepCheck(
-            samplers.latent_peak, lambda peak: peak > bound,
-            lambda i, peak: SamgError(f"latents reached |x| = {peak:.3g} after step {i + 1}/{steps}, beyond the sane "
-                                      f"bound {bound:.3g} ({LATENT_BOUND_FACTOR:g} x (1 + sigma_max)): the model "
-                                      "output blew up; lower the guidance scale or check the model files"))
+        def blow_up_error(i: int, peak: float) -> SamgError:
+            return SamgError(f"latents reached |x| = {peak:.3g} after step {i + 1}/{steps}, beyond the sane bound "
+                             f"{bound:.3g} ({LATENT_BOUND_FACTOR:g} x (1 + sigma_max)): the model output blew up; "
+                             "lower the guidance scale or check the model files")
+
+        if cuda_graph:  # the same checks, kept on the device by the captured loop
+            x = self._graph_loops().sample(denoise, sampler, x, bound=bound, bound_error=blow_up_error)
+            return samplers.to_host(schedule.to_model_latents(x)).astype(np.float32)
+        blown_up = samplers.StepCheck(samplers.latent_peak, lambda peak: peak > bound, blow_up_error)
 
         def after_step(i: int, x, denoised) -> None:
             blown_up(i, x)
@@ -297,12 +326,26 @@ class Pipeline:
 
             bar = tqdm(total=steps, desc="sampling", unit="step", leave=False)
         try:
-            x = sample_fn(denoise, x, schedule.sigmas, rng=rng, callback=after_step)
+            try:
+                x = sample_fn(denoise, x, schedule.sigmas, rng=rng, callback=after_step)
+            except SamgError as failed:
+                # On a device both checks report after the loop: a blow-up kept from an earlier step
+                # is what the host loop would have stopped at, so it is the error to name.
+                blown_up.finish(before=getattr(failed, "step", None))
+                raise
             blown_up.finish()
         finally:
             if bar is not None:
                 bar.close()
         return samplers.to_host(schedule.to_model_latents(x)).astype(np.float32)
+
+    def _graph_loops(self):
+        """This pipeline's captured whole-loop CUDA graphs (samg.runtime.graph_loop.GraphLoops)."""
+        if self.graph_loops is None:
+            from samg.runtime.graph_loop import GraphLoops
+
+            self.graph_loops = GraphLoops()
+        return self.graph_loops
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """uint8 images [N, H, W, 3] (video: [N, F, H, W, 3]) from model-space latents."""
@@ -382,18 +425,23 @@ class Pipeline:
         return noise
 
     def __call__(self, prompt: str, negative_prompt: str = "", *, latents: np.ndarray | None = None,
-                 progress: bool = False, **options: Any) -> np.ndarray:
+                 progress: bool = False, cuda_graph: bool = False, **options: Any) -> np.ndarray:
         """Images (uint8 [N, H, W, 3], video [N, F, H, W, 3]) or, with output="latents", the
         final model-space latents. `options` are plan()'s: guidance, scale / w_min / w_max,
         guidance_options, steps, sampler, karras, seed, height, width, frames, num_images, output,
         schedule. `latents` replaces the seeded standard normal noise. `schedule` names a per-step
         guidance-weight schedule (samg.guidance.SCHEDULES): each step's scales become
-        1 + (w − 1)·gain(step), fed to the graph at that step."""
+        1 + (w − 1)·gain(step), fed to the graph at that step. `cuda_graph`: the whole sampling loop
+        as one CUDA graph (see sample)."""
         r = self.plan(prompt, negative_prompt, **options)
+        if cuda_graph:  # before the text encoder runs
+            self.check_cuda_graph(r.guidance, r.sampler,
+                                  capturable=getattr(self.runners["denoiser"], "graph_capturable", False))
         noise = self.initial_noise(r, latents)
         cond = self.conditioning(r.prompt, r.negative_prompt, r.num_images)
         final = self.sample(cond, noise, guidance=r.guidance, sampler=r.sampler, steps=r.steps, karras=r.karras,
-                            rng=np.random.default_rng(r.seed), progress=progress, scale_schedule=r.scale_schedule)
+                            rng=np.random.default_rng(r.seed), progress=progress, scale_schedule=r.scale_schedule,
+                            cuda_graph=cuda_graph)
         if r.output == "latents":
             return final
         return self.decode(final)

@@ -39,7 +39,8 @@ class StepCheck:
     raised at the failing step); for device tensors a 0-d tensor, compared on the device, where the
     first failing step and its measure are kept. `finish()` reads them after the loop, so a
     generation on a GPU synchronises once instead of once per step, and the check can be captured
-    in a CUDA graph. `error(step_index, measure)` builds the SamgError.
+    in a CUDA graph. `error(step_index, measure)` builds the SamgError; the raised error carries
+    the failing step index as `.step`.
     """
 
     def __init__(self, measure: Callable[[Any], Any], fails: Callable[[Any], Any],
@@ -51,7 +52,7 @@ class StepCheck:
         value = self.measure(x)
         if not is_torch(value):
             if self.fails(value):
-                raise self.error(i, value)
+                raise self._error(i, value)
             return
         torch = sys.modules["torch"]
         if self._step is None:
@@ -61,14 +62,32 @@ class StepCheck:
         self._step = torch.where(first, i, self._step)
         self._value = torch.where(first, value.to(torch.float64), self._value)
 
-    def finish(self) -> None:
+    def _error(self, step: int, value) -> SamgError:
+        error = self.error(step, value)
+        error.step = step
+        return error
+
+    def finish(self, before: int | None = None) -> None:
         """Raise the first failure a device check kept (one read from the device); host checks have
-        raised already."""
+        raised already. `before`: only a failure at an earlier step (another check failed there)."""
         if self._step is not None:
             torch = sys.modules["torch"]
             step, value = torch.stack([self._step.double(), self._value]).tolist()  # one read
-            if step >= 0:
-                raise self.error(int(step), value)
+            if step >= 0 and (before is None or step < before):
+                raise self._error(int(step), value)
+
+
+def finish_checks(checks) -> None:
+    """Finish device checks together: raise the failure of the earliest step, the one a host loop
+    raises (on a tie the earlier check in `checks`, the order the host loop runs them in)."""
+    first: SamgError | None = None
+    for check in checks:
+        try:
+            check.finish(before=None if first is None else first.step)
+        except SamgError as failed:
+            first = failed
+    if first is not None:
+        raise first
 
 
 def finite_check(x, steps: int) -> StepCheck:
