@@ -168,8 +168,8 @@ class SamgPipeline:
                  max_concurrent_requests: int | None = None, max_queue: int = DEFAULT_MAX_QUEUE):
         self.pipeline = pipeline
         self.engine = BatchingEngine(pipeline.runners["denoiser"], max_batch_size=max_batch_size, max_wait_s=max_wait_s)
-        workers = max_concurrent_requests or WORKERS_PER_BATCH_SLOT * max_batch_size
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="samg-request")
+        self._workers = max_concurrent_requests or WORKERS_PER_BATCH_SLOT * max_batch_size
+        self._executor = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="samg-request")
         self._encode_lock, self._decode_lock = threading.Lock(), threading.Lock()
         self.max_queue = int(max_queue)
         self._lock = threading.Lock()  # guards the counters, _pending and _closed
@@ -376,8 +376,9 @@ class SamgPipeline:
         with self._lock:
             if self._closed:
                 raise SamgError("this pipeline is closed: samg.load(...) it again to run more requests")
-            if self._queued + len(jobs) > self.max_queue:
-                raise PipelineBusy(f"busy: {self._queued} requests already wait for a worker, {len(jobs)} more would "
+            waiting = max(0, self._queued + self._in_flight - self._workers)  # beyond the workers
+            if waiting + len(jobs) > self.max_queue + max(0, self._workers - self._queued - self._in_flight):
+                raise PipelineBusy(f"busy: {waiting} requests already wait for a worker, {len(jobs)} more would "
                                    f"pass max_queue={self.max_queue}: retry later, or load with a larger max_queue")
             self._queued += len(jobs)
             futures = [self._executor.submit(self._generate, job) for job in jobs]

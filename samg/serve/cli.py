@@ -7,23 +7,35 @@
     samg serve --install-triton                  # samg's own tritonserver (samg.serve.install)
 
 Serving writes the model repository into a temporary folder of its own, starts tritonserver on it,
-prints where it listens once the model is loaded, and stops it (and removes the folder) on Ctrl-C.
+prints where it listens once the model is loaded, and stops it (and removes the folder) on Ctrl-C,
+SIGTERM or SIGHUP (docs/serving.md, "Stopping", says what tritonserver waits for). Killed outright,
+samg takes tritonserver along (samg.serve.server); the folder then stays.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import signal
 import socket
 import sys
 import tempfile
 from pathlib import Path
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # stop the server as Ctrl-C does (SIGHUP: the terminal closed)
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from samg.api import DEFAULT_MAX_QUEUE
     from samg.runners.base import BACKENDS, DEVICES
     from samg.serve.repository import DEFAULT_MAX_BATCH_SIZE, KSERVE_FILE, MODEL_NAME
-    from samg.serve.server import DEFAULT_GRPC_PORT, DEFAULT_HOST, DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT
+    from samg.serve.server import (
+        DEFAULT_GRPC_PORT,
+        DEFAULT_HOST,
+        DEFAULT_HTTP_PORT,
+        DEFAULT_METRICS_PORT,
+        DEFAULT_READY_TIMEOUT_S,
+    )
 
     p.add_argument("export_dir", metavar="DIR", nargs="?", help="export folder (written by samg export)")
     p.add_argument("--http-port", type=int, default=DEFAULT_HTTP_PORT)
@@ -33,6 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                         "only; 0.0.0.0 for every interface)")
     p.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE,
                    help="most images one batched denoiser call runs (concurrent requests share calls)")
+    p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
+                   help=f"requests that may wait for a worker; more are answered 'server busy' (UNAVAILABLE) at "
+                        f"once (default {DEFAULT_MAX_QUEUE})")
     p.add_argument("--backend", choices=tuple(BACKENDS), default="onnxruntime")
     p.add_argument("--device", choices=DEVICES, default="cpu")
     p.add_argument("--repository-only", action="store_true",
@@ -48,7 +63,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--install-triton", action="store_true",
                    help="download NVIDIA's tritonserver (the nvidia-pytriton wheel, 55 MB) into samg's cache; "
                         "idempotent")
-    p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for the model to load")
+    p.add_argument("--ready-timeout", type=float, default=DEFAULT_READY_TIMEOUT_S,
+                   help=f"seconds to wait for the model to load (default {DEFAULT_READY_TIMEOUT_S:g})")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
@@ -74,6 +90,11 @@ def _check_args(args: argparse.Namespace) -> None:
     if not 1 <= args.max_batch_size <= MAX_IMAGES_PER_CALL:  # samg.load's range, checked before the server starts
         raise SamgError(f"--max-batch-size must be in 1..{MAX_IMAGES_PER_CALL}, got {args.max_batch_size}: e.g. "
                         "--max-batch-size 8")
+    if args.max_queue < 0:
+        raise SamgError(f"--max-queue must be 0 or more, got {args.max_queue}: e.g. --max-queue 64")
+    if not (math.isfinite(args.ready_timeout) and args.ready_timeout > 0):
+        raise SamgError(f"--ready-timeout must be a positive number of seconds, got {args.ready_timeout}: e.g. "
+                        "--ready-timeout 600")
     if args.out is not None and not args.repository_only:
         raise SamgError("--out goes with --repository-only: add --repository-only, or drop --out to serve")
     if args.repository_only and not args.out:
@@ -101,6 +122,14 @@ def run(args: argparse.Namespace) -> int:
     from samg.contract import read_export
 
     read_export(args.export_dir, verify=False)  # a wrong folder is named before anything else happens
+    if args.backend == "tensorrt":  # what the model's load would refuse, said before the server starts
+        from samg.api import engine_batch_limit
+
+        limit = engine_batch_limit(args.export_dir)
+        if limit is not None and args.max_batch_size > limit:
+            raise SamgError(f"--max-batch-size {args.max_batch_size} is above the {limit} latents the denoiser's "
+                            f"TensorRT engine takes (its profile): pass --max-batch-size {limit}, or rebuild the engine "
+                            f"with `samg build DIR --dynamic --max batch={args.max_batch_size},...`")
     if args.kserve and not args.repository_only:
         from samg.serve.repository import kserve_yaml
 
@@ -114,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
 def _entry(args: argparse.Namespace):
     from samg.serve.repository import ModelEntry
 
-    return ModelEntry(max_batch_size=args.max_batch_size)
+    return ModelEntry(max_batch_size=args.max_batch_size, max_queue=args.max_queue)
 
 
 def _write_only(args: argparse.Namespace) -> int:
@@ -143,7 +172,7 @@ def _serve(args: argparse.Namespace) -> int:
     from samg.errors import SamgError
     from samg.serve.install import TritonNotFound, find_tritonserver
     from samg.serve.repository import MODEL_NAME, write_repository
-    from samg.serve.server import Endpoints, ServerFailed, TritonServer
+    from samg.serve.server import EXIT_TIMEOUT_S, Endpoints, ServerFailed, TritonServer
 
     try:
         install = find_tritonserver()
@@ -158,7 +187,7 @@ def _serve(args: argparse.Namespace) -> int:
     work = Path(tempfile.mkdtemp(prefix="samg-serve-"))  # samg's own: removed when the server stops
     keep_work = False
     server = None
-    previous_term = signal.signal(signal.SIGTERM, _interrupt)
+    previous = {sig: signal.signal(sig, _interrupt) for sig in STOP_SIGNALS}
     try:
         repository = write_repository(work / "repository", args.export_dir, models=(_entry(args),),
                                       backend=args.backend, device=args.device)
@@ -182,19 +211,21 @@ def _serve(args: argparse.Namespace) -> int:
                         f"log: {work / 'tritonserver.log'})")
     except KeyboardInterrupt:
         if not args.quiet:
-            print("samg serve: stopping (in-flight requests finish first)", file=sys.stderr)
+            print(f"samg serve: stopping (tritonserver waits up to {EXIT_TIMEOUT_S} s in all for open connections, "
+                  "then in-flight requests)", file=sys.stderr)
         if server is not None:
             server.stop()
         if not args.quiet:
             print("samg serve: stopped", file=sys.stderr)
         return 0
     finally:
-        signal.signal(signal.SIGTERM, previous_term)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         if server is not None and server.running():
             server.stop()
         if not keep_work:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _interrupt(signum, frame):  # SIGTERM stops the server as Ctrl-C does
+def _interrupt(signum, frame):  # STOP_SIGNALS stop the server as Ctrl-C does
     raise KeyboardInterrupt

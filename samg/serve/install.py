@@ -8,8 +8,10 @@ samg's install is the Triton Inference Server that the `nvidia-pytriton` wheel s
 `tritonserver` with the Python backend and its stubs for Python 3.8-3.13). The wheel is fetched
 with pip (`pip download --no-deps`, checked against its pinned SHA-256) and only its server tree
 is unpacked: the PyTriton Python package itself is not installed (it requires numpy < 2). The
-server tree is assembled in a temporary folder and renamed into place, so a killed install leaves
-nothing half-made; a finished one is recorded in a stamp, and installing again is a no-op.
+server tree is assembled in a temporary folder (named with the installing process's id) and renamed
+into place, so a killed install leaves nothing half-made, and the next install removes the temporary
+folders of installs whose process is gone; a finished one is recorded in a stamp, and installing
+again is a no-op.
 
 Standard library only.
 """
@@ -44,6 +46,7 @@ STUB = "triton_python_backend_stub"
 # first on sys.path, so tritonserver runs in the folder holding that numpy (TritonInstall.stub_site).
 # NVIDIA's containers ship numpy 1.x.
 STUB_NUMPY = "numpy==1.26.4"  # the last numpy 1.x release; wheels for Python 3.9-3.12
+STUB_NUMPY_NEWEST_PYTHON = (3, 12)
 STUB_SITE = "stub-site"
 INSTALL_STAMP = "samg-triton.json"
 ENV_BINARY = "SAMG_TRITONSERVER"
@@ -184,16 +187,43 @@ def _unpack(wheel: Path, dest: Path, quiet: bool, prefixes: tuple[str, ...] = ("
             bar.close()
 
 
+def _tmp_prefix(root: Path) -> str:
+    return f".{root.name}.tmp-"
+
+
+def _remove_abandoned_tmp(root: Path) -> None:
+    """The temporary folders of installs into `root` whose process is gone (killed midway)."""
+    for folder in root.parent.glob(_tmp_prefix(root) + "*"):
+        pid = folder.name[len(_tmp_prefix(root)):].split("-")[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except PermissionError:  # someone else's live process
+            pass
+
+
 def install_tritonserver(*, quiet: bool = False) -> TritonInstall:
     """Install tritonserver into install_dir() (idempotent); returns it."""
     root = install_dir()
     done = _installed(root)
     if done is not None:
         return done
+    if root.exists() and not root.is_dir():
+        raise TritonNotFound(f"{root} is a file, not samg's tritonserver folder: remove it, or set {ENV_HOME} to "
+                             "another folder")
     if root.exists() and _read_stamp(root) is None and any(root.iterdir()):
         raise TritonNotFound(f"{root} exists and was not written by samg: remove it, or set {ENV_HOME} to another folder")
+    if sys.version_info[:2] > STUB_NUMPY_NEWEST_PYTHON:  # said before a 55 MB download, not after
+        newest = ".".join(map(str, STUB_NUMPY_NEWEST_PYTHON))
+        raise TritonNotFound(f"the Triton Python backend here needs {STUB_NUMPY}, which has no wheel for Python "
+                             f"{python_tag()}: run samg serve from Python 3.10-{newest}, or set {ENV_BINARY} to a "
+                             "tritonserver built for numpy 2")
     root.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{root.name}.tmp-", dir=root.parent) as tmp:
+    _remove_abandoned_tmp(root)
+    with tempfile.TemporaryDirectory(prefix=f"{_tmp_prefix(root)}{os.getpid()}-", dir=root.parent) as tmp:
         tmp_root = Path(tmp) / "tree"
         download = Path(tmp) / "download"
         download.mkdir()

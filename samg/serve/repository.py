@@ -24,6 +24,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from samg.api import DEFAULT_MAX_QUEUE
 from samg.errors import SamgError
 from samg.serve.server import PATH_ENV
 from samg.serve.protocol import DATATYPES, INPUTS, PIXEL_CHANNELS, SEED_OUTPUT, image_output_name
@@ -58,12 +59,14 @@ from samg.serve.triton_model import TritonPythonModel  # noqa: E402,F401
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """One model of a repository: its name, how it runs requests (samg.serve.triton_model.MODES)
-    and the most images one denoiser call runs."""
+    """One model of a repository: its name, how it runs requests (samg.serve.triton_model.MODES),
+    the most images one denoiser call runs, and how many requests may wait for a worker before
+    new ones are answered "server busy" (samg.load's max_queue)."""
 
     name: str = MODEL_NAME
     mode: str = "continuous"
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    max_queue: int = DEFAULT_MAX_QUEUE
 
 
 def _quote(text: str) -> str:
@@ -109,7 +112,7 @@ def config_pbtxt(entry: ModelEntry, export, export_ref: str, backend: str, devic
         lines.append("dynamic_batching { }")
     params = {"export_dir": export_ref, "mode": entry.mode, "max_batch_size": str(entry.max_batch_size if entry.mode
                                                                                     != "single" else 1),
-              "backend": backend, "device": device}
+              "max_queue": str(entry.max_queue), "backend": backend, "device": device}
     for key, value in params.items():
         lines.append(f"parameters: {{ key: {_quote(key)} value: {{ string_value: {_quote(value)} }} }}")
     return "\n".join(lines) + "\n"

@@ -7,12 +7,18 @@ this interpreter's packages: the interpreter's LIBDIR goes first on LD_LIBRARY_P
 sys.path (a virtual environment's included) into SAMG_SERVE_PATH, which the repository's model.py
 adds to the stub's sys.path (the stub does not read PYTHONPATH).
 
+On Linux the server is tied to the life of the thread that started it (prctl PR_SET_PDEATHSIG):
+if samg is killed outright (SIGKILL, the OOM killer), the kernel kills tritonserver too, so no
+orphan keeps the ports and the model; its Python backend stubs notice their parent is gone and exit.
+Start it from a thread that lives as long as the server (`samg serve` uses the main thread).
+
 Standard library only.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import secrets
 import signal
@@ -46,6 +52,7 @@ HARMLESS_LOG = ("CudaDriverHelper", "NVML", "DCGM", "CUDA driver", "cuda driver"
 
 
 SHM_DIR = "/dev/shm"
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def _group_alive(pgid: int) -> bool:
@@ -54,6 +61,22 @@ def _group_alive(pgid: int) -> bool:
     except (ProcessLookupError, PermissionError):
         return False
     return True
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A preexec_fn (Linux) that has the kernel SIGKILL the child when the thread starting it
+    exits: samg killed outright takes its tritonserver along. libc is loaded here, before the fork."""
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+    parent = os.getpid()
+
+    def in_child() -> None:
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # samg died before the signal was armed
+            os._exit(1)
+
+    return in_child
 
 
 class ServerFailed(Exception):
@@ -86,11 +109,20 @@ class Endpoints:
         return f"[{host}]" if ":" in host else host
 
 
-def free_port(host: str = DEFAULT_HOST) -> int:
-    """A port free on `host` now (for tests and benchmarks; another process could still take it)."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+def free_ports(count: int, host: str = DEFAULT_HOST) -> list[int]:
+    """`count` distinct ports free on `host` now (for tests and benchmarks; another process could
+    still take one): every socket stays bound until all are picked, so none repeats."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET))
+                   for _ in range(count)]
+        for s in sockets:
+            s.bind((host, 0))
+        return [int(s.getsockname()[1]) for s in sockets]
+
+
+def local_endpoints(host: str = DEFAULT_HOST) -> "Endpoints":
+    """Endpoints on three distinct free ports of `host`."""
+    return Endpoints(host, *free_ports(3, host))
 
 
 def server_env(install: TritonInstall, base: dict[str, str] | None = None) -> dict[str, str]:
@@ -126,13 +158,15 @@ def server_command(install: TritonInstall, repositories: Sequence[Path], endpoin
 
 def manual_command(install: TritonInstall | None, repository: Path) -> str:
     """A shell line that serves `repository` with `install` by hand (what TritonServer runs, less
-    samg's ports and log handling); plain `tritonserver --model-repository` when none is known."""
+    samg's ports and log handling): this interpreter's libpython and import path included;
+    plain `tritonserver --model-repository` when none is known (NVIDIA's container)."""
     import shlex
 
     repository = Path(repository).resolve()
     if install is None or install.source == "PATH":
         return f"tritonserver --model-repository {shlex.quote(str(repository))}"
     line = shlex.join([str(install.binary), f"--model-repository={repository}", f"--backend-directory={install.backend_dir}"])
+    line = f"{PATH_ENV}={shlex.quote(server_env(install, {})[PATH_ENV])} {line}"
     libdir = sysconfig.get_config_var("LIBDIR")
     if libdir:
         line = f"LD_LIBRARY_PATH={shlex.quote(libdir)} {line}"
@@ -170,10 +204,15 @@ class TritonServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "a", buffering=1)
         # Its own process group: a Ctrl-C in the terminal reaches samg, which stops the server in order.
-        self.process = subprocess.Popen(
-            server_command(self.install, self.repositories, self.endpoints, self.shm_prefix), env=server_env(self.install),
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            errors="replace", start_new_session=True, cwd=self.install.stub_site)
+        try:
+            self.process = subprocess.Popen(
+                server_command(self.install, self.repositories, self.endpoints, self.shm_prefix),
+                env=server_env(self.install), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                text=True, errors="replace", start_new_session=True, cwd=self.install.stub_site,
+                preexec_fn=_die_with_parent())
+        except BaseException:
+            log.close()
+            raise
         self._reader = threading.Thread(target=self._read, args=(self.process.stdout, log), daemon=True)
         self._reader.start()
         return self
@@ -227,8 +266,11 @@ class TritonServer:
             self._reader.join(timeout=5)
 
     def stop(self, timeout: float = EXIT_TIMEOUT_S + 10) -> int | None:
-        """SIGINT (tritonserver finishes in-flight requests, waits for open client connections up
-        to EXIT_TIMEOUT_S, and unloads the models), then SIGKILL for whatever of it is left."""
+        """SIGINT, then SIGKILL for whatever of the server is left after it exits or `timeout`.
+        tritonserver 2.51 on SIGINT has ONE budget of EXIT_TIMEOUT_S: it first waits for open HTTP
+        connections to close, then for in-flight inferences, then unloads the models; an idle
+        keep-alive client can use the whole budget, and then in-flight requests are cut off and the
+        models are not unloaded (docs/serving.md, "Stopping")."""
         if self.process is None:
             return None
         if self.process.poll() is None:

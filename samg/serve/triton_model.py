@@ -16,27 +16,45 @@ config.pbtxt's `parameters`. Three ways to run requests, one per `mode`:
 - single: one request at a time, engine batch size 1 (the baseline without batching).
 
 A bad request gets an INVALID_ARG error naming the input (the SamgError's line); the model goes on.
+So does a generation that fails on its own values (non-finite latents). Past `max_queue` requests
+waiting for a worker, a request is answered at once with UNAVAILABLE ("server busy: ..."). In
+continuous mode a request whose client went away (Triton's `request.is_cancelled()`) stops before
+its next step and is answered CANCELLED.
 `initialize` refuses a Python backend that cannot hand numpy arrays over intact (tritonserver
 2.51's stub under numpy 2: see samg.serve.install) rather than crash on the first request.
 
-Custom metrics (pb_utils.MetricFamily) mirror `pipe.stats()` every METRICS_INTERVAL_S seconds.
+Custom metrics (pb_utils.MetricFamily) mirror `pipe.stats()` every METRICS_INTERVAL_S seconds,
+from a daemon thread, which stops once tritonserver is gone.
+
+The model process (the backend's stub) exits when tritonserver does, through a watchdog thread of
+samg's: a metric update, a cancellation check or a response is a message to the server that waits
+for its reply, and one pending when the server dies holds the stub's message lock forever, which
+blocks the stub's own parent watchdog (seen with gdb on stubs left running with the model loaded).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import threading
+import time
 import traceback
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from samg.api import DEFAULT_MAX_QUEUE, PipelineBusy
 from samg.errors import SamgError
+from samg.runtime.batching import RequestCancelled
 from samg.serve.protocol import INPUT_NAMES, SEED_OUTPUT, image_output_name, parse_request
 
 MODES = ("continuous", "dynamic", "single")
 METRICS_INTERVAL_S = 1.0
+# finalize waits this long for requests still running (tritonserver unloads the model only after
+# its own exit timeout has passed or the requests are done).
+FINALIZE_TIMEOUT_S = 30.0
+SERVER_WATCH_S = 1.0  # how often the stub checks that tritonserver still runs
 
 
 def model_settings(parameters: dict[str, Any], model_dir: Path) -> dict[str, Any]:
@@ -56,7 +74,11 @@ def model_settings(parameters: dict[str, Any], model_dir: Path) -> dict[str, Any
         max_batch_size = int(values["max_batch_size"])
     except ValueError:
         raise SamgError(f"config.pbtxt parameter max_batch_size is {values['max_batch_size']!r}, not an integer") from None
-    return {"export_dir": export_dir, "mode": values["mode"], "max_batch_size": max_batch_size,
+    try:
+        max_queue = int(values.get("max_queue") or DEFAULT_MAX_QUEUE)  # repositories before max_queue: the default
+    except ValueError:
+        raise SamgError(f"config.pbtxt parameter max_queue is {values['max_queue']!r}, not an integer") from None
+    return {"export_dir": export_dir, "mode": values["mode"], "max_batch_size": max_batch_size, "max_queue": max_queue,
             "backend": values.get("backend") or "onnxruntime", "device": values.get("device") or "cpu"}
 
 
@@ -70,6 +92,26 @@ def check_backend_arrays(pb_utils: Any) -> None:
         raise SamgError(f"this Triton Python backend cannot exchange arrays with numpy {np.__version__} (it was built "
                         "before numpy 2): give the backend's Python numpy<2, as `samg serve` does with its own "
                         "tritonserver (samg.serve.install), or use a tritonserver built for numpy 2")
+
+
+def server_alive(pid: int) -> bool:
+    """Whether tritonserver (`pid`, this stub's parent) still runs."""
+    if os.getppid() != pid:  # re-parented: tritonserver exited
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        pass
+    return True
+
+
+def exit_with_server(pid: int) -> None:
+    """Runs on a daemon thread of the stub: exit the process once tritonserver (`pid`) is gone."""
+    while server_alive(pid):
+        time.sleep(SERVER_WATCH_S)
+    os._exit(1)  # nothing to clean: the server that owned this process's requests and memory is gone
 
 
 class _Metrics:
@@ -90,14 +132,20 @@ class _Metrics:
             "failed": fam("samg_requests_failed_total", "Requests that failed while generating", fam.COUNTER),
             "rejected": fam("samg_requests_rejected_total", "Requests refused as bad (the error names the input)",
                             fam.COUNTER),
+            "busy": fam("samg_requests_busy_total", "Requests answered 'server busy' (max_queue requests waiting)",
+                        fam.COUNTER),
+            "cancelled": fam("samg_requests_cancelled_total", "Requests stopped because their client went away",
+                             fam.COUNTER),
         }
         self._gauges = {k: self._families[k].Metric(labels=labels) for k in ("queue", "in_flight", "waiting")}
-        self._counters = {k: self._families[k].Metric(labels=labels) for k in ("done", "failed", "rejected")}
+        self._counters = {k: self._families[k].Metric(labels=labels)
+                          for k in ("done", "failed", "rejected", "busy", "cancelled")}
         self._latency = {q: self._families["latency"].Metric(labels={**labels, "stat": q})
                          for q in ("mean", "p50", "p90", "max")}
         self._calls: dict[int, Any] = {}
         self._seen: dict[Any, float] = {}
         self._stop = threading.Event()
+        self._server_pid = os.getppid()  # tritonserver: the stub is its child
         self._thread = threading.Thread(target=self._loop, name="samg-metrics", daemon=True)
         self._thread.start()
 
@@ -115,6 +163,8 @@ class _Metrics:
         self._add("done", self._counters["done"], stats.get("requests_done", 0))
         self._add("failed", self._counters["failed"], stats.get("requests_failed", 0))
         self._add("rejected", self._counters["rejected"], stats.get("requests_rejected", 0))
+        self._add("busy", self._counters["busy"], stats.get("requests_busy", 0))
+        self._add("cancelled", self._counters["cancelled"], stats.get("requests_cancelled", 0))
         for size, calls in (stats.get("batch_sizes") or {}).items():
             if size not in self._calls:
                 self._calls[size] = self._families["calls"].Metric(labels={**self._labels, "batch_size": str(size)})
@@ -125,7 +175,7 @@ class _Metrics:
                 metric.set(latency[q])
 
     def _loop(self) -> None:
-        while not self._stop.wait(METRICS_INTERVAL_S):
+        while not self._stop.wait(METRICS_INTERVAL_S) and server_alive(self._server_pid):
             try:
                 self.update()
             except Exception:  # metrics must never take the model down
@@ -146,6 +196,7 @@ class TritonPythonModel:
         from samg.api import load
 
         self.pb = pb_utils
+        threading.Thread(target=exit_with_server, args=(os.getppid(),), name="samg-server-watch", daemon=True).start()
         check_backend_arrays(pb_utils)
         config = json.loads(args["model_config"])
         model_dir = Path(args["model_repository"]) / str(args["model_version"])
@@ -153,10 +204,10 @@ class TritonPythonModel:
         self.mode = settings["mode"]
         self.batched = int(config.get("max_batch_size") or 0) > 0  # Triton's batching: inputs [batch, 1]
         self.pipe = load(settings["export_dir"], backend=settings["backend"], device=settings["device"],
-                         max_batch_size=settings["max_batch_size"])
+                         max_batch_size=settings["max_batch_size"], max_queue=settings["max_queue"])
         self.output = image_output_name(self.pipe.export.latent.is_video)
         self._send_lock = threading.Lock()
-        self._rejected = 0  # bad requests answered with an error (counted under _send_lock)
+        self._rejected = self._busy = 0  # requests answered bad / "server busy" (counted under _send_lock)
         self.logger = pb_utils.Logger
         self.metrics = None
         try:
@@ -175,18 +226,28 @@ class TritonPythonModel:
         return tensors
 
     def _submit(self, request: Any) -> list:
-        """The futures of one request's rows; SamgError for a bad request."""
+        """The futures of one request's rows (all rows checked before any starts); SamgError for a
+        bad request, PipelineBusy past max_queue."""
         rows = parse_request(self._inputs(request), batched=self.batched)
-        return [self.pipe.submit(output_type="np", **row) for row in rows]
+        cancel = {} if self.batched else {"is_cancelled": request.is_cancelled}  # one client per request
+        return self.pipe.submit_many([dict(output_type="np", **cancel, **row) for row in rows])
 
     def stats(self) -> dict[str, Any]:
-        """pipe.stats() and the bad requests this model refused."""
+        """pipe.stats() and the requests this model refused (bad, or busy)."""
         with self._send_lock:
-            rejected = self._rejected
-        return {**self.pipe.stats(), "requests_rejected": rejected}
+            rejected, busy = self._rejected, self._busy
+        return {**self.pipe.stats(), "requests_rejected": rejected, "requests_busy": busy}
 
     def _error(self, exc: BaseException, *, rejected: bool = False) -> Any:
         """The error response for `exc`; `rejected`: raised while checking the request."""
+        errors = self.pb.TritonError
+        if isinstance(exc, PipelineBusy):
+            with self._send_lock:
+                self._busy += 1
+            # the message starts "busy: ...": "server busy: ..." to the client
+            return self.pb.InferenceResponse(error=errors(f"server {exc}", errors.UNAVAILABLE))
+        if isinstance(exc, RequestCancelled):
+            return self.pb.InferenceResponse(error=errors(str(exc), errors.CANCELLED))
         if isinstance(exc, SamgError):
             if rejected:
                 with self._send_lock:
@@ -239,6 +300,6 @@ class TritonPythonModel:
                 self.logger.log_warn(f"samg: could not send a response: {exc}")
 
     def finalize(self) -> None:
-        if self.metrics is not None:
+        if self.metrics is not None:  # first: no metric message may be in flight while the model goes
             self.metrics.close()
-        self.pipe.close()
+        self.pipe.close(timeout=FINALIZE_TIMEOUT_S)
