@@ -184,6 +184,39 @@ def test_cli_mistakes_are_one_line(digits_export, tmp_path):
     assert done.returncode == 2 and "SAMG_TRITONSERVER" in done.stderr and "--install-triton" in done.stderr
 
 
+def test_install_edge_cases_are_one_line(tmp_path, monkeypatch):
+    """No download happens here: each case is refused, or cleaned, before one."""
+    import collections
+
+    from samg.serve import install
+
+    home = tmp_path / "home"
+    monkeypatch.setenv(install.ENV_HOME, str(home))
+    home.write_text("not a folder")
+    with pytest.raises(install.TritonNotFound, match=r"home is a file, not samg's tritonserver folder: remove it"):
+        install.install_tritonserver(quiet=True)
+    home.unlink()
+    version = collections.namedtuple("version_info", "major minor micro releaselevel serial")
+    monkeypatch.setattr(install.sys, "version_info", version(3, 13, 0, "final", 0))
+    with pytest.raises(install.TritonNotFound, match=r"numpy==1\.26\.4, which has no wheel for Python 3\.13: run "
+                                                     r"samg serve from Python 3\.10-3\.12"):
+        install.install_tritonserver(quiet=True)
+    monkeypatch.undo()
+    # a killed install's temporary folder goes; a running one's stays
+    gone = subprocess.Popen(["true"])  # noqa: S607
+    gone.wait()  # reaped: its pid runs no more
+    running = subprocess.Popen(["sleep", "60"])  # noqa: S607
+    try:
+        dead, alive = tmp_path / f".home.tmp-{gone.pid}-abc", tmp_path / f".home.tmp-{running.pid}-def"
+        for folder in (dead, alive):
+            (folder / "tree").mkdir(parents=True)
+        install._remove_abandoned_tmp(home)
+        assert alive.is_dir() and not dead.exists()
+    finally:
+        running.kill()
+        running.wait()
+
+
 # -- real servers ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def triton():
