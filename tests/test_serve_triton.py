@@ -489,6 +489,8 @@ def test_busy_past_max_queue_then_cancelled_requests_stop(two_model_server):
                          client_timeout=REQUEST_TIMEOUT_S)
         assert "server busy: 0 requests already wait for a worker, 1 more would pass max_queue=0" in str(err.value)
         assert "UNAVAILABLE" in str(err.value.status())
+        http_answer = _ask("http", ep, BUSY_MODEL, dict(prompt="a handwritten 3", num_inference_steps=4))
+        assert "server busy" in str(http_answer) and http_answer.status() == "503", (http_answer, http_answer.status())
         for call in calls:
             call.cancel()
         for _ in calls:
@@ -497,7 +499,7 @@ def test_busy_past_max_queue_then_cancelled_requests_stop(two_model_server):
     finally:
         client.close()
     metrics = read_metrics(ep)
-    assert sum(metric_samples(metrics, "samg_requests_busy_total", BUSY_MODEL).values()) == 1
+    assert sum(metric_samples(metrics, "samg_requests_busy_total", BUSY_MODEL).values()) == 2
     assert sum(metric_samples(metrics, "samg_requests_done_total", BUSY_MODEL).values()) == 0
 
 
