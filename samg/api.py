@@ -41,7 +41,6 @@ import numpy as np
 from samg.contract import ENGINES_DIR, Export
 from samg.errors import SamgError, require
 from samg.guidance.registry import DEFAULT_GUIDANCE_SCALE, RULES, SPATIAL_RULES
-from samg.rng import SEED_LIMIT
 from samg.runtime import samplers
 from samg.runtime.batching import DEFAULT_MAX_WAIT_S, LATENTS_INPUT, BatchingEngine, RequestCancelled
 from samg.runtime.denoiser import SCFG_RULE
@@ -57,6 +56,9 @@ MAX_WAIT_MS_LIMIT = 1000.0  # a longer wait would only slow every request down
 DEFAULT_MAX_QUEUE = 64
 # close() waits this long for the requests already submitted; those still running then fail.
 DEFAULT_CLOSE_TIMEOUT_S = 600.0
+# Random seeds are drawn below 2^63 (any seed below SEED_LIMIT works when given): a drawn seed must
+# fit a signed 64-bit integer, the server's INT64 `seed` output (and numpy's int64).
+RANDOM_SEED_LIMIT = 2**63
 
 # The CLI flags Pipeline.plan and the rules name in their errors -> the API's keywords.
 CLI_FLAG_KEYWORDS = {
@@ -361,7 +363,7 @@ class SamgPipeline:
             else:
                 scales = dict(w_min=guidance_min, w_max=DEFAULT_GUIDANCE_SCALE if guidance_scale is None else guidance_scale)
             if seed is None:
-                seed = secrets.randbelow(SEED_LIMIT)
+                seed = secrets.randbelow(RANDOM_SEED_LIMIT)
             negative = "" if negative_prompt is None else negative_prompt
             request = self.pipeline.plan(
                 prompt, negative, guidance=rule, **scales, guidance_options=guidance_options, steps=num_inference_steps,

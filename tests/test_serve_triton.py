@@ -613,6 +613,9 @@ def test_samg_serve_answers_and_stops_on_ctrl_c(triton, digits_export, tmp_path)
         assert [p.name for p in tmp_path.iterdir() if p.name.startswith("samg-serve-")]
         image, seed = _ask("http", ep, "samg", dict(prompt="a handwritten 2", seed=9, num_inference_steps=4))
         assert image.shape == (16, 16, 3) and seed == 9
+        for _ in range(8):  # no seed sent: the one drawn comes back (an INT64; half of them once did not fit)
+            image, seed = _ask("grpc", ep, "samg", dict(prompt="a handwritten 2", num_inference_steps=1))
+            assert image.shape == (16, 16, 3) and 0 <= seed < 2**63
         proc.send_signal(signal.SIGINT)
         proc.wait(60)
     finally:

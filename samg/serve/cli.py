@@ -211,8 +211,8 @@ def _serve(args: argparse.Namespace) -> int:
                         f"log: {work / 'tritonserver.log'})")
     except KeyboardInterrupt:
         if not args.quiet:
-            print(f"samg serve: stopping (tritonserver waits up to {EXIT_TIMEOUT_S} s in all for open connections, "
-                  "then in-flight requests)", file=sys.stderr)
+            print(f"samg serve: stopping (requests still running are lost; tritonserver takes up to {EXIT_TIMEOUT_S} s "
+                  "while clients keep connections open)", file=sys.stderr)
         if server is not None:
             server.stop()
         if not args.quiet:

@@ -267,10 +267,10 @@ class TritonServer:
 
     def stop(self, timeout: float = EXIT_TIMEOUT_S + 10) -> int | None:
         """SIGINT, then SIGKILL for whatever of the server is left after it exits or `timeout`.
-        tritonserver 2.51 on SIGINT has ONE budget of EXIT_TIMEOUT_S: it first waits for open HTTP
-        connections to close, then for in-flight inferences, then unloads the models; an idle
-        keep-alive client can use the whole budget, and then in-flight requests are cut off and the
-        models are not unloaded (docs/serving.md, "Stopping")."""
+        Not a drain: tritonserver 2.51 closes its endpoints at SIGINT and has ONE budget of
+        EXIT_TIMEOUT_S to wait for open HTTP connections, then in-flight inferences (none, for the
+        continuous model, which answers from its own workers), then to unload the models; requests
+        still running are lost to their clients (docs/serving.md, "Stopping")."""
         if self.process is None:
             return None
         if self.process.poll() is None:
