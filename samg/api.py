@@ -378,10 +378,11 @@ class SamgPipeline:
         with self._lock:
             if self._closed:
                 raise SamgError("this pipeline is closed: samg.load(...) it again to run more requests")
-            waiting = max(0, self._queued + self._in_flight - self._workers)  # beyond the workers
-            if waiting + len(jobs) > self.max_queue + max(0, self._workers - self._queued - self._in_flight):
-                raise PipelineBusy(f"busy: {waiting} requests already wait for a worker, {len(jobs)} more would "
-                                   f"pass max_queue={self.max_queue}: retry later, or load with a larger max_queue")
+            unfinished = self._queued + self._in_flight
+            if unfinished + len(jobs) - self._workers > self.max_queue:  # more than max_queue without a worker
+                raise PipelineBusy(f"busy: {max(0, unfinished - self._workers)} requests already wait for a worker, "
+                                   f"{len(jobs)} more would pass max_queue={self.max_queue}: retry later, or load "
+                                   "with a larger max_queue")
             self._queued += len(jobs)
             futures = [self._executor.submit(self._generate, job) for job in jobs]
             self._pending.update(futures)

@@ -109,8 +109,8 @@ def combine_feeds(steps: list[_Step]) -> dict[str, Any]:
 
 def split_outputs(outputs: Any, images: list[int]) -> list[dict[str, Any]]:
     """Each step's rows of one call's outputs ([sum(images), ...] each); RuntimeError naming the
-    output when the runner did not return one row per image (sliced anyway, a short output would
-    hand the last requests short or empty results)."""
+    output when the runner did not return one row per image (slicing a short output would hand the
+    last requests short or empty results without a word)."""
     total = sum(images)
     if not isinstance(outputs, dict):
         raise RuntimeError(f"the denoiser runner returned {type(outputs).__name__}, not a dict of outputs")
