@@ -148,7 +148,9 @@ def throughput_comparison(summary: list[dict]) -> list[str]:
             theirs = get.get((other, conc))
             if theirs is None:
                 continue
-            if mine["throughput_rps_min"] > theirs["throughput_rps_max"]:
+            if min(mine["rounds"], theirs["rounds"]) < 2:
+                verdict = "one round: no spread"
+            elif mine["throughput_rps_min"] > theirs["throughput_rps_max"]:
                 verdict = "every round above"
             elif mine["throughput_rps_max"] < theirs["throughput_rps_min"]:
                 verdict = "every round below"
