@@ -148,7 +148,9 @@ def _diffusers_pipeline(export_dir: Path, export_info, sampler: str):
     from samg.errors import require
 
     diffusers = require("diffusers", "for the diffusers comparison")
-    pipe = diffusers.DiffusionPipeline.from_pretrained(str(source))
+    from samg.export import from_pretrained
+
+    pipe = from_pretrained(diffusers.DiffusionPipeline, str(source))
     pipe.scheduler = getattr(diffusers, DIFFUSERS_SCHEDULERS[sampler]).from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     if hasattr(pipe, "safety_checker"):

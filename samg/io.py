@@ -124,13 +124,19 @@ def _pid_gone(pid: Any) -> bool:
     return False
 
 
-def read_marker(folder: Path) -> dict | None:
-    """samg's partial marker in `folder`, or None where there is none (or it is not samg's)."""
+def read_json_object(path: Path) -> dict | None:
+    """The JSON object in `path`, or None where the file is missing, unreadable or not an object
+    (markers and stamps samg wrote: anything else is simply not one of them)."""
     try:
-        data = json.loads((folder / PARTIAL_MARKER).read_text())
+        data = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def read_marker(folder: Path) -> dict | None:
+    """samg's partial marker in `folder`, or None where there is none (or it is not samg's)."""
+    return read_json_object(folder / PARTIAL_MARKER)
 
 
 def abandoned(marker: dict | None, role: str) -> bool:

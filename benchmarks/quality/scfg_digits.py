@@ -84,9 +84,9 @@ def load_diffusers_pipeline(model_dir: Path):
     if not (Path(model_dir) / "model_index.json").is_file():
         raise SamgError(f"{model_dir} is not a diffusers pipeline folder: train it with scripts/train_digits.py "
                         "or pass --model-path")
-    import samg.bundled.positional_unet  # noqa: F401  (samg-shapes' UNet class, named by its model_index.json)
+    from samg.export import from_pretrained
 
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(model_dir))
+    pipe = from_pretrained(diffusers.StableDiffusionPipeline, str(model_dir))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from samg.contract import DEFAULT_OPSET, GUIDANCE_KINDS, MAX_FRAMES, MAX_PIXELS
 from samg.errors import SamgError, check, require
+from samg.export import from_pretrained
 from samg.op.schema import DEFAULT_SHARPNESS, DEFAULT_TAU
 from samg.models.specs import ModelSpec, get_spec
 
@@ -279,9 +280,6 @@ def load_source_pipeline(spec: ModelSpec, source: str, kind: str, dtype):
     diffusers = require("diffusers", "to export models")
     torch = require("torch", "to export models")
     pipeline_class = getattr(diffusers, spec.pipeline_class)
-    # diffusers loads a custom component class (samg-shapes' UNet) only from a module already
-    # imported; importing it here lets its model_index.json name it.
-    import samg.bundled.positional_unet  # noqa: F401
     if kind != "hub":
         _check_source_folder(spec, Path(source))
     extra = {}
@@ -291,7 +289,7 @@ def load_source_pipeline(spec: ModelSpec, source: str, kind: str, dtype):
             extra[optional] = None  # not part of generation; skip loading them
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            pipe = pipeline_class.from_pretrained(source, torch_dtype=torch.float32, **extra)
+            pipe = from_pretrained(pipeline_class, source, torch_dtype=torch.float32, **extra)
         # --dtype applies to the denoiser and VAE; text encoders stay float32 (they run once per
         # prompt, and CLIP's float16 ONNX graph mixes types in LayerNormalization).
         getattr(pipe, spec.denoiser_component).to(dtype)

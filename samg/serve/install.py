@@ -31,6 +31,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from samg.io import read_json_object
+
 TRITON_WHEEL = "nvidia-pytriton"
 TRITON_WHEEL_VERSION = "0.7.0"
 TRITON_WHEEL_FILE = f"nvidia_pytriton-{TRITON_WHEEL_VERSION}-py3-none-manylinux_2_35_x86_64.whl"
@@ -80,17 +82,9 @@ def install_dir() -> Path:
     return cache / "samg" / f"tritonserver-{TRITON_SERVER_VERSION}"
 
 
-def _read_stamp(root: Path) -> dict | None:
-    try:
-        stamp = json.loads((root / INSTALL_STAMP).read_text())
-    except (OSError, ValueError):
-        return None
-    return stamp if isinstance(stamp, dict) else None
-
-
 def _installed(root: Path) -> TritonInstall | None:
     """samg's install at `root` when complete and made for this Python (the stub embeds its libpython)."""
-    stamp = _read_stamp(root)
+    stamp = read_json_object(root / INSTALL_STAMP)
     if stamp is None or stamp.get("wheel_sha256") != TRITON_WHEEL_SHA256 or stamp.get("python") != python_tag():
         return None
     server = root / WHEEL_SERVER_DIR
@@ -123,7 +117,7 @@ def find_tritonserver() -> TritonInstall:
         backends = Path(os.environ.get(ENV_BACKENDS) or Path(on_path).resolve().parent.parent / "backends")
         if (backends / "python").is_dir():
             return TritonInstall(Path(on_path), backends, "PATH")
-    stamp = _read_stamp(root)
+    stamp = read_json_object(root / INSTALL_STAMP)
     if stamp is not None and stamp.get("python") != python_tag():
         raise TritonNotFound(f"the tritonserver in {root} was installed for Python {stamp.get('python')}, this is "
                              f"Python {python_tag()}: run `samg serve --install-triton` again")
@@ -214,7 +208,7 @@ def install_tritonserver(*, quiet: bool = False) -> TritonInstall:
     if root.exists() and not root.is_dir():
         raise TritonNotFound(f"{root} is a file, not samg's tritonserver folder: remove it, or set {ENV_HOME} to "
                              "another folder")
-    if root.exists() and _read_stamp(root) is None and any(root.iterdir()):
+    if root.exists() and read_json_object(root / INSTALL_STAMP) is None and any(root.iterdir()):
         raise TritonNotFound(f"{root} exists and was not written by samg: remove it, or set {ENV_HOME} to another folder")
     if sys.version_info[:2] > STUB_NUMPY_NEWEST_PYTHON:  # said before a 55 MB download, not after
         newest = ".".join(map(str, STUB_NUMPY_NEWEST_PYTHON))
