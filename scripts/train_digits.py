@@ -173,8 +173,7 @@ def denoiser_step(unet, text_encoder, tokenizer, latents, prompts, alphas_cumpro
     sched.step()
     decay = min(0.999, (1 + step) / (10 + step))
     with torch.no_grad():
-        for e, p in zip(ema_params, params):
-            e.lerp_(p, 1 - decay)
+        torch._foreach_lerp_(ema_params, params, 1 - decay)
     return loss
 
 

@@ -119,20 +119,33 @@ def vae_check(vae, n: int, seed: int) -> float:
     return float(np.mean([shapes.score(r, shapes.prompt_for(s.objects)).correct for r, s in zip(recon, scenes)]))
 
 
+WARMUP_STEPS = 200
+FINAL_LR_FACTOR = 0.1
+
+
+def lr_factor(step: int, total: int, cooldown: float) -> float:
+    """Warm-up, constant, then a linear cool-down to FINAL_LR_FACTOR over the last `cooldown` fraction
+    of the planned steps (warmup-stable-decay: the constant phase can be cut or resumed freely)."""
+    decay_start = total * (1 - cooldown)
+    if step >= decay_start and cooldown > 0:
+        return 1 - (1 - FINAL_LR_FACTOR) * min(1.0, (step - decay_start) / (total - decay_start))
+    return min(1.0, (step + 1) / WARMUP_STEPS)
+
+
 def train_denoiser(unet, text_encoder, tokenizer, lat_mean, lat_std, scaling, objects, args, gen, log,
                    deadline=None, resume=None):
     """v-prediction DDPM loss on the zero-terminal-SNR schedule; prompts drawn per sample; EMA weights;
     resumable checkpoints.
 
-    Constant learning rate after warm-up: a run stopped after N steps equals `--unet-steps N`.
+    The learning rate is constant after warm-up until the cool-down over the last `--lr-cooldown` of
+    the planned steps; a run stopped by `--max-minutes` before its cool-down is recorded as such.
     Returns (ema unet, ema text encoder, steps done)."""
     from diffusers import DDPMScheduler
 
     alphas_cumprod = DDPMScheduler(**SCHEDULER, prediction_type=PREDICTION_TYPE).alphas_cumprod
     params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
-    warmup = 200
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2, foreach=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, args.unet_steps, args.lr_cooldown))
     ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
     rng = np.random.default_rng(int(torch.randint(2**31, (1,), generator=gen)))
     first = 0
@@ -212,13 +225,15 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--pool", type=int, default=16000, help="training scenes rendered and VAE-encoded once")
+    p.add_argument("--pool", type=int, default=32000, help="training scenes rendered and VAE-encoded once")
     p.add_argument("--vae-steps", type=int, default=600)
     p.add_argument("--vae-lr", type=float, default=2e-3)
     p.add_argument("--vae-batch-size", type=int, default=32)
-    p.add_argument("--unet-steps", type=int, default=6000)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--unet-steps", type=int, default=6500)
+    p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=8e-4)
+    p.add_argument("--lr-cooldown", type=float, default=0.3,
+                   help="fraction of the planned UNet steps over which the learning rate decays linearly to 10%%")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="stop UNet training at this wall time (the steps done are recorded)")
     p.add_argument("--threads", type=int, default=2)
@@ -226,7 +241,7 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint-every", type=int, default=250)
     p.add_argument("--resume", action="store_true", help="continue from --checkpoint (VAE from --out/.vae-stage)")
     p.add_argument("--smoke", action="store_true", help="a few steps of everything, to check the path")
-    p.add_argument("--eval-scales", type=float, nargs="*", default=[1.0, 3.0, 5.0, 7.5])
+    p.add_argument("--eval-scales", type=float, nargs="*", default=[1.0, 2.0, 3.0, 4.0, 5.0, 7.5])
     p.add_argument("--eval-count", type=int, default=100, help="prompts per kind (one/two objects) per scale")
     p.add_argument("--eval-steps", type=int, default=20)
     p.add_argument("--eval-only", action="store_true", help="skip training; evaluate the saved model")
@@ -275,7 +290,7 @@ def main(argv=None) -> int:
             "command": "python scripts/train_shapes.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "seed": args.seed, "pool": args.pool, "vae_steps": args.vae_steps, "vae_lr": args.vae_lr, "vae_batch_size": args.vae_batch_size,
             "unet_steps_planned": args.unet_steps, "unet_steps": steps_done, "batch_size": args.batch_size,
-            "lr": args.lr, "threads": args.threads, "uncond_dropout": shapes.UNCOND_DROPOUT,
+            "lr": args.lr, "lr_cooldown": args.lr_cooldown, "threads": args.threads, "uncond_dropout": shapes.UNCOND_DROPOUT,
             "parameters": sizes, "vae_check_correct": vae_ok, "vae_scaling_factor": scaling,
             "scheduler": SAVED_SCHEDULER, "resumed": bool(args.resume),
             "seconds": {"vae": round(t_vae, 1), "total_training": round(time.time() - t0, 1),

@@ -3,14 +3,16 @@
 Images are 32x32 RGB on black with one or two filled shapes (circle, square, up-pointing isosceles
 triangle; bounding box 8..11 px) in one of six exact colours, each in a cell of a 3x3 grid. The
 scorer reads a (generated) image back by rule: nearest palette colour per pixel, connected
-components, centre cell, shape from the fill of the bounding box and its outline; then says whether
-every attribute a prompt names is there and nothing else is. numpy only (PIL not needed).
+components, centre cell, shape by matching each component against the renderer's masks (best
+intersection over union); then says whether every attribute a prompt names is there and nothing
+else is. numpy only (PIL not needed).
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 from itertools import permutations
 
 import numpy as np
@@ -45,14 +47,17 @@ UNCOND_DROPOUT = 0.1  # of training prompts replaced by "" (classifier-free guid
 
 # Scorer: components smaller than this are specks (the smallest render, an 8 px triangle, has 36).
 MIN_OBJECT_PIXELS = 12
-# Shape rules on the bounding box: fill = pixels / box area; taper = (bottom third's pixels - top
-# third's) / pixels. Renders (sizes 8..11): square fill 1, taper 0; circle fill 0.80-0.85, taper 0;
-# triangle fill 0.59-0.63, taper 0.35-0.40. Thresholds sit about midway between the classes.
-SQUARE_MIN_FILL = 0.92
-TRIANGLE_MIN_TAPER = 0.2
-CIRCLE_FILL = (0.68, 0.92)
-CIRCLE_MAX_TAPER = 0.12
-TRIANGLE_FILL = (0.45, 0.75)
+# Shape by template: a component is matched against the renderer's own masks of each shape (every
+# size within SHAPE_SIZE_SLACK of its box, every offset) and takes the shape of best intersection over
+# union, when that IoU is at least SHAPE_MIN_IOU and beats every other shape's by SHAPE_MIN_MARGIN
+# (else "unknown"). Renders match their own shape at IoU 1 and the nearest other at <= 0.86 (a circle's
+# mask is ~82% of its square's). A first rule (fill of the bounding box and top/bottom taper) read 90%
+# of squares with 1-4 boundary pixels flipped as circles (one notch or one stray pixel moves the box);
+# the template reading gets all of those right (tests/test_shapes_data.py). Both thresholds come from
+# such degraded renders: their best IoU stays >= 0.81, their margin >= 0.03.
+SHAPE_MIN_IOU = 0.8
+SHAPE_MIN_MARGIN = 0.02
+SHAPE_SIZE_SLACK = 3
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,12 @@ def shape_mask(shape: str, size: int) -> np.ndarray:
         raise SamgError(f"unknown shape {shape!r}: choose one of {', '.join(SHAPES)}")
     if not MIN_SHAPE_SIZE <= size <= MAX_SHAPE_SIZE:
         raise SamgError(f"shape size {size} is outside {MIN_SHAPE_SIZE}..{MAX_SHAPE_SIZE}: pick a size in range")
+    return _template(shape, size).copy()
+
+
+@lru_cache(maxsize=None)
+def _template(shape: str, size: int) -> np.ndarray:
+    """The renderer's mask of `shape` at any side `size` (the scorer matches sizes beyond 8..11)."""
     centres = np.arange(size) + 0.5
     y, x = np.meshgrid(centres, centres, indexing="ij")
     half = size / 2
@@ -249,22 +260,35 @@ def _components(mask: np.ndarray) -> list[np.ndarray]:
     return found
 
 
+def shape_ious(pixels: np.ndarray) -> dict[str, float]:
+    """Best intersection over union of a component's (row, col) pixels with each shape's template,
+    over template sizes within SHAPE_SIZE_SLACK of the component's box and every offset near it."""
+    rows, cols = pixels[:, 0], pixels[:, 1]
+    height, width = rows.max() + 1 - rows.min(), cols.max() + 1 - cols.min()
+    sizes = range(max(2, min(height, width) - SHAPE_SIZE_SLACK), max(height, width) + SHAPE_SIZE_SLACK + 1)
+    pad = sizes[-1]  # every template can slide fully across the component
+    canvas = np.zeros((height + 2 * pad, width + 2 * pad), np.int32)
+    canvas[rows - rows.min() + pad, cols - cols.min() + pad] = 1
+    n = len(pixels)
+    best = {}
+    for shape in SHAPES:
+        iou = 0.0
+        for size in sizes:
+            mask = _template(shape, size)
+            windows = np.lib.stride_tricks.sliding_window_view(canvas, mask.shape)
+            inter = int(np.einsum("ijkl,kl->ij", windows, mask.astype(np.int32)).max())
+            iou = max(iou, inter / (n + int(mask.sum()) - inter))
+        best[shape] = iou
+    return best
+
+
 def classify_shape(pixels: np.ndarray) -> str:
     """'square' | 'circle' | 'triangle' | 'unknown' from a component's (row, col) pixels."""
-    rows, cols = pixels[:, 0], pixels[:, 1]
-    top, bottom = rows.min(), rows.max() + 1
-    height, width = bottom - top, cols.max() + 1 - cols.min()
-    fill = len(pixels) / (height * width)
-    depth = rows - top  # 0 at the top row; the thirds are taken symmetrically from both ends
-    third = height / 3
-    taper = (np.sum(height - 1 - depth < third) - np.sum(depth < third)) / len(pixels)
-    if fill >= SQUARE_MIN_FILL and abs(taper) < TRIANGLE_MIN_TAPER:
-        return "square"
-    if taper >= TRIANGLE_MIN_TAPER and TRIANGLE_FILL[0] <= fill <= TRIANGLE_FILL[1]:
-        return "triangle"
-    if abs(taper) <= CIRCLE_MAX_TAPER and CIRCLE_FILL[0] <= fill < CIRCLE_FILL[1]:
-        return "circle"
-    return "unknown"
+    ious = shape_ious(pixels)
+    ranked = sorted(ious.values(), reverse=True)
+    if ranked[0] < SHAPE_MIN_IOU or ranked[0] - ranked[1] < SHAPE_MIN_MARGIN:
+        return "unknown"
+    return max(ious, key=ious.get)
 
 
 @dataclass(frozen=True)
