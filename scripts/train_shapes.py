@@ -124,12 +124,15 @@ FINAL_LR_FACTOR = 0.1
 
 
 def lr_factor(step: int, total: int, cooldown: float) -> float:
-    """Warm-up, constant, then a linear cool-down to FINAL_LR_FACTOR over the last `cooldown` fraction
-    of the planned steps (warmup-stable-decay: the constant phase can be cut or resumed freely)."""
+    """Learning-rate factor at `step`: linear warm-up over WARMUP_STEPS, constant, and a linear
+    cool-down to FINAL_LR_FACTOR over the last `cooldown` fraction of the `total` planned steps
+    (warmup-stable-decay); where the two overlap the smaller wins. A run stopped before its
+    cool-down ends (`--max-minutes`) records the factor it reached (training.json)."""
+    warm = min(1.0, (step + 1) / WARMUP_STEPS)
     decay_start = total * (1 - cooldown)
-    if step >= decay_start and cooldown > 0:
-        return 1 - (1 - FINAL_LR_FACTOR) * min(1.0, (step - decay_start) / (total - decay_start))
-    return min(1.0, (step + 1) / WARMUP_STEPS)
+    if cooldown <= 0 or step < decay_start:
+        return warm
+    return min(warm, 1 - (1 - FINAL_LR_FACTOR) * min(1.0, (step - decay_start) / (total - decay_start)))
 
 
 def train_denoiser(unet, text_encoder, tokenizer, lat_mean, lat_std, scaling, objects, args, gen, log,
@@ -137,8 +140,8 @@ def train_denoiser(unet, text_encoder, tokenizer, lat_mean, lat_std, scaling, ob
     """v-prediction DDPM loss on the zero-terminal-SNR schedule; prompts drawn per sample; EMA weights;
     resumable checkpoints.
 
-    The learning rate is constant after warm-up until the cool-down over the last `--lr-cooldown` of
-    the planned steps; a run stopped by `--max-minutes` before its cool-down is recorded as such.
+    The learning rate follows `lr_factor` over the planned `--unet-steps`; a run stopped by
+    `--max-minutes` records the factor it reached. Resume with the same `--unet-steps`.
     Returns (ema unet, ema text encoder, steps done)."""
     from diffusers import DDPMScheduler
 
@@ -246,6 +249,8 @@ def main(argv=None) -> int:
     p.add_argument("--eval-steps", type=int, default=20)
     p.add_argument("--eval-only", action="store_true", help="skip training; evaluate the saved model")
     args = p.parse_args(argv)
+    if not 0 <= args.lr_cooldown < 1:
+        p.error(f"--lr-cooldown {args.lr_cooldown} is outside [0, 1): give the fraction of the steps to cool down over")
     if args.smoke:
         args.pool, args.vae_steps, args.unet_steps, args.batch_size, args.vae_batch_size = 64, 3, 3, 8, 8
         args.eval_scales, args.eval_count, args.eval_steps, args.checkpoint = [3.0], 2, 2, None
@@ -289,7 +294,8 @@ def main(argv=None) -> int:
         info = {
             "command": "python scripts/train_shapes.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "seed": args.seed, "pool": args.pool, "vae_steps": args.vae_steps, "vae_lr": args.vae_lr, "vae_batch_size": args.vae_batch_size,
-            "unet_steps_planned": args.unet_steps, "unet_steps": steps_done, "batch_size": args.batch_size,
+            "unet_steps_planned": args.unet_steps, "unet_steps": steps_done,
+            "final_lr_factor": round(lr_factor(steps_done - 1, args.unet_steps, args.lr_cooldown), 4), "batch_size": args.batch_size,
             "lr": args.lr, "lr_cooldown": args.lr_cooldown, "threads": args.threads, "uncond_dropout": shapes.UNCOND_DROPOUT,
             "parameters": sizes, "vae_check_correct": vae_ok, "vae_scaling_factor": scaling,
             "scheduler": SAVED_SCHEDULER, "resumed": bool(args.resume),

@@ -129,31 +129,43 @@ def _degraded(shape, size, rng, how):
     else:
         rows, cols = np.nonzero(mask)
         length, side = int(rng.integers(2, 5)), int(rng.integers(4))
-        if side < 2:  # a partial row above or below, copying the edge row's pixels
-            edge = rows.min() if side == 0 else rows.max()
-            start = int(rng.integers(cols.min(), cols.max() - length + 2))
-            new = edge - 1 if side == 0 else edge + 1
-            mask[new, start : start + length] = mask[edge, start : start + length]
-        else:
-            edge = cols.min() if side == 2 else cols.max()
-            start = int(rng.integers(rows.min(), rows.max() - length + 2))
-            new = edge - 1 if side == 2 else edge + 1
-            mask[start : start + length, new] = mask[start : start + length, edge]
+        if side >= 2:  # a column: work on the transpose
+            mask = mask.T
+        line = mask[rows.min()] if side % 2 == 0 else mask[rows.max()]
+        edge_row = rows.min() if side % 2 == 0 else rows.max()
+        if side >= 2:
+            cols_t = np.nonzero(mask.any(1))[0]
+            edge_row = cols_t.min() if side == 2 else cols_t.max()
+            line = mask[edge_row]
+        on = np.nonzero(line)[0]  # the segment touches the edge line, so it joins the shape
+        start = int(rng.integers(on.min() - length + 1, on.max() + 1))
+        mask[edge_row - 1 if side % 2 == 0 else edge_row + 1, start : start + length] = True
+        if side >= 2:
+            mask = mask.T
     image = np.zeros((32, 32, 3), np.uint8)
     image[mask] = S.COLOURS["green"]
     return image
 
 
+DAMAGED_TRIALS = 600
+
+
 @pytest.mark.parametrize("how", ["flips", "stray"])
 def test_shapes_with_notches_bumps_and_stray_pixels_keep_their_shape(how):
-    # Generated shapes are rarely pixel-exact; the damage here is what samples show. A first scorer
-    # (fill of the bounding box) read 90% of the flipped squares as circles.
+    # Generated shapes are rarely pixel-exact; the damage here is what samples show. The first scorer
+    # (fill of the bounding box, scripts/shapes_fill_rule.py) read 90% of the flipped squares as circles.
     rng = np.random.default_rng(0)
-    for trial in range(120):
+    wrong = []
+    for trial in range(DAMAGED_TRIALS):
         shape, size = S.SHAPES[trial % 3], S.MIN_SHAPE_SIZE + (trial // 3) % 4
-        image = _degraded(shape, size, rng, how)
-        result = S.score(image, f"a green {shape} in the center")
-        assert result.correct, (trial, shape, size, how, result.found)
+        found = S.detect(_degraded(shape, size, rng, how))
+        assert len(found) == 1 and found[0].colour == "green" and found[0].position == "center", (trial, found)
+        if found[0].shape != shape:
+            wrong.append((shape, size, found[0].shape))
+    # Measured over seeds 0-3: 7 of 2400 flips misread (all 8 px triangles, read unknown), no strays; a
+    # damaged shape was never read as another shape. Seed 0: 1 flip.
+    assert len(wrong) <= DAMAGED_TRIALS // 100, wrong
+    assert all(got == "unknown" for _, _, got in wrong), wrong
 
 
 def test_in_between_and_elongated_blobs_are_no_shape():

@@ -25,7 +25,8 @@ LATENT_ATOL = 2e-4  # ORT vs torch differ by ~1e-6 per denoiser call on these mo
 # true 95%, 17 or fewer of 24 correct happens with probability < 0.1%; the draw is seeded. They fail
 # for the first bundled model (positions at chance, 12% correct).
 RATE_PROMPTS, RATE_SCALE, RATE_STEPS = 24, 3.0, 20
-MIN_COLOUR_RATE, MIN_POSITION_RATE, MIN_COUNT_RATE, MIN_CORRECT_RATE = 0.85, 0.85, 0.85, 0.75
+# Minimum counts out of RATE_PROMPTS (integers: no float comparison at the boundary).
+MIN_COLOUR, MIN_POSITION, MIN_COUNT, MIN_CORRECT = 21, 21, 21, 18
 
 
 @pytest.fixture(scope="module")
@@ -88,9 +89,9 @@ def test_cfg_samples_score_the_stated_rates(export_dir):
     for i, prompt in enumerate(prompts):
         (image,) = pipe(prompt, "", guidance="cfg", scale=RATE_SCALE, steps=RATE_STEPS, sampler="euler", seed=i)
         scores.append(S.score(image, prompt))
-    colour = np.mean([bool(s.attribute_ok("colour")) for s in scores])
-    position = np.mean([bool(s.attribute_ok("position")) for s in scores])
-    count = np.mean([s.count_ok for s in scores])
-    correct = np.mean([s.correct for s in scores])
-    assert colour >= MIN_COLOUR_RATE and position >= MIN_POSITION_RATE and count >= MIN_COUNT_RATE, (colour, position, count)
-    assert correct >= MIN_CORRECT_RATE, correct
+    colour = sum(bool(s.attribute_ok("colour")) for s in scores)
+    position = sum(bool(s.attribute_ok("position")) for s in scores)
+    count = sum(s.count_ok for s in scores)
+    correct = sum(s.correct for s in scores)
+    assert colour >= MIN_COLOUR and position >= MIN_POSITION and count >= MIN_COUNT, (colour, position, count)
+    assert correct >= MIN_CORRECT, (correct, RATE_PROMPTS)
