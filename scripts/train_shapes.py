@@ -237,8 +237,10 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=8e-4)
     p.add_argument("--lr-cooldown", type=float, default=0.3,
                    help="fraction of the planned UNet steps over which the learning rate decays linearly to 10%%")
-    p.add_argument("--max-minutes", type=float, default=None,
-                   help="stop UNet training at this wall time (the steps done are recorded)")
+    p.add_argument("--max-minutes", type=float, default=44.0,
+                   help="stop UNet training at this wall time since the start, VAE stage included (the steps done "
+                        "and the learning-rate factor reached are recorded); 0 = no limit. The default keeps the "
+                        "whole run inside the 45-minute budget")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="resumable training state")
     p.add_argument("--checkpoint-every", type=int, default=250)
