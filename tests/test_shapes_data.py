@@ -153,7 +153,7 @@ DAMAGED_TRIALS = 600
 @pytest.mark.parametrize("how", ["flips", "stray"])
 def test_shapes_with_notches_bumps_and_stray_pixels_keep_their_shape(how):
     # Generated shapes are rarely pixel-exact; the damage here is what samples show. The first scorer
-    # (fill of the bounding box, scripts/shapes_fill_rule.py) read 90% of the flipped squares as circles.
+    # (fill of the bounding box, scripts/shapes_scorer_variants.py) read 99% of the flipped squares wrong.
     rng = np.random.default_rng(0)
     wrong = []
     for trial in range(DAMAGED_TRIALS):

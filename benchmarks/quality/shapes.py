@@ -219,7 +219,8 @@ def run(quick: bool, out_dir: Path, *, model_dir: Path = DEFAULT_MODEL, cache: P
 def best_cfg(rows) -> dict:
     """The CFG setting with the highest one-object alignment averaged over seeds (lowest scale on ties)."""
     cfg = [r for r in report.seed_summary(rows, ["align_one", "align_two", "mean_scale"]) if r["rule"] == "cfg"]
-    return max(cfg, key=lambda r: (r["align_one"], -r["mean_scale"]))
+    # Alignments are means of counts over seeds: equal counts can differ in the last float digit.
+    return max(cfg, key=lambda r: (round(r["align_one"], 9), -r["mean_scale"]))
 
 
 DIFF_COLUMNS = [("energy_weighted_scale", "energy-weighted scale", 1.0), ("d_align_one", "Δ align one", 1.0),
@@ -229,11 +230,17 @@ DIFF_COLUMNS = [("energy_weighted_scale", "energy-weighted scale", 1.0), ("d_ali
 
 
 def write_outputs(rows, out_dir: Path, *, quick: bool, **facts) -> None:
-    from samg.io import atomic_write_bytes
+    from samg.io import atomic_write_bytes, atomic_write_json, read_json_object
 
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = "shapes_quick" if quick else "shapes"
     report.write_csv(rows, out_dir / f"{stem}.csv")
+    # The run's facts (prompts, steps, seconds) beside the CSV, so --report-only re-renders them too.
+    facts_file = out_dir / f"{stem}.facts.json"
+    if set(facts) == {"seeds"} and facts_file.is_file():
+        facts = {**(read_json_object(facts_file) or {}), **facts}
+    else:
+        atomic_write_json(facts_file, facts)
     scale_cols = ["mean_scale", "energy_weighted_scale"]
     summary = report.seed_summary(rows, scale_cols + METRICS)
     cols = ["rule", "setting", "seeds", *scale_cols, *[c for m in METRICS for c in (m, f"{m}_std")]]

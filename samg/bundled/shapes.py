@@ -54,10 +54,11 @@ MIN_OBJECT_PIXELS = 12
 # is at least SHAPE_MIN_IOU and beats every other shape's by SHAPE_MIN_MARGIN (else "unknown"; exact
 # fractions, so ties read unknown). Renders match their own shape at IoU 1 and the nearest other at
 # <= 0.86 (a circle's mask is ~82% of its square's). A first rule (fill of the bounding box and
-# top/bottom taper, kept in scripts/shapes_fill_rule.py) read 90% of squares with 1-4 boundary pixels
-# flipped as circles: one notch or one stray pixel moves the box. On 2400 such damaged renders the
-# template rule reads 99.7% right (the misses: 8 px triangles just under IoU 0.8, read unknown; never
-# another shape) and on 2400 with a stray partial row or column all (tests/test_shapes_data.py).
+# top/bottom taper, kept in scripts/shapes_scorer_variants.py) read 99% of squares with 1-4 edge pixels
+# flipped wrong, mostly as circles: one notch or one stray pixel moves the box. On 2400 such damaged
+# renders (`python scripts/shapes_scorer_variants.py --damaged`, the damage of tests/test_shapes_data.py)
+# the template rule reads 99.7% right (the misses: 8 px triangles just under IoU 0.8, read unknown,
+# never another shape) and all 2400 with a stray partial row or column.
 SHAPE_MIN_IOU = Fraction(4, 5)
 SHAPE_MIN_MARGIN = Fraction(1, 50)
 SHAPE_SIZE_SLACK = 3
