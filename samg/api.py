@@ -66,7 +66,7 @@ CLI_FLAG_KEYWORDS = {
     "--scale": "guidance_scale", "--w-max": "guidance_scale", "--w-min": "guidance_min",
     "--schedule": "guidance_schedule", "--steps": "num_inference_steps", "--sampler": "sampler",
     "--karras": "karras", "--seed": "seed", "--height": "height", "--width": "width", "--frames": "num_frames",
-    "--num-images": "num_images_per_prompt",
+    "--num-images": "num_images_per_prompt", "--max-batch-size": "max_batch_size",
 }
 _CHOICE_KEYWORDS = ("guidance", "sampler", "guidance_schedule")  # their values are names: quoted in the API
 # a flag, and its value when one follows (a number, a quoted text, a placeholder W/N, or a name); flags
@@ -503,6 +503,16 @@ def engine_batch_limit(export_dir: str | Path) -> int | None:
     return None if profile is None else int(profile["max"][0])
 
 
+def check_engine_batch(export_dir: str | Path, max_batch_size: int) -> None:
+    """Refuse a batch above the denoiser TensorRT engine's profile: a call above it would fail every
+    request in it, under load. Worded for the CLI; `load` rewords it for the API."""
+    limit = engine_batch_limit(export_dir)
+    if limit is not None and max_batch_size > limit:
+        raise SamgError(f"--max-batch-size {max_batch_size} is above the {limit} latents the denoiser's TensorRT "
+                        f"engine takes (its profile): load with --max-batch-size {limit}, or rebuild the engine "
+                        f"with `samg build DIR --dynamic --max batch={max_batch_size},...`")
+
+
 def load(export_dir: str | Path, backend: str = "onnxruntime", device: str = "cpu", max_batch_size: int = 8, *,
          max_wait_ms: float = DEFAULT_MAX_WAIT_S * 1000, max_concurrent_requests: int | None = None,
          max_queue: int = DEFAULT_MAX_QUEUE, **runner_opts: Any) -> SamgPipeline:
@@ -527,12 +537,9 @@ def load(export_dir: str | Path, backend: str = "onnxruntime", device: str = "cp
                         f"e.g. max_concurrent_requests={2 * int(max_batch_size)}")
     if isinstance(max_queue, bool) or not isinstance(max_queue, (int, np.integer)) or max_queue < 0:
         raise SamgError(f"max_queue= must be an integer >= 0, got {max_queue!r}: e.g. max_queue={DEFAULT_MAX_QUEUE}")
-    if backend == "tensorrt":  # a call above the engine's profile would fail every request in it, under load
-        limit = engine_batch_limit(export_dir)
-        if limit is not None and max_batch_size > limit:
-            raise SamgError(f"max_batch_size={max_batch_size} is above the {limit} latents the denoiser's TensorRT "
-                            f"engine takes (its profile): load with max_batch_size={limit}, or rebuild the engine "
-                            f"with `samg build DIR --dynamic --max batch={max_batch_size},...`")
+    if backend == "tensorrt":
+        with _api_errors():
+            check_engine_batch(export_dir, max_batch_size)
     pipeline = Pipeline.load(export_dir, backend, device, **runner_opts)
     return SamgPipeline(pipeline, max_batch_size=int(max_batch_size), max_wait_s=max_wait_ms / 1000,
                         max_concurrent_requests=max_concurrent_requests, max_queue=int(max_queue))

@@ -101,7 +101,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 TMP_ROLE, OLD_ROLE, MERGE_ROLE = "tmp", "old", "merge"
 
 
-def _tmp_prefix(path: Path) -> str:
+def tmp_prefix(path: Path) -> str:
     return f".{path.name}.tmp-"
 
 
@@ -109,7 +109,7 @@ def _old_prefix(path: Path) -> str:
     return f".{path.name}.old-"
 
 
-def _pid_gone(pid: Any) -> bool:
+def pid_gone(pid: Any) -> bool:
     """True only for a numeric pid of a process that no longer runs on this host."""
     if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
         return False  # not a pid samg wrote: nothing can be concluded
@@ -142,7 +142,7 @@ def read_marker(folder: Path) -> dict | None:
 def abandoned(marker: dict | None, role: str) -> bool:
     """The marker is samg's, of `role`, written on this host by a process that is gone."""
     return (marker is not None and marker.get("role") == role and marker.get("host") == socket.gethostname()
-            and _pid_gone(marker.get("pid")))
+            and pid_gone(marker.get("pid")))
 
 
 def _write_marker(folder: Path, role: str, **extra: Any) -> None:
@@ -202,7 +202,7 @@ def clean_stale(path: str | os.PathLike, owned: Ownership | None) -> None:
     stays if anything else is in it); a "tmp"/"old" marker left in `path` itself is removed."""
     path = Path(path)
     recover_dir(path)
-    for entry in _leftovers(path, _tmp_prefix(path)):
+    for entry in _leftovers(path, tmp_prefix(path)):
         if abandoned(read_marker(entry), TMP_ROLE):
             shutil.rmtree(entry, ignore_errors=True)
     for entry in _leftovers(path, _old_prefix(path)):
@@ -254,7 +254,7 @@ def atomic_dir(path: str | os.PathLike, *, owned: Ownership | None = None, merge
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(path, owned)
-    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(path), dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=tmp_prefix(path), dir=path.parent))
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
         _write_marker(tmp, TMP_ROLE, target=path.name)

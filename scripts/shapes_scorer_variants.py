@@ -16,9 +16,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from contextlib import contextmanager
 from fractions import Fraction
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 
@@ -57,17 +57,9 @@ def classify_fill_rule(pixels: np.ndarray) -> str:
     return "unknown"
 
 
-@contextmanager
 def patched(**attributes):
-    """Temporarily replace module attributes of samg.bundled.shapes (detect() looks them up per call)."""
-    saved = {name: getattr(shapes, name) for name in attributes}
-    for name, value in attributes.items():
-        setattr(shapes, name, value)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(shapes, name, value)
+    """Temporarily replace attributes of samg.bundled.shapes (detect() looks them up per call)."""
+    return mock.patch.multiple(shapes, **attributes)
 
 
 def damaged_rates(trials: int = 600, seeds=range(4)) -> None:
@@ -103,9 +95,23 @@ def main(argv=None) -> int:
     damaged_rates()
     if args.damaged:
         return 0
-    with patched(classify_shape=classify_fill_rule):
-        results = train_shapes.evaluate(args.model, args.scales, args.eval_count, args.eval_steps,
-                                        train_shapes.EVAL_SEED, log)
+    # One set of samples (the card's eval.json protocol), scored under each rule.
+    samples = list(train_shapes.eval_samples(args.model, sorted(set(args.scales) | set(args.strict_scales)),
+                                             args.eval_count, args.eval_steps, train_shapes.EVAL_SEED))
+    log(f"generated {sum(len(prompts) for _, _, prompts, _ in samples)} samples")
+
+    def results_under(scales, **rule) -> dict:
+        results = {}
+        with patched(**rule):
+            for scale, n_objects, prompts, images in samples:
+                if scale in scales:
+                    results.setdefault(str(scale), {})[f"{n_objects}_object"] = train_shapes.score_samples(prompts, images)
+        for scale, entry in results.items():
+            log(f"eval guidance {scale}: {entry}")
+        return results
+
+    log("first (fill-of-box) rule:")
+    results = results_under(args.scales, classify_shape=classify_fill_rule)
     atomic_write_json(args.model / "eval_fill_rule.json", {
         "scorer": "the first scorer's shape rule (scripts/shapes_scorer_variants.py: fill of the bounding box and "
                   "top/bottom taper), since replaced by template IoU; same samples and protocol as eval.json",
@@ -114,10 +120,8 @@ def main(argv=None) -> int:
     })
     log(f"wrote {args.model / 'eval_fill_rule.json'}")
     for min_iou in (Fraction(17, 20), Fraction(9, 10)):
-        with patched(SHAPE_MIN_IOU=min_iou, SHAPE_MIN_MARGIN=Fraction(1, 20)):
-            log(f"template rule with IoU >= {float(min_iou)}, margin 0.05:")
-            train_shapes.evaluate(args.model, args.strict_scales, args.eval_count, args.eval_steps,
-                                  train_shapes.EVAL_SEED, log)
+        log(f"template rule with IoU >= {float(min_iou)}, margin 0.05:")
+        results_under(args.strict_scales, SHAPE_MIN_IOU=min_iou, SHAPE_MIN_MARGIN=Fraction(1, 20))
     return 0
 
 

@@ -199,28 +199,38 @@ def eval_prompts(n_objects: int, count: int, seed: int) -> list[str]:
 
 
 @torch.no_grad()
-def evaluate(out: Path, scales, count: int, steps: int, seed: int, log) -> dict:
-    """Exact-scorer correctness of diffusers' CFG samples, one- and two-object prompts, per scale."""
+def eval_samples(out: Path, scales, count: int, steps: int, seed: int):
+    """Diffusers' CFG samples of the held-out prompts: yields (scale, n_objects, prompts, uint8 images)."""
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(out)
     pipe.set_progress_bar_config(disable=True)
-    results = {}
     for scale in scales:
-        entry = {}
         for n_objects in (1, 2):
             prompts = eval_prompts(n_objects, count, seed)
             images = pipe(prompts, num_inference_steps=steps, guidance_scale=scale, output_type="np",
                           generator=torch.Generator().manual_seed(seed)).images
-            images = np.round(images * 255).astype(np.uint8)
-            scores = [shapes.score(im, p) for im, p in zip(images, prompts)]
-            entry[f"{n_objects}_object"] = {
-                "correct": float(np.mean([s.correct for s in scores])),
-                "count_ok": float(np.mean([s.count_ok for s in scores])),
-                **{a: float(np.mean([s.attribute_ok(a) for s in scores])) for a in shapes.ATTRIBUTES},
-            }
-        results[str(scale)] = entry
-        log(f"eval guidance {scale}: {entry}")
+            yield scale, n_objects, prompts, np.round(images * 255).astype(np.uint8)
+
+
+def score_samples(prompts, images) -> dict:
+    """Exact-scorer rates of one batch of samples: whole prompts, count and each attribute."""
+    scores = [shapes.score(im, p) for im, p in zip(images, prompts)]
+    return {
+        "correct": float(np.mean([s.correct for s in scores])),
+        "count_ok": float(np.mean([s.count_ok for s in scores])),
+        **{a: float(np.mean([s.attribute_ok(a) for s in scores])) for a in shapes.ATTRIBUTES},
+    }
+
+
+def evaluate(out: Path, scales, count: int, steps: int, seed: int, log) -> dict:
+    """Exact-scorer correctness of diffusers' CFG samples, one- and two-object prompts, per scale."""
+    results = {}
+    for scale, n_objects, prompts, images in eval_samples(out, scales, count, steps, seed):
+        entry = results.setdefault(str(scale), {})
+        entry[f"{n_objects}_object"] = score_samples(prompts, images)
+        if n_objects == 2:
+            log(f"eval guidance {scale}: {entry}")
     return results
 
 

@@ -16,11 +16,15 @@ Example:
 `digits_export` (session scope): the bundled samg-digits model exported once (fused, not
 validated: validation is the export tests' job). `samg_run` (session scope): the path of the C++
 runtime, built on first use (skips with the build command when cmake/c++ are missing).
+`run_training_smoke`: a function `run_training_smoke(script, out)` that runs a training script's
+`--smoke` mode into `out` in a subprocess and asserts it finished ("done", exit 0).
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -64,6 +68,17 @@ def digits_export(tmp_path_factory):
         pytest.skip("the bundled samg-digits model is missing: python scripts/train_digits.py")
     out = tmp_path_factory.mktemp("digits-export") / "samg-digits"
     return export(ExportOptions(model="digits", out=str(out), validate=False, quiet=True))
+
+
+@pytest.fixture
+def run_training_smoke():
+    def run(script, out) -> None:
+        result = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(out)],
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert "done" in result.stdout
+
+    return run
 
 
 @pytest.fixture(scope="session")

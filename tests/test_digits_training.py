@@ -2,8 +2,6 @@
 
 import importlib.util
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -40,15 +38,10 @@ def test_tokenizer_knows_every_training_word():
 
 
 @pytest.mark.slow
-def test_smoke_mode_trains_saves_and_reloads(tmp_path):
+def test_smoke_mode_trains_saves_and_reloads(tmp_path, run_training_smoke):
     pytest.importorskip("diffusers")
     out = tmp_path / "digits"
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--smoke", "--out", str(out)],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "done" in result.stdout
+    run_training_smoke(SCRIPT, out)
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(out)

@@ -36,6 +36,6 @@ def test_report_only_keeps_the_run_facts(tmp_path):
     bench.write_outputs(rows, tmp_path, quick=True, prompts_per_kind=24, steps=16, seeds="0 1 2", seconds=113.2)
     first = (tmp_path / "shapes_quick.md").read_text()
     assert "prompts_per_kind=24 steps=16 seeds=0 1 2 seconds=113.2" in first
-    bench.write_outputs(rows, tmp_path, quick=True, seeds="0 1 2")  # what --report-only passes
+    assert bench.main(["--quick", "--report-only", "--out", str(tmp_path)]) == 0  # re-render from the CSV
     again = (tmp_path / "shapes_quick.md").read_text()
     assert "prompts_per_kind=24 steps=16 seeds=0 1 2 seconds=113.2" in again

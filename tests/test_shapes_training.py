@@ -50,12 +50,9 @@ def test_bad_cooldown_is_one_clear_line(value):
 
 
 @pytest.mark.slow
-def test_smoke_mode_trains_saves_and_reloads(tmp_path):
+def test_smoke_mode_trains_saves_and_reloads(tmp_path, run_training_smoke):
     out = tmp_path / "shapes"
-    result = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(out)],
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "done" in result.stdout
+    run_training_smoke(SCRIPT, out)
     import samg.bundled.positional_unet  # noqa: F401  (the UNet class model_index.json names)
     from diffusers import StableDiffusionPipeline
 

@@ -243,15 +243,13 @@ class Samg:
         """Prompt to image with the whole sampling loop replayed from one CUDA graph (captured on the
         first call), as Pipeline.sample(cuda_graph=True) runs it. Returns (latents, images)."""
         from samg.runtime.graph_loop import GraphLoops
-        from samg.runtime.pipeline import LATENT_BOUND_FACTOR
+        from samg.runtime.pipeline import latent_bound
 
         den = self.denoiser(self.conditioning(PROMPT), "samg")
         x = self.initial(den, noise)
         if self.loops is None:
             self.loops = GraphLoops()
-        sigmas = self.schedule.sigmas
-        bound = LATENT_BOUND_FACTOR * (1.0 + float(sigmas[np.isfinite(sigmas)].max(initial=0.0)))
-        latents = self.loops.sample(den, SAMPLER, x, bound=bound)
+        latents = self.loops.sample(den, SAMPLER, x, bound=latent_bound(self.schedule.sigmas))
         images = self.decode(latents)
         synchronize(self.torch, self.s)
         return latents, images

@@ -55,6 +55,20 @@ def rows_to_rerender(out_dir: Path, stem: str) -> list[dict]:
     return read_csv(csv_path)
 
 
+def write_facts(out_dir: Path, stem: str, facts: dict) -> None:
+    """The run's facts (prompts, steps, seconds, ...) beside `<stem>.csv`, so a re-render keeps them."""
+    from samg.io import atomic_write_json
+
+    atomic_write_json(out_dir / f"{stem}.facts.json", facts)
+
+
+def facts_to_rerender(out_dir: Path, stem: str, rows: Sequence[dict]) -> dict:
+    """The facts an earlier run wrote with `write_facts` (none where it wrote none), seeds read off `rows`."""
+    from samg.io import read_json_object
+
+    return {**(read_json_object(out_dir / f"{stem}.facts.json") or {}), "seeds": seeds_text(rows)}
+
+
 def seeds_text(rows: Sequence[dict]) -> str:
     """The seeds the rows were sampled with, as the reports' `seeds=` fact spells them."""
     return " ".join(map(str, by_seed(rows)))

@@ -230,17 +230,12 @@ DIFF_COLUMNS = [("energy_weighted_scale", "energy-weighted scale", 1.0), ("d_ali
 
 
 def write_outputs(rows, out_dir: Path, *, quick: bool, **facts) -> None:
-    from samg.io import atomic_write_bytes, atomic_write_json, read_json_object
+    from samg.io import atomic_write_bytes
 
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = "shapes_quick" if quick else "shapes"
     report.write_csv(rows, out_dir / f"{stem}.csv")
-    # The run's facts (prompts, steps, seconds) beside the CSV, so --report-only re-renders them too.
-    facts_file = out_dir / f"{stem}.facts.json"
-    if set(facts) == {"seeds"} and facts_file.is_file():
-        facts = {**(read_json_object(facts_file) or {}), **facts}
-    else:
-        atomic_write_json(facts_file, facts)
+    report.write_facts(out_dir, stem, facts)
     scale_cols = ["mean_scale", "energy_weighted_scale"]
     summary = report.seed_summary(rows, scale_cols + METRICS)
     cols = ["rule", "setting", "seeds", *scale_cols, *[c for m in METRICS for c in (m, f"{m}_std")]]
@@ -296,7 +291,7 @@ def main(argv=None) -> int:
     if a.report_only:
         stem = "shapes_quick" if a.quick else "shapes"
         rows = report.rows_to_rerender(a.out, stem)
-        write_outputs(rows, a.out, quick=a.quick, seeds=report.seeds_text(rows))
+        write_outputs(rows, a.out, quick=a.quick, **report.facts_to_rerender(a.out, stem, rows))
         print(f"re-rendered {a.out / stem}.md from {len(rows)} rows")
         return 0
     rows, facts = run(a.quick, a.out, model_dir=a.model_path, cache=a.cache, per_kind=a.per_kind, steps=a.steps,

@@ -265,6 +265,13 @@ def _components(mask: np.ndarray) -> list[np.ndarray]:
     return found
 
 
+@lru_cache(maxsize=None)
+def _template_counts(shape: str, size: int) -> tuple[np.ndarray, int]:
+    """`_template` as int32 with its pixel count, as the matcher sums over it (built once per size)."""
+    mask = _template(shape, size)
+    return mask.astype(np.int32), int(mask.sum())
+
+
 def shape_ious(pixels: np.ndarray) -> dict[str, Fraction]:
     """Best intersection over union (exact) of a component's (row, col) pixels with each shape's
     template, over TEMPLATE_SIZES within SHAPE_SIZE_SLACK of the component's box and every offset.
@@ -285,12 +292,11 @@ def shape_ious(pixels: np.ndarray) -> dict[str, Fraction]:
     canvas[rows - rows.min() + pad, cols - cols.min() + pad] = 1
     for shape in SHAPES:
         for size in sizes:
-            mask = _template(shape, size)
-            area = int(mask.sum())
+            mask, area = _template_counts(shape, size)
             if Fraction(min(n, area), max(n, area)) < floor:
                 continue
             windows = np.lib.stride_tricks.sliding_window_view(canvas, mask.shape)
-            inter = int(np.einsum("ijkl,kl->ij", windows, mask.astype(np.int32)).max())
+            inter = int(np.einsum("ijkl,kl->ij", windows, mask).max())
             best[shape] = max(best[shape], Fraction(inter, n + area - inter))
     return best
 

@@ -102,6 +102,13 @@ def torch_has_cuda() -> bool:
     return bool(torch.cuda.is_available())
 
 
+def check_torch_cuda(asked: str) -> None:
+    """Refuse `asked` (device_tensors=True on CUDA) where torch has no CUDA, in one line."""
+    if not torch_has_cuda():
+        raise SamgError(f"{asked} needs torch with CUDA (the sampling loop keeps torch tensors on the GPU), and this "
+                        "torch has none: install a CUDA build of torch, or drop device_tensors (the loop runs on numpy)")
+
+
 def _dtype_of(value) -> np.dtype:
     """The numpy dtype of a feed's elements; a torch tensor's by name (runners that take device
     tensors cast them themselves; bfloat16, which numpy lacks, checks as float32: the same kind)."""

@@ -18,7 +18,7 @@ import numpy as np
 
 from samg.errors import SamgError, require
 from samg.guidance._xp import is_torch
-from samg.runners.base import GraphRunner, InputDecl, torch_has_cuda
+from samg.runners.base import GraphRunner, InputDecl, check_torch_cuda, torch_has_cuda
 
 # ONNX tensor type string -> numpy dtype of the graph's declared inputs.
 _ORT_TYPES = {
@@ -78,10 +78,8 @@ class OrtRunner(GraphRunner):
         }
         self.output_names = [o.name for o in self.session.get_outputs()]
         self._ort = ort
-        if device_tensors and device == "cuda" and not torch_has_cuda():
-            raise SamgError("device_tensors=True on CUDA needs torch with CUDA (the sampling loop keeps torch "
-                            "tensors on the GPU), and this torch has none: install a CUDA build of torch, or drop "
-                            "device_tensors (the loop runs on numpy)")
+        if device_tensors and device == "cuda":
+            check_torch_cuda("device_tensors=True on CUDA")
         self.device_tensors = device_tensors  # None: decided when the loop first asks (tensor_device)
 
     @property

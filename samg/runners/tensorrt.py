@@ -38,7 +38,7 @@ import numpy as np
 
 from samg.contract import ENGINES_DIR, read_engine_record, verify_engine
 from samg.errors import SamgError, check, require
-from samg.runners.base import GraphRunner, InputDecl, torch_has_cuda
+from samg.runners.base import GraphRunner, InputDecl, check_torch_cuda, torch_has_cuda
 
 CUPY_PURPOSE = "to run TensorRT engines; on CUDA 12 hosts pip install cupy-cuda12x instead"
 # CuPy has no bfloat16: device buffers of bfloat16 tensors are int16 (the same two bytes).
@@ -75,11 +75,6 @@ def _is_torch_tensor(value: Any) -> bool:
     return torch is not None and isinstance(value, torch.Tensor)
 
 
-def _check_torch_cuda(asked: str) -> None:
-    check(torch_has_cuda(), f"{asked} needs torch with CUDA (the sampling loop keeps torch tensors on the GPU), and "
-                            "this torch has none: install a CUDA build of torch, or drop it (the loop runs on numpy)")
-
-
 class TensorRTRunner(GraphRunner):
     """Runs one engine built by `samg build`: numpy in/out via `run` (torch CUDA tensors in, torch
     tensors out); CuPy arrays or torch CUDA tensors via `run_device` (outputs as torch tensors when
@@ -100,7 +95,7 @@ class TensorRTRunner(GraphRunner):
                            "(its options: cuda_graph, device_id, gpu_capability, device_tensors)")
         check(device == "cuda", f"the TensorRT backend runs on the GPU only, not device={device!r}: use --device cuda")
         if device_tensors:
-            _check_torch_cuda("device_tensors=True")
+            check_torch_cuda("device_tensors=True")
         self.device_tensors = device_tensors
         path = Path(path)
         if path.suffix == ".onnx":

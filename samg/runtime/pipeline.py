@@ -36,6 +36,11 @@ MAX_LATENT_ELEMENTS = 1 << 24  # all latents of one call together: 64 MiB of flo
 LATENT_BOUND_FACTOR = 1e4
 
 
+def latent_bound(sigmas: np.ndarray) -> float:
+    """The |latents| beyond which sampling stops: LATENT_BOUND_FACTOR x (1 + the largest finite sigma)."""
+    return LATENT_BOUND_FACTOR * (1.0 + float(sigmas[np.isfinite(sigmas)].max(initial=0.0)))
+
+
 def check_prompt(flag: str, text: Any, *, required: bool = False) -> str:
     """`text` if it is a string that encodes as UTF-8 (and is non-empty when required)."""
     if not isinstance(text, str):
@@ -301,8 +306,7 @@ class Pipeline:
         )
         # the loop runs where the runner computes: numpy here, or tensors on its GPU (one upload)
         x = denoise.place(noise.astype(np.float32) * np.float32(schedule.init_noise_sigma))
-        finite_sigmas = schedule.sigmas[np.isfinite(schedule.sigmas)]
-        bound = LATENT_BOUND_FACTOR * (1.0 + float(finite_sigmas.max(initial=0.0)))
+        bound = latent_bound(schedule.sigmas)
         bar = None
         # The samplers refuse NaN/Inf; huge finite latents would decode to a flat image with exit 0.
         # (On a GPU the check stays on the device until the loop ends: samplers.StepCheck.)

@@ -123,13 +123,9 @@ def run(args: argparse.Namespace) -> int:
 
     read_export(args.export_dir, verify=False)  # a wrong folder is named before anything else happens
     if args.backend == "tensorrt":  # what the model's load would refuse, said before the server starts
-        from samg.api import engine_batch_limit
+        from samg.api import check_engine_batch
 
-        limit = engine_batch_limit(args.export_dir)
-        if limit is not None and args.max_batch_size > limit:
-            raise SamgError(f"--max-batch-size {args.max_batch_size} is above the {limit} latents the denoiser's "
-                            f"TensorRT engine takes (its profile): pass --max-batch-size {limit}, or rebuild the engine "
-                            f"with `samg build DIR --dynamic --max batch={args.max_batch_size},...`")
+        check_engine_batch(args.export_dir, args.max_batch_size)
     if args.kserve and not args.repository_only:
         from samg.serve.repository import kserve_yaml
 

@@ -31,7 +31,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from samg.io import read_json_object
+from samg.io import pid_gone, read_json_object, tmp_prefix
 
 TRITON_WHEEL = "nvidia-pytriton"
 TRITON_WHEEL_VERSION = "0.7.0"
@@ -181,22 +181,12 @@ def _unpack(wheel: Path, dest: Path, quiet: bool, prefixes: tuple[str, ...] = ("
             bar.close()
 
 
-def _tmp_prefix(root: Path) -> str:
-    return f".{root.name}.tmp-"
-
-
 def _remove_abandoned_tmp(root: Path) -> None:
     """The temporary folders of installs into `root` whose process is gone (killed midway)."""
-    for folder in root.parent.glob(_tmp_prefix(root) + "*"):
-        pid = folder.name[len(_tmp_prefix(root)):].split("-")[0]
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
+    for folder in root.parent.glob(tmp_prefix(root) + "*"):
+        pid = folder.name[len(tmp_prefix(root)):].split("-")[0]
+        if pid.isdigit() and pid_gone(int(pid)):
             shutil.rmtree(folder, ignore_errors=True)
-        except PermissionError:  # someone else's live process
-            pass
 
 
 def install_tritonserver(*, quiet: bool = False) -> TritonInstall:
@@ -217,7 +207,7 @@ def install_tritonserver(*, quiet: bool = False) -> TritonInstall:
                              "tritonserver built for numpy 2")
     root.parent.mkdir(parents=True, exist_ok=True)
     _remove_abandoned_tmp(root)
-    with tempfile.TemporaryDirectory(prefix=f"{_tmp_prefix(root)}{os.getpid()}-", dir=root.parent) as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"{tmp_prefix(root)}{os.getpid()}-", dir=root.parent) as tmp:
         tmp_root = Path(tmp) / "tree"
         download = Path(tmp) / "download"
         download.mkdir()
